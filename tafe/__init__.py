@@ -1,0 +1,15 @@
+"""TAFE: a cooperative-concurrency OpenRTB bidding front end.
+
+Layout (one obvious place per concern):
+
+- ``tafe.core``      pure bidding logic: parse, decide, render. No gevent, no prometheus.
+- ``tafe.cqs``       customer quality score: model files, user-state store, hot swap, training.
+- ``tafe.handlers``  thin WSGI layer over the core: bid, notices, ping, metrics, debug.
+- ``tafe.http``      HTTP/1.1 rules as a pure state machine over httptools (no sockets).
+- ``tafe.server``    the gevent shell: listener, connection loop, draining.
+- ``tafe.master``    pre-fork master: spawns, restarts and rolls workers.
+- ``tafe.profiler``  greenlet blocking profiler; imports nothing else from tafe.
+- ``tafe.settings``  the one frozen Settings object.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from tafe.cli import main
+
+sys.exit(main())

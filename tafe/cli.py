@@ -1,0 +1,90 @@
+"""The ``tafe`` command: one sub-command per concern, each living beside its code.
+
+Sub-commands are listed in ``COMMANDS`` as ``name -> (module, help)``; each module has
+``add_arguments(parser, command)`` and ``run(args) -> int``. Modules are imported only for the
+command being run (and for ``--help``), so ``tafe serve`` can monkey-patch before
+anything that touches sockets or threads is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+from typing import Sequence
+
+from tafe import settings as settings_mod
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("tafe.serve", "serve bid requests in the foreground (gevent workers, no Nginx)"),
+    "worker": ("tafe.serve", None),  # internal: one pre-forked worker, started by the master
+    "up": ("tafe.up", "run the whole node: Nginx in front of the master and its workers, plus the admin listener"),
+    "nginx": ("tafe.nginx", "render the shipped Nginx config, or run a real Nginx with it"),
+    "cqs": ("tafe.cqs.cli", "CQS models and user stores: synth, build-store, train, evaluate, inspect"),
+}
+
+
+def add_settings_options(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """Add one ``--option`` per Settings field (or those in ``only``).
+
+    Defaults stay None so that an absent option does not hide TAFE_* variables or
+    the TOML file; ``--help`` shows the built-in default and the variable name.
+    """
+    parser.add_argument("--config", metavar="FILE", help="TOML file of settings (also TAFE_CONFIG)")
+    group = parser.add_argument_group("settings (each also TAFE_<NAME> in the environment or NAME in the TOML file)")
+    for f in dataclasses.fields(settings_mod.Settings):
+        if not f.metadata.get("cli", True) or (only is not None and f.name not in only):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default!r}; env TAFE_{f.name.upper()})"
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            metavar = {int: "N", float: "X", str: "S"}[type(f.default)]
+            group.add_argument(flag, dest=f.name, type=type(f.default), default=None, metavar=metavar, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> settings_mod.Settings:
+    overrides = {name: getattr(args, name) for name in settings_mod.FIELDS if hasattr(args, name)}
+    return settings_mod.load(config=getattr(args, "config", None), overrides=overrides)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tafe",
+        description="TAFE: an OpenRTB 2.5/2.6 bidding front end on gevent, behind Nginx.",
+    )
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        kwargs = {"help": help_text} if help_text else {}
+        sub = subs.add_parser(name, description=help_text, **kwargs)
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub, name)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    if command in ("serve", "worker"):
+        # Patch first and in one place: everything imported after this sees
+        # cooperative sockets, threads and sleeps.
+        from gevent import monkey
+
+        monkey.patch_all()
+    parser = build_parser(only=command)
+    args = parser.parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except settings_mod.SettingsError as exc:
+        parser.exit(2, f"tafe: {exc}\n")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The values that flow through the pure bidding core.
+
+``parse`` turns bytes into a ``BidRequest`` view holding only what TAFE reads
+(2.5 ``ext`` locations and 2.6 fields already merged); ``decide`` turns that into a
+``Decision``; ``render`` turns a decision into bytes. All are plain, immutable-ish
+data: no sockets, no clocks, no gevent, no prometheus.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class NoBidReason(enum.Enum):
+    """Why TAFE did not bid; ``nbr`` is the OpenRTB 2.6 / 3.0 no-bid reason code."""
+
+    NO_ELIGIBLE_CAMPAIGN = ("no_eligible_campaign", 0)
+    BELOW_FLOOR = ("below_floor", 0)
+    BLOCKED = ("blocked", 0)  # bcat / badv / bapp / coppa rules left nothing
+    UNKNOWN_USER = ("unknown_user", 8)
+    DEADLINE = ("deadline", 15)
+    BLOCKED_PUBLISHER = ("blocked_publisher", 7)
+    UNSUPPORTED_DEVICE = ("unsupported_device", 6)
+    TECHNICAL_ERROR = ("technical_error", 1)
+
+    def __init__(self, label: str, nbr: int) -> None:
+        self.label = label
+        self.nbr = nbr
+
+
+class MediaType(enum.IntEnum):
+    """Bid ``mtype`` (OpenRTB 2.6 / AdCOM): the creative's format."""
+
+    BANNER = 1
+    VIDEO = 2
+    AUDIO = 3
+    NATIVE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Deal:
+    id: str
+    bidfloor: float = 0.0
+    bidfloorcur: str = "USD"
+    wseat: tuple[str, ...] = ()
+    wadomain: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Video:
+    mimes: tuple[str, ...] = ()
+    w: int | None = None
+    h: int | None = None
+    minduration: int | None = None
+    maxduration: int | None = None
+    rqddurs: tuple[int, ...] = ()
+    protocols: tuple[int, ...] = ()
+    placement: int | None = None  # 2.6 ``plcmt`` preferred, 2.5 ``placement`` otherwise
+
+
+@dataclass(frozen=True, slots=True)
+class Audio:
+    mimes: tuple[str, ...] = ()
+    minduration: int | None = None
+    maxduration: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Imp:
+    id: str
+    banner_sizes: tuple[tuple[int, int], ...] = ()  # from banner.format[] or banner.w/h
+    has_banner: bool = False
+    video: Video | None = None
+    audio: Audio | None = None
+    native: bool = False  # a native object with a request (string or object) is present
+    bidfloor: float = 0.0
+    bidfloorcur: str = "USD"
+    secure: bool = False
+    instl: bool = False
+    rewarded: bool = False  # 2.6 rwdd, or ext.prebid.is_rewarded_inventory
+    tagid: str = ""
+    deals: tuple[Deal, ...] = ()
+    private_auction: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BidRequest:
+    id: str
+    imps: tuple[Imp, ...]
+    # inventory: exactly one of site / app / dooh (or none)
+    channel: str = ""  # "site", "app", "dooh" or ""
+    domain: str = ""  # site.domain, else the host of site.page
+    bundle: str = ""  # app.bundle
+    publisher_id: str = ""
+    inventory_cats: tuple[str, ...] = ()  # site/app cat + sectioncat + pagecat
+    # device
+    devicetype: int | None = None
+    os: str = ""  # lower-cased device.os
+    country: str = ""  # device.geo.country (ISO-3166-1 alpha-3 as sent)
+    region: str = ""
+    ifa: str = ""
+    lmt: bool = False
+    dnt: bool = False
+    # user keys, in the project's preference order: buyeruid, eids, ifa (unless lmt), user.id
+    user_keys: tuple[str, ...] = ()
+    # auction rules
+    tmax: int | None = None
+    at: int = 2
+    cur: tuple[str, ...] = ()  # accepted currencies; empty means USD
+    bcat: tuple[str, ...] = ()
+    badv: tuple[str, ...] = ()
+    bapp: tuple[str, ...] = ()
+    wseat: tuple[str, ...] = ()
+    bseat: tuple[str, ...] = ()
+    test: bool = False
+    # privacy (2.5 ext and 2.6 top-level merged)
+    coppa: bool = False
+    gdpr: bool = False
+    consent: str = ""
+    us_privacy: str = ""
+    gpp: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Creative:
+    id: str
+    format: MediaType
+    w: int | None = None
+    h: int | None = None
+    adm: str = ""  # markup with OpenRTB macros; empty means "served on win notice"
+    mimes: tuple[str, ...] = ()
+    duration: int | None = None  # seconds, video and audio
+    secure: bool = True  # markup is https-safe
+
+
+@dataclass(frozen=True, slots=True)
+class Bid:
+    bid_id: str
+    imp_id: str
+    price: float  # CPM in the decision's currency, rounded to the cent-of-a-cent (4 d.p.)
+    campaign_id: str
+    creative: Creative
+    adomain: tuple[str, ...]
+    cat: tuple[str, ...]
+    deal_id: str = ""
+    cqs: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    request_id: str
+    bids: tuple[Bid, ...] = ()
+    no_bid: NoBidReason | None = None  # set when bids is empty
+    cur: str = "USD"
+    versions: dict[str, str] = field(default_factory=dict)  # active model/store versions
+    timings_us: dict[str, float] = field(default_factory=dict)  # per-stage cost, microseconds
