@@ -10,6 +10,7 @@ Layout (one obvious place per concern):
 - ``tafe.master``    pre-fork master: spawns, restarts and rolls workers.
 - ``tafe.profiler``  greenlet blocking profiler; imports nothing else from tafe.
 - ``tafe.settings``  the one frozen Settings object.
+- ``tafe.lifecycle`` draining flag and in-flight count shared by server and handlers.
 """
 
 __version__ = "0.1.0"

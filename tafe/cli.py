@@ -18,7 +18,7 @@ from tafe import settings as settings_mod
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("tafe.serve", "serve bid requests in the foreground (gevent workers, no Nginx)"),
-    "worker": ("tafe.serve", None),  # internal: one pre-forked worker, started by the master
+    "worker": ("tafe.worker", None),  # internal: one pre-forked worker, started by the master
     "up": ("tafe.up", "run the whole node: Nginx in front of the master and its workers, plus the admin listener"),
     "nginx": ("tafe.nginx", "render the shipped Nginx config, or run a real Nginx with it"),
     "cqs": ("tafe.cqs.cli", "CQS models and user stores: synth, build-store, train, evaluate, inspect"),
