@@ -1,0 +1,95 @@
+"""``tafe serve``: serve bids in the foreground, in this process or pre-forked.
+
+With ``--workers 1`` this process is the worker: it builds the WSGI apps from the
+settings, binds the public and admin listeners and runs the gevent shell until a
+signal drains it. With more workers it hands over to the pre-fork master, whose
+workers come back here through ``serve_in_process`` with inherited sockets.
+Monkey-patching has already happened in ``tafe.cli.main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+from typing import Callable
+
+from tafe import logs
+from tafe.cli import add_settings_options, settings_from_args
+from tafe.lifecycle import Lifecycle
+from tafe.settings import DATA_DIR, Settings
+
+log = logging.getLogger("tafe")
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.epilog = "Send SIGTERM (or Ctrl-C) to drain: /ping turns 503, then in-flight requests finish and TAFE exits 0."
+    add_settings_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    logs.configure(settings)
+    if settings.workers > 1:
+        from tafe import master
+
+        return master.run(settings)
+    return serve_in_process(settings)
+
+
+def serve_in_process(
+    settings: Settings,
+    listener: socket.socket | None = None,
+    admin_listener: socket.socket | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Build the apps, listen, serve until drained; returns the exit code."""
+    from prometheus_client import CollectorRegistry
+
+    from tafe import server
+    from tafe.handlers import build, make_admin_app
+
+    lifecycle = Lifecycle()
+    apps = build(settings, lifecycle=lifecycle, registry=CollectorRegistry())
+    public, admin = apps.public, apps.admin
+    if settings.block_threshold_ms > 0:
+        from tafe import profiler
+
+        prof = profiler.install(
+            threshold_ms=settings.block_threshold_ms, sample=settings.profile_sample, registry=apps.metrics.registry
+        )
+        public = profiler.middleware(public, prof)
+        admin = make_admin_app(
+            settings, lifecycle=lifecycle, metrics=apps.metrics, mounts={"/debug/blocking": profiler.debug_app(prof)}
+        )
+    if settings.watch_dir:
+        from tafe.cqs import swap
+
+        swap.watch(apps.holder, settings, logging.getLogger("tafe.cqs"))
+
+    servers = [server.Server(listener or server.bind(settings.host, settings.port), public, settings, lifecycle)]
+    if admin_listener is not None or settings.admin_port >= 0:
+        admin_sock = admin_listener or server.bind(settings.admin_host, settings.admin_port)
+        servers.append(server.Server(admin_sock, admin, settings, lifecycle, name="admin"))
+    _announce(servers, apps)
+    if on_ready is not None:
+        on_ready()
+    return server.run(servers, settings, lifecycle)
+
+
+def _announce(servers: list, apps: object) -> None:
+    host, port = servers[0].address
+    versions = getattr(getattr(apps, "holder", None), "current", None)
+    log.info(
+        "listening on http://%s:%d%s; models %s",
+        host,
+        port,
+        "".join(f" ({s.name} http://{s.address[0]}:{s.address[1]})" for s in servers[1:]),
+        getattr(versions, "versions", {}),
+    )
+    log.info(
+        "try: curl -s -H 'Content-Type: application/json' --data-binary @%s http://%s:%d/openrtb2/bid",
+        DATA_DIR / "demo-request.json",
+        host,
+        port,
+    )
