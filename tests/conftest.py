@@ -1,0 +1,88 @@
+"""Shared fixtures: real TAFE server processes on 127.0.0.1 and the shared OpenRTB examples."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_EXAMPLES = ROOT.parent / "shared" / "openrtb" / "examples"
+LISTEN_RE = re.compile(r"listening on http://([\d.]+):(\d+)(?: \(admin http://([\d.]+):(\d+)\))?")
+
+
+def shared_examples() -> list[Path]:
+    """The real OpenRTB requests in ../shared (read there, never copied into the repo)."""
+    return sorted(SHARED_EXAMPLES.glob("*.json"))
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    url: str = ""
+    admin_url: str = ""
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def start_tafe(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> ServerProcess:
+    """Start ``python -m tafe serve --port 0 ...`` and wait for its 'listening on' line."""
+    cmd = [sys.executable, "-m", "tafe", "serve", "--port", "0", "--admin-port", "0", *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=ROOT)
+    server = ServerProcess(proc)
+    ready = threading.Event()
+
+    def pump() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            server.lines.append(line)
+            m = LISTEN_RE.search(line)
+            if m and not ready.is_set():
+                server.url = f"http://{m.group(1)}:{m.group(2)}"
+                if m.group(4):
+                    server.admin_url = f"http://{m.group(3)}:{m.group(4)}"
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.05):
+        if time.monotonic() > deadline:
+            server.stop(signal.SIGKILL)
+            raise RuntimeError("TAFE did not start in time:\n" + server.output())
+    if not server.url:
+        server.stop(signal.SIGKILL)
+        raise RuntimeError("TAFE exited before listening:\n" + server.output())
+    return server
+
+
+@pytest.fixture(scope="module")
+def tafe_server():
+    """One real TAFE process (one worker) for a test module; stopped by its PID."""
+    server = start_tafe()
+    yield server
+    server.stop()
