@@ -1,0 +1,106 @@
+"""Customer Quality Score: how much a user is worth for an imp, known in microseconds.
+
+A ``Snapshot`` pairs one model (``tafe.cqs.model``) with one user-state store
+(``tafe.cqs.store``, or none: every user unknown). It is never changed once built;
+hot swap (``tafe.cqs.swap.Holder``) replaces the whole snapshot between requests, so
+a request scores all its imps against one consistent pair.
+
+``Snapshot.score`` is the bid path's only call: look the user up by the request's
+keys (``BidRequest.user_keys``, in the project's preference order), extract features
+(``tafe.cqs.features``), and return the primary head's probability. An unknown user
+is not an error: it is scored on the request alone with its own indicator feature.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+
+class CqsError(Exception):
+    """A model or store file could not be used; the message names the file and the fault."""
+
+
+class Score(NamedTuple):
+    value: float  # 0..1: calibrated probability of the primary head
+    known_user: bool
+
+
+# Imported after CqsError and Score, which the submodules import from here.
+from tafe.cqs import features as _features  # noqa: E402
+from tafe.cqs import model as _model  # noqa: E402
+from tafe.cqs.state import UserState  # noqa: E402
+
+if TYPE_CHECKING:
+    from tafe.core.types import BidRequest, Imp
+
+
+class Snapshot:
+    """One model plus one store (or None), immutable once built; safe to share."""
+
+    __slots__ = ("model", "store", "versions", "_x", "_w", "_bias", "_as_of", "_last")
+
+    def __init__(self, model: _model.Model, store: Any = None) -> None:
+        self.model = model
+        self.store = store
+        self.versions = {"model": model.version, "store": store.version if store is not None else ""}
+        self._x = _features.Extractor(model.dims)
+        self._w = model.heads[0].weights
+        self._bias = model.heads[0].bias
+        self._as_of = float(store.as_of) if store is not None else 0.0
+        # (request, now, request-level indices, known, device code, inventory bytes) of
+        # the last request scored: its other imps reuse them. Replaced whole, never
+        # mutated, so greenlets and threads interleaving at any point stay correct.
+        self._last: tuple = (None, None, None, False, 0, b"")
+
+    def lookup(self, request: BidRequest) -> UserState | None:
+        if self.store is None or not request.user_keys:
+            return None
+        return self.store.lookup(request.user_keys)
+
+    def score(self, request: BidRequest, imp: Imp, now: float) -> Score:
+        last = self._last
+        if last[0] is request and last[1] == now:
+            _, _, part, known, dt, inv = last
+        else:
+            state = self.lookup(request)
+            known = state is not None
+            part, dt, inv = self._x.request_part(request, state, now, self._as_of)
+            self._last = (request, now, part, known, dt, inv)
+        w = self._w
+        z = self._bias + sum([w[i] for i in part]) + sum([w[i] for i in self._x.imp_part(imp, dt, inv)])
+        return Score(_model.sigmoid(z), known)
+
+    def features(self, request: BidRequest, imp: Imp, now: float) -> tuple[list[str], UserState | None]:
+        """The feature strings of one imp and the user state behind them (decision log)."""
+        state = self.lookup(request)
+        return _features.names(request, imp, state, now, self._as_of), state
+
+    def predict(self, request: BidRequest, imp: Imp, now: float) -> dict[str, float]:
+        """Every head's probability (slow path, for logs and inspection)."""
+        state = self.lookup(request)
+        return self.model.predict(self._x.indices(request, imp, state, now, self._as_of))
+
+
+def open_snapshot(model_path: str, store_path: str = "") -> Snapshot:
+    """Load and validate a model (and a store); raises ``CqsError`` on any bad file."""
+    model = _model.load(model_path)
+    store = None
+    if store_path:
+        try:
+            from tafe.cqs.store import open_store
+        except ImportError as exc:  # pragma: no cover - until the store lands
+            raise CqsError(f"CQS store {store_path}: store support unavailable ({exc})") from None
+        store = open_store(store_path)
+    return Snapshot(model, store)
+
+
+def __getattr__(name: str) -> Any:
+    # Holder lives with hot swap; imported lazily so importing tafe.cqs stays light.
+    if name == "Holder":
+        from tafe.cqs.swap import Holder
+
+        return Holder
+    raise AttributeError(f"module 'tafe.cqs' has no attribute {name!r}")
+
+
+__all__ = ["CqsError", "Score", "Snapshot", "open_snapshot", "Holder"]

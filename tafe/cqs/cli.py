@@ -1,0 +1,112 @@
+"""``tafe cqs synth|train|evaluate|inspect|build-store``: the CQS model's life cycle offline.
+
+A worked example (also how the bundled demo model is made, see ``tafe.cqs.model``)::
+
+    tafe cqs synth --out /tmp/cqs --users 20000 --requests 200000 --seed 7
+    tafe cqs build-store /tmp/cqs/events.jsonl --out /tmp/cqs/users.store
+    tafe cqs train /tmp/cqs/decisions.jsonl --out /tmp/cqs/model.cqsm
+    tafe cqs evaluate /tmp/cqs/model.cqsm /tmp/cqs/decisions.jsonl
+    tafe cqs inspect /tmp/cqs/model.cqsm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tafe.cqs import CqsError
+
+SUBCOMMANDS = ("synth", "train", "evaluate", "inspect", "build-store")
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    subs = parser.add_subparsers(dest="cqs_command", metavar="SUBCOMMAND", required=True)
+
+    p = subs.add_parser("synth", help="generate a synthetic population: events, decision logs with outcomes, requests")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write events.jsonl, decisions.jsonl, requests.jsonl, truth.json")
+    p.add_argument("--users", type=int, default=20_000, help="users in the population (default 20000)")
+    p.add_argument("--requests", type=int, default=100_000, help="bid requests (one imp each) with outcomes (default 100000)")
+    p.add_argument("--unknown", type=float, default=0.3, help="fraction of requests from users the store does not know (default 0.3)")
+    p.add_argument("--seed", type=int, default=1, help="random seed: same seed, same files (default 1)")
+    p.add_argument("--as-of", type=float, default=1_767_225_600.0, help="unix time the history ends (default 2026-01-01)")
+
+    p = subs.add_parser("train", help="fit a model file from decision logs (JSON lines with features and outcomes)")
+    p.add_argument("logs", nargs="+", help="decision log files")
+    p.add_argument("--out", required=True, help="model file to write (atomically)")
+    p.add_argument("--dims", type=int, default=1 << 18, help="hash space size, a power of two (default 262144)")
+    p.add_argument("--heads", default="visit,click,purchase", help="outcomes to learn, the first is the CQS (default visit,click,purchase)")
+    p.add_argument("--version", default="", help="model version string (default: derived from the data and time)")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the training split (default 4)")
+    p.add_argument("--l2", type=float, default=1e-6, help="L2 penalty per example (default 1e-6)")
+    p.add_argument("--holdout", type=float, default=0.2, help="fraction of records kept out for evaluation (default 0.2)")
+    p.add_argument("--seed", type=int, default=1, help="shuffle seed (default 1)")
+
+    p = subs.add_parser("evaluate", help="AUC, log loss and calibration of a model on the held-out split of decision logs")
+    p.add_argument("model", help="model file")
+    p.add_argument("logs", nargs="+", help="decision log files")
+    p.add_argument("--holdout", type=float, default=0.2, help="the held-out fraction used by train (default 0.2)")
+    p.add_argument("--all", action="store_true", help="evaluate on every record, not only the held-out split")
+    p.add_argument("--bins", type=int, default=10, help="calibration table rows (default 10)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = subs.add_parser("inspect", help="validate a model file and print its header and heaviest features")
+    p.add_argument("model", help="model file")
+    p.add_argument("--top", type=int, default=10, help="largest weights to list per head (default 10)")
+
+    p = subs.add_parser("build-store", help="build the memory-mapped user-state store from event files")
+    try:
+        from tafe.cqs import store
+    except ImportError:
+        p.set_defaults(_store_missing=True)
+    else:
+        store.add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except CqsError as exc:
+        print(f"tafe cqs: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    cmd = args.cqs_command
+    if cmd == "synth":
+        from tafe.cqs import synth
+
+        summary = synth.write(args.out, users=args.users, requests=args.requests, unknown=args.unknown, seed=args.seed, as_of=args.as_of)
+        print(json.dumps(summary, indent=2))
+        return 0
+    if cmd == "train":
+        from tafe.cqs import train
+
+        heads = [h for h in args.heads.split(",") if h]
+        model, report = train.train_files(
+            args.logs, dims=args.dims, heads=heads, version=args.version, epochs=args.epochs,
+            l2=args.l2, holdout=args.holdout, seed=args.seed,
+        )
+        model.save(args.out)
+        print(json.dumps({"out": args.out, "version": model.version, **report}, indent=2))
+        return 0
+    if cmd == "evaluate":
+        from tafe.cqs import model as model_mod
+        from tafe.cqs import train
+
+        report = train.evaluate_files(model_mod.load(args.model), args.logs, holdout=None if args.all else args.holdout, bins=args.bins)
+        print(json.dumps(report, indent=2) if args.json else train.format_report(report))
+        return 0
+    if cmd == "inspect":
+        from tafe.cqs import model as model_mod
+
+        print(model_mod.describe(model_mod.load(args.model), top=args.top))
+        return 0
+    if cmd == "build-store":
+        if getattr(args, "_store_missing", False):
+            print("tafe cqs: build-store is not available in this build", file=sys.stderr)
+            return 1
+        from tafe.cqs import store
+
+        return int(store.run(args) or 0)
+    raise AssertionError(cmd)
