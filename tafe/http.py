@@ -1,0 +1,352 @@
+"""HTTP/1.1 request and response rules as a pure state machine: no sockets, no gevent.
+
+The shell (``tafe.server``) feeds it the bytes it reads and writes the bytes it
+returns; everything about what is a valid request and how an answer is framed lives
+here, so it can be tested without a network. Parsing is done by ``httptools``
+(llhttp, Node's C parser); this module adds TAFE's rules on top.
+
+Rules, on the way in (``RequestReader``):
+
+- Bytes are fed as they arrive; each ``feed`` returns the requests it completed, in
+  order. Several requests in one read (pipelining) come out together; a request split
+  over many reads comes out when its last byte arrives.
+- A request's body is framed by ``Content-Length`` or ``Transfer-Encoding: chunked``
+  (both at once is malformed). Chunked trailers are read and ignored.
+- The head (request line + headers) may hold at most ``max_head_bytes``: more is 431.
+  The body may hold at most ``max_body_bytes``: more is 413, decided as soon as a
+  ``Content-Length`` says so, before the body is read. Anything llhttp rejects is 400.
+  After an error the reader is dead (``error`` is set): the shell answers it and closes.
+- Keep-alive follows llhttp: HTTP/1.1 unless ``Connection: close``; HTTP/1.0 only with
+  ``Connection: keep-alive``. After a request that does not keep the connection alive
+  (or an ``Upgrade``/``CONNECT``, which TAFE does not speak), later bytes are ignored.
+- ``Expect: 100-continue`` on a request whose body has not arrived yet sets
+  ``send_continue``: the shell writes ``CONTINUE`` after answering every request
+  completed before it (interim answers must not overtake earlier responses), then
+  clears the flag.
+- Each request carries ``arrival``: the clock value passed to the ``feed`` that
+  delivered its first byte (the bid deadline is measured from it).
+
+Rules, on the way out (``response_head``):
+
+- Status line, headers and (by the shell) body go out as one bytes object, one write.
+- A finite body always gets ``Content-Length``; 1xx, 204 and 304 get no body and no
+  length. A streamed body of unknown length is chunked on HTTP/1.1 and delimited by
+  closing the connection on HTTP/1.0. A ``Content-Length`` given by the app is kept.
+- The app's own ``Connection`` header is dropped (hop-by-hop headers are the server's);
+  ``Connection: close`` from the app closes the connection after the answer.
+- ``Date`` is formatted once per second.
+"""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Iterable
+
+import httptools
+
+__all__ = [
+    "CONTINUE",
+    "LAST_CHUNK",
+    "HttpError",
+    "Request",
+    "RequestReader",
+    "chunk",
+    "error_response",
+    "response_head",
+    "CHUNKED",
+    "UNTIL_CLOSE",
+]
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class HttpError(Exception):
+    """A request TAFE refuses: answered with ``status`` and the connection closed."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+
+class Request:
+    """One complete request as read from the wire (names and values still bytes)."""
+
+    __slots__ = ("method", "target", "headers", "body", "keep_alive", "http11", "arrival")
+
+    def __init__(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        keep_alive: bool,
+        http11: bool,
+        arrival: float,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+        self.http11 = http11
+        self.arrival = arrival
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target!r} body={len(self.body)}B keep_alive={self.keep_alive}>"
+
+
+# Bytes of a head not passed to callbacks (request line spaces, ": ", CRLFs), roughly.
+_LINE_OVERHEAD = 16
+_HEADER_OVERHEAD = 4
+_METHODS: dict[bytes, str] = {}
+
+
+class RequestReader:
+    """The request side of one connection; see the module docstring for its rules."""
+
+    __slots__ = (
+        "_parser", "_max_head", "_max_body", "_now", "_out", "_url", "_headers", "_body",
+        "_body_len", "_head_len", "_in_head", "_expect", "_length",
+        "arrival", "in_progress", "send_continue", "closed", "error",
+    )
+
+    def __init__(self, max_head_bytes: int, max_body_bytes: int) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self._max_head = max_head_bytes
+        self._max_body = max_body_bytes
+        self._now = 0.0
+        self._out: list[Request] = []
+        self._url: list[bytes] = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._head_len = 0
+        self._in_head = False
+        self._expect = False
+        self._length = -1
+        self.arrival = 0.0
+        self.in_progress = False  # a request has begun and is not complete yet
+        self.send_continue = False
+        self.closed = False  # no more requests will be read on this connection
+        self.error: HttpError | None = None
+
+    def feed(self, data: bytes, now: float) -> list[Request]:
+        """Parse ``data`` read at clock ``now``; return the requests it completed."""
+        if self.closed or self.error is not None:
+            return []
+        self._now = now
+        out = self._out = []
+        head_before = self._in_head or not self.in_progress
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._close_after_last()
+        except httptools.HttpParserError as exc:
+            if not self.closed and self.error is None:
+                cause = exc.__context__
+                if isinstance(cause, HttpError):
+                    self.error = cause
+                else:
+                    self.error = HttpError(400, str(exc) or "malformed request")
+        else:
+            # A head fed without completing anything: count raw bytes too, so that
+            # input llhttp swallows without callbacks (whitespace) is bounded as well.
+            if head_before and self._in_head and not out:
+                self._head_len += len(data)
+                if self._head_len > self._max_head:
+                    self.error = HttpError(431, "request head too large")
+        return out
+
+    def _close_after_last(self) -> None:
+        if self._out:
+            self._out[-1].keep_alive = False
+        self.closed = True
+
+    # --- llhttp callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.arrival = self._now
+        self.in_progress = True
+        self._in_head = True
+        self._url = []
+        self._headers = []
+        self._body = []
+        self._body_len = 0
+        self._head_len = _LINE_OVERHEAD
+        self._expect = False
+        self._length = -1
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._head_len += len(url)
+        if self._head_len > self._max_head:
+            raise HttpError(431, "request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a chunked trailer: read and ignored
+        self._head_len += len(name) + len(value) + _HEADER_OVERHEAD
+        if self._head_len > self._max_head:
+            raise HttpError(431, "request head too large")
+        if value and value[-1] in (32, 9):
+            value = value.rstrip(b" \t")
+        self._headers.append((name, value))
+        if len(name) == 14 and name.lower() == b"content-length":
+            self._length = int(value)  # llhttp has checked it is digits
+        elif len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
+            self._expect = True
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._length > self._max_body:
+            raise HttpError(413, "request body too large")
+        # With no body, on_message_complete follows at once and clears the flag again.
+        if self._expect and self._length != 0 and self._parser.get_http_version() == "1.1":
+            self.send_continue = True
+
+    def on_body(self, body: bytes) -> None:
+        self.send_continue = False  # the client did not wait
+        self._body_len += len(body)
+        if self._body_len > self._max_body:
+            raise HttpError(413, "request body too large")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        parser = self._parser
+        raw = parser.get_method()
+        method = _METHODS.get(raw)
+        if method is None:
+            method = raw.decode("latin-1")
+            if len(_METHODS) < 64:
+                _METHODS[raw] = method
+        url = self._url
+        body = self._body
+        keep_alive = parser.should_keep_alive()
+        self._out.append(
+            Request(
+                method,
+                url[0] if len(url) == 1 else b"".join(url),
+                self._headers,
+                (body[0] if len(body) == 1 else b"".join(body)) if body else b"",
+                keep_alive,
+                parser.get_http_version() == "1.1",
+                self.arrival,
+            )
+        )
+        self.in_progress = False
+        self.send_continue = False
+        if not keep_alive or method == "CONNECT":
+            self._close_after_last()
+
+
+# --- responses ------------------------------------------------------------------------
+
+# Framing of a response body, as returned by response_head: a length >= 0 (from
+# Content-Length, or 0 when the status allows no body), or one of these.
+CHUNKED = -1  # Transfer-Encoding: chunked
+UNTIL_CLOSE = -2  # HTTP/1.0 stream of unknown length: the end is the connection closing
+
+_STATUS_LINES: dict[str, tuple[str, int]] = {}
+_date_second = -1
+_date_line = ""
+
+
+def _status(status: str) -> tuple[str, int]:
+    cached = _STATUS_LINES.get(status)
+    if cached is None:
+        try:
+            code = int(status[:3])
+        except ValueError:
+            raise ValueError(f"bad WSGI status {status!r}") from None
+        if not 100 <= code <= 999 or (len(status) > 3 and status[3] != " "):
+            raise ValueError(f"bad WSGI status {status!r}")
+        cached = (f"HTTP/1.1 {status}\r\n", code)
+        if len(_STATUS_LINES) < 256:
+            _STATUS_LINES[status] = cached
+    return cached
+
+
+def _date(now: float) -> str:
+    global _date_second, _date_line
+    second = int(now)
+    if second != _date_second:
+        _date_line = f"Date: {formatdate(second, usegmt=True)}\r\n"
+        _date_second = second
+    return _date_line
+
+
+def response_head(
+    status: str,
+    headers: Iterable[tuple[str, str]],
+    body_length: int | None,
+    keep_alive: bool,
+    http11: bool,
+    now: float,
+) -> tuple[bytes, int, bool]:
+    """Serialise a WSGI status and header list: ``(head bytes, framing, keep_alive)``.
+
+    ``body_length`` is the length of a finite body, or None for a stream. ``now`` is
+    wall-clock time (for ``Date``). ``framing`` is the number of body bytes the head
+    announces (0 for statuses without a body), ``CHUNKED`` or ``UNTIL_CLOSE``.
+    """
+    line, code = _status(status)
+    parts = [line, _date(now)]
+    append = parts.append
+    given = -1
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "connection":
+            if "close" in value.lower():
+                keep_alive = False
+            continue
+        if lname == "content-length":
+            try:
+                given = int(value)
+            except ValueError:
+                raise ValueError(f"bad Content-Length from the app: {value!r}") from None
+        elif lname == "transfer-encoding":
+            continue  # the server frames the body, not the app
+        append(f"{name}: {value}\r\n")
+    if code < 200 or code == 204 or code == 304:
+        framing = 0
+    elif given >= 0:
+        framing = given
+    elif body_length is not None:
+        framing = body_length
+        append(f"Content-Length: {body_length}\r\n")
+    elif http11:
+        framing = CHUNKED
+        append("Transfer-Encoding: chunked\r\n")
+    else:
+        framing = UNTIL_CLOSE
+        keep_alive = False
+    if not keep_alive:
+        append("Connection: close\r\n\r\n")
+    elif not http11:
+        append("Connection: keep-alive\r\n\r\n")
+    else:
+        append("\r\n")
+    return "".join(parts).encode("latin-1"), framing, keep_alive
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (never call it with empty data: that ends the body)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def error_response(status: int, reason: str, now: float) -> bytes:
+    """A whole response refusing a request before any app saw it; the connection closes."""
+    phrase = HTTPStatus(status).phrase
+    body = f"{reason}\n".encode("latin-1", "replace")
+    head, _, _ = response_head(
+        f"{status} {phrase}",
+        [("Content-Type", "text/plain; charset=utf-8")],
+        len(body),
+        False,
+        True,
+        now,
+    )
+    return head + body

@@ -1,0 +1,485 @@
+"""The gevent shell around ``tafe.http``: sockets, greenlets, timeouts, draining.
+
+One greenlet per connection (from a bounded pool, so a full worker stops accepting
+instead of drowning), serving any WSGI app. The HTTP rules live in ``tafe.http``;
+this module only moves bytes and speaks WSGI. It assumes the process has already been
+monkey-patched (``tafe.cli`` does it first thing).
+
+Why not ``gevent.pywsgi``: it writes headers and body separately (a 40 ms
+Nagle/delayed-ACK stall per keep-alive request without ``TCP_NODELAY``), parses in
+Python, and serves greenlets unfairly (p99 ~5x p50). Here a response is one ``sendall``,
+parsing is llhttp, and a connection yields to the others between pipelined requests.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any, Callable, Iterable
+from urllib.parse import unquote_to_bytes
+
+import gevent
+import httptools
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from tafe import http
+from tafe.lifecycle import Lifecycle
+from tafe.settings import Settings
+
+log = logging.getLogger("tafe.server")
+access_log = logging.getLogger("tafe.access")
+
+__all__ = ["bind", "Server", "run"]
+
+WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
+
+_RECV = 64 * 1024
+_monotonic = time.monotonic
+_time = time.time
+
+# Header name (as sent) -> WSGI environ key; None drops it: a name with "_" could
+# spoof another after the "-" -> "_" mapping (Nginx and gunicorn drop them too).
+_ENV_KEYS: dict[bytes, str | None] = {}
+
+
+def _env_key(name: bytes) -> str | None:
+    key = _ENV_KEYS.get(name, "")
+    if key == "":
+        text = name.decode("latin-1").upper()
+        if "_" in text:
+            key = None
+        elif text == "CONTENT-TYPE" or text == "CONTENT-LENGTH":
+            key = text.replace("-", "_")
+        else:
+            key = "HTTP_" + text.replace("-", "_")
+        if len(_ENV_KEYS) < 1024:
+            _ENV_KEYS[name] = key
+    return key
+
+
+def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket (SO_REUSEADDR); port 0 picks a free port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Server:
+    """Serves one WSGI app on one already-listening socket (bound here or inherited)."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        app: WSGIApp,
+        settings: Settings,
+        lifecycle: Lifecycle,
+        *,
+        name: str = "public",
+        metrics: Any = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.lifecycle = lifecycle
+        self.name = name
+        self.metrics = metrics  # a tafe.metrics.Metrics: counts requests refused here
+        self.closing = False
+        self.connections: set[_Connection] = set()
+        self._listener = listener
+        self._tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
+        sockname = listener.getsockname()
+        if isinstance(sockname, tuple):
+            self.address: tuple[str, int] = (sockname[0], sockname[1])
+        else:
+            self.address = (str(sockname), 0)
+        self._pool = Pool(settings.max_connections)
+        self._stream = StreamServer(listener, self._handle, spawn=self._pool)
+        if settings.workers > 1:
+            self._stream.max_accept = 1  # share new connections fairly between workers
+        self._ids = itertools.count(1)
+        self._id_prefix = ""
+        self.base_environ = {
+            "SERVER_NAME": self.address[0],
+            "SERVER_PORT": str(self.address[1]),
+            "SCRIPT_NAME": "",
+            "SERVER_SOFTWARE": "tafe",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": False,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+            "wsgi.input_terminated": True,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Server {self.name} {self.address[0]}:{self.address[1]}>"
+
+    def start(self) -> None:
+        """Begin accepting in the background."""
+        # Chosen here, after any fork, so that workers do not share request ids.
+        self._id_prefix = f"{os.getpid():x}-{os.urandom(3).hex()}-"
+        self._stream.start()
+
+    def stop_accepting(self) -> None:
+        """Close the listener; in-flight requests finish, then their connections close."""
+        self.closing = True
+        if not self._stream.closed:
+            self._stream.close()
+
+    def busy(self) -> bool:
+        return any(not conn.idle for conn in self.connections)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight (True) or ``timeout`` (False).
+
+        Connections idle at that point are closed (a client that sends on them now
+        sees the close, as with any keep-alive timeout).
+        """
+        deadline = _monotonic() + timeout
+        while self.busy():
+            if _monotonic() >= deadline:
+                return False
+            gevent.sleep(0.02)
+        self.close_connections(idle_only=True)
+        return True
+
+    def close_connections(self, idle_only: bool = False) -> None:
+        for conn in list(self.connections):
+            if conn.idle or not idle_only:
+                conn.shutdown()
+
+    def request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):x}"
+
+    def count_refused(self, status: int) -> None:
+        if self.metrics is not None:
+            self.metrics.bad_requests.labels(reason=f"http_{status}").inc()
+
+    def _handle(self, sock: socket.socket, addr: Any) -> None:
+        conn = _Connection(self, sock, addr)
+        self.connections.add(conn)
+        try:
+            conn.serve()
+        except Exception:  # never let one connection take the worker's loop down
+            log.exception("%s: connection from %s failed", self.name, addr)
+        finally:
+            self.connections.discard(conn)
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+class _Connection:
+    """One client connection: the read loop and the WSGI calls for its requests."""
+
+    __slots__ = (
+        "server", "sock", "base", "reader", "idle", "timeout",
+        "status", "headers", "head_sent", "keep_alive", "http11", "is_head",
+        "remaining", "bytes_out",
+    )
+
+    def __init__(self, server: Server, sock: socket.socket, addr: Any) -> None:
+        self.server = server
+        self.sock = sock
+        if server._tcp:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.base = base = server.base_environ.copy()
+        if isinstance(addr, tuple):
+            base["REMOTE_ADDR"] = addr[0]
+            base["REMOTE_PORT"] = str(addr[1])
+        else:
+            base["REMOTE_ADDR"] = ""
+        settings = server.settings
+        self.reader = http.RequestReader(settings.max_header_bytes, settings.max_body_bytes)
+        self.idle = True
+        self.timeout = -1.0
+        self.status: str | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.head_sent = False
+        self.keep_alive = True
+        self.http11 = True
+        self.is_head = False
+        self.remaining = -1
+        self.bytes_out = 0
+
+    def shutdown(self) -> None:
+        """Wake the read loop with end-of-stream so it closes the connection itself."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _settimeout(self, timeout: float) -> None:
+        if timeout != self.timeout:
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
+
+    def serve(self) -> None:
+        server = self.server
+        settings = server.settings
+        reader = self.reader
+        recv = self.sock.recv
+        keepalive_timeout = settings.keepalive_timeout_s
+        read_timeout = settings.read_timeout_s
+        while True:
+            if reader.in_progress:
+                left = reader.arrival + read_timeout - _monotonic()
+                if left <= 0:
+                    self._refuse(http.HttpError(408, "request not received in time"))
+                    return
+                self._settimeout(left)
+            else:
+                self.idle = True
+                if server.closing:
+                    return
+                self._settimeout(keepalive_timeout)
+            try:
+                data = recv(_RECV)
+            except TimeoutError:
+                if reader.in_progress:
+                    self._refuse(http.HttpError(408, "request not received in time"))
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            self.idle = False
+            requests = reader.feed(data, _monotonic())
+            first = True
+            for request in requests:
+                if not first:
+                    gevent.sleep(0)  # let other connections in between pipelined requests
+                first = False
+                if not self._respond(request):
+                    return
+            if reader.error is not None:
+                self._refuse(reader.error)
+                return
+            if reader.closed:
+                return
+            if reader.send_continue:
+                reader.send_continue = False
+                self.sock.sendall(http.CONTINUE)
+
+    def _refuse(self, error: http.HttpError) -> None:
+        server = self.server
+        server.count_refused(error.status)
+        log.info("%s: %d %s (from %s)", server.name, error.status, error.reason, self.base["REMOTE_ADDR"])
+        try:
+            self.sock.sendall(http.error_response(error.status, error.reason, _time()))
+        except OSError:
+            pass
+
+    # --- WSGI -------------------------------------------------------------------------
+
+    def _environ(self, request: http.Request) -> dict[str, Any]:
+        env = self.base.copy()
+        target = request.target
+        if target[:1] == b"/":
+            path, _, query = target.partition(b"?")
+        elif target == b"*":
+            path, query = target, b""
+        else:  # absolute-form (a proxy-style request line)
+            try:
+                url = httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                path, query = target, b""
+            else:
+                path, query = url.path or b"/", url.query or b""
+        env["REQUEST_METHOD"] = request.method
+        env["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+        env["QUERY_STRING"] = query.decode("latin-1")
+        env["RAW_URI"] = target.decode("latin-1")
+        env["SERVER_PROTOCOL"] = "HTTP/1.1" if request.http11 else "HTTP/1.0"
+        for name, value in request.headers:
+            key = _ENV_KEYS.get(name, "")
+            if key == "":
+                key = _env_key(name)
+            if key is None:
+                continue
+            text = value.decode("latin-1")
+            if key in env:
+                text = env[key] + "," + text
+            env[key] = text
+        body = request.body
+        if body or "CONTENT_LENGTH" in env:
+            env["CONTENT_LENGTH"] = str(len(body))
+        env["wsgi.input"] = io.BytesIO(body)
+        env["tafe.arrival"] = request.arrival
+        env["tafe.request_id"] = env.get("HTTP_X_REQUEST_ID") or self.server.request_id()
+        return env
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response called a second time without exc_info")
+        self.status = status
+        self.headers = headers
+        return self.write
+
+    def _head(self, body_length: int | None) -> bytes:
+        if self.status is None:
+            raise AssertionError("the app sent a body before calling start_response")
+        head, framing, keep_alive = http.response_head(
+            self.status, self.headers, body_length, self.keep_alive, self.http11, _time()
+        )
+        self.head_sent = True
+        self.keep_alive = keep_alive
+        self.remaining = framing
+        return head
+
+    def write(self, data: bytes) -> None:
+        """Send part of a streamed body (the WSGI ``write`` callable and iterables)."""
+        if not data:
+            return
+        head = b"" if self.head_sent else self._head(None)
+        if self.is_head:
+            if head:
+                self.sock.sendall(head)
+            return
+        remaining = self.remaining
+        if remaining == http.CHUNKED:
+            data = http.chunk(data)
+        elif remaining >= 0:
+            if len(data) > remaining:
+                data = data[:remaining]
+            self.remaining = remaining - len(data)
+        self.bytes_out += len(data)
+        self.sock.sendall(head + data if head else data)
+
+    def _finish_stream(self) -> None:
+        if not self.head_sent:
+            self.sock.sendall(self._head(0))
+        elif self.is_head:
+            return
+        elif self.remaining == http.CHUNKED:
+            self.sock.sendall(http.LAST_CHUNK)
+        elif self.remaining > 0:
+            self.keep_alive = False  # the app promised more than it sent
+
+    def _send_whole(self, body: bytes) -> None:
+        head = self._head(len(body))
+        remaining = self.remaining
+        if self.is_head or remaining == 0:
+            self.sock.sendall(head)
+            return
+        if remaining >= 0 and remaining != len(body):
+            self.keep_alive = False  # the app's Content-Length is wrong: do not reuse
+            body = body[:remaining]
+        self.bytes_out = len(body)
+        self.sock.sendall(head + body)
+
+    def _respond(self, request: http.Request) -> bool:
+        """Run the app for one request and send its answer; False closes the connection."""
+        server = self.server
+        lifecycle = server.lifecycle
+        lifecycle.in_flight += 1
+        self.status = None
+        self.head_sent = False
+        self.bytes_out = 0
+        self.http11 = request.http11
+        self.is_head = request.method == "HEAD"
+        self.keep_alive = request.keep_alive and not (server.closing or lifecycle.draining)
+        env = self._environ(request)
+        try:
+            try:
+                result = server.app(env, self.start_response)
+                try:
+                    if type(result) is list and not self.head_sent:
+                        self._send_whole(result[0] if len(result) == 1 else b"".join(result))
+                    else:
+                        for data in result:
+                            self.write(data)
+                        self._finish_stream()
+                finally:
+                    close = getattr(result, "close", None)
+                    if close is not None:
+                        close()
+            except OSError:
+                return False  # the client went away
+            except Exception:
+                log.exception(
+                    "%s: app failed on %s %s (request id %s)",
+                    server.name, request.method, env["PATH_INFO"], env["tafe.request_id"],
+                )
+                if self.head_sent:
+                    return False  # half a response is out: closing is the only honest end
+                self.status = None
+                self.headers = [("Content-Type", "text/plain; charset=utf-8")]
+                self.start_response("500 Internal Server Error", self.headers)
+                try:
+                    self._send_whole(b"internal server error\n")
+                except OSError:
+                    return False
+            if server.settings.access_log:
+                self._log_access(request, env)
+            return self.keep_alive
+        finally:
+            lifecycle.in_flight -= 1
+
+    def _log_access(self, request: http.Request, env: dict[str, Any]) -> None:
+        duration_ms = round((_monotonic() - request.arrival) * 1000.0, 3)
+        status = self.status or ""
+        if self.server.settings.log_json:
+            access_log.info(json.dumps({
+                "request_id": env["tafe.request_id"], "remote": env["REMOTE_ADDR"],
+                "method": request.method, "path": env["PATH_INFO"], "status": int(status[:3] or 0),
+                "bytes": self.bytes_out, "duration_ms": duration_ms, "server": self.server.name,
+            }))
+        else:
+            access_log.info(
+                '%s "%s %s" %s %d %.3fms %s', env["REMOTE_ADDR"], request.method, env["RAW_URI"],
+                status[:3], self.bytes_out, duration_ms, env["tafe.request_id"],
+            )
+
+
+def run(servers: list[Server], settings: Settings, lifecycle: Lifecycle) -> int:
+    """Serve until SIGTERM/SIGINT, then drain: 503 on /ping, stop accepting, finish, exit 0.
+
+    A second signal during the grace period cuts the grace short.
+    """
+    stop = Event()
+    handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGTERM, signal.SIGINT)]
+    try:
+        for server in servers:
+            server.start()
+        stop.wait()
+        log.info("draining: /ping answers 503; refusing new connections in %.1fs", settings.drain_grace_s)
+        lifecycle.start_draining()
+        stop.clear()
+        stop.wait(settings.drain_grace_s)
+        for server in servers:
+            server.stop_accepting()
+        deadline = _monotonic() + settings.drain_timeout_s
+        drained = all([server.wait_idle(max(0.0, deadline - _monotonic())) for server in servers])
+        if not drained:
+            log.warning("drain timeout: closing connections with requests still in flight")
+        for server in servers:
+            server.close_connections()
+        log.info("drained; exiting")
+        return 0
+    finally:
+        for handler in handlers:
+            handler.cancel()

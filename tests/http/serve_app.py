@@ -1,0 +1,78 @@
+"""A real TAFE server process serving a small test WSGI app (used by test_http_server).
+
+Settings come from TAFE_* environment variables; it prints ``PORT <n>`` once listening.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+import gevent  # noqa: E402
+
+from tafe import server, settings  # noqa: E402
+from tafe.lifecycle import Lifecycle  # noqa: E402
+
+
+def make_app(lifecycle: Lifecycle):
+    def app(environ, start_response):
+        path = environ["PATH_INFO"]
+        if path == "/ping":
+            if lifecycle.draining:
+                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"draining"]
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"pong"]
+        if path == "/boom":
+            raise RuntimeError("the test app fails on purpose")
+        if path == "/slow":
+            gevent.sleep(float(environ["QUERY_STRING"] or "1"))
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"slow done"]
+        if path == "/stream":
+            def chunks():
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                for i in range(3):
+                    yield b"part%d;" % i
+            return chunks()
+        if path == "/write":
+            write = start_response("200 OK", [("Content-Type", "text/plain")])
+            write(b"written;")
+            return [b"returned"]
+        if path == "/empty":
+            start_response("204 No Content", [])
+            return [b""]
+        body = environ["wsgi.input"].read()
+        doc = {
+            "method": environ["REQUEST_METHOD"],
+            "path": environ["PATH_INFO"],
+            "query": environ["QUERY_STRING"],
+            "protocol": environ["SERVER_PROTOCOL"],
+            "content_length": environ.get("CONTENT_LENGTH", ""),
+            "body": body.decode("latin-1"),
+            "request_id": environ["tafe.request_id"],
+            "arrival": environ["tafe.arrival"],
+            "headers": {k: v for k, v in environ.items() if k.startswith("HTTP_")},
+        }
+        out = json.dumps(doc).encode()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [out]
+
+    return app
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+    conf = settings.load()
+    lifecycle = Lifecycle()
+    listener = server.bind(conf.host, conf.port)
+    srv = server.Server(listener, make_app(lifecycle), conf, lifecycle)
+    print(f"PORT {srv.address[1]}", flush=True)
+    return server.run([srv], conf, lifecycle)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
