@@ -1,0 +1,216 @@
+"""Blocking events aggregated by code site, in memory bounded whatever the traffic.
+
+A site is the innermost application frame of the stack taken while the loop was
+blocked (or, when the watchdog could not take one, at the yield). Per site we keep a
+count, total and max duration, fixed log-bucket quantiles, the routes it hurt, one
+example request and its distinct full stacks; every collection has a cap, and what
+falls beyond a cap is counted in an ``(other)`` entry instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .stacks import Frame, Stack, app_frame, collapsed_frame, format_frame, format_stack
+
+OTHER = "(other)"
+
+
+class LogBuckets:
+    """Fixed log-spaced buckets (5% wide): quantiles within 5%, memory bounded by range."""
+
+    __slots__ = ("counts",)
+    BASE = 1e-5  # seconds; anything shorter lands in bucket 0
+    LOG_FACTOR = math.log(1.05)
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+
+    def add(self, seconds: float) -> None:
+        i = int(math.log(seconds / self.BASE) / self.LOG_FACTOR) + 1 if seconds > self.BASE else 0
+        self.counts[i] = self.counts.get(i, 0) + 1
+
+    def quantile(self, q: float) -> float:
+        total = sum(self.counts.values())
+        if not total:
+            return 0.0
+        rank = q * total
+        seen = 0
+        for i in sorted(self.counts):
+            seen += self.counts[i]
+            if seen >= rank:
+                # Geometric middle of the bucket.
+                return self.BASE * math.exp((i - 0.5) * self.LOG_FACTOR) if i else self.BASE
+        return 0.0  # pragma: no cover
+
+
+@dataclass(slots=True)
+class BlockEvent:
+    """One span that held the event loop longer than the threshold."""
+
+    duration: float  # seconds, from the switch in to the switch out
+    wall_time: float  # time.time() at the end of the span
+    route: str  # "METHOD /route" of the request served, or "greenlet <function>"
+    request_id: str | None
+    greenlet: str
+    blocked: Stack | None  # taken by the watchdog while the loop was still blocked
+    yielded: Stack | None  # taken when the greenlet finally switched away
+
+    @property
+    def stack(self) -> Stack:
+        return self.blocked or self.yielded or ()
+
+    def to_dict(self) -> dict[str, Any]:
+        site = app_frame(self.stack)
+        return {
+            "event": "eventloop_blocked",
+            "duration_ms": round(self.duration * 1000, 3),
+            "time": self.wall_time,
+            "route": self.route,
+            "request_id": self.request_id,
+            "greenlet": self.greenlet,
+            "site": format_frame(site) if site else None,
+            "captured": "while_blocked" if self.blocked else "at_yield",
+            "yield_site": format_frame(y) if (y := app_frame(self.yielded or ())) else None,
+            "blocked_stack": format_stack(self.blocked or ()),
+            "yield_stack": format_stack(self.yielded or ()),
+        }
+
+
+class Site:
+    __slots__ = ("frame", "count", "while_blocked", "total", "max", "buckets", "routes", "stacks", "example", "last_seen")
+
+    def __init__(self, frame: Frame | None) -> None:
+        self.frame = frame
+        self.count = 0
+        self.while_blocked = 0  # events whose stack the watchdog took during the block
+        self.total = 0.0
+        self.max = 0.0
+        self.buckets = LogBuckets()
+        self.routes: dict[str, int] = {}
+        self.stacks: dict[tuple[str, Stack], list[float]] = {}  # (route, stack) -> [count, seconds]
+        self.example: dict[str, Any] | None = None
+        self.last_seen = 0.0
+
+
+class Aggregate:
+    def __init__(self, max_sites: int = 200, max_routes: int = 32, max_stacks: int = 16) -> None:
+        self.max_sites = max_sites
+        self.max_routes = max_routes
+        self.max_stacks = max_stacks
+        self.sites: dict[Frame | str, Site] = {}
+        self.events = 0
+        self.started = time.time()
+
+    def site_key(self, event: BlockEvent) -> Frame | str:
+        frame = app_frame(event.stack)
+        key: Frame | str = frame if frame is not None else "(unknown)"
+        if key not in self.sites and len(self.sites) >= self.max_sites:
+            return OTHER
+        return key
+
+    def add(self, event: BlockEvent) -> str:
+        """Record the event; return the site's name (bounded set: used as a metric label)."""
+        self.events += 1
+        key = self.site_key(event)
+        site = self.sites.get(key)
+        if site is None:
+            site = self.sites[key] = Site(key if isinstance(key, tuple) else None)
+        d = event.duration
+        site.count += 1
+        site.while_blocked += event.blocked is not None
+        site.total += d
+        site.buckets.add(d)
+        site.last_seen = event.wall_time
+        if d >= site.max:
+            site.max = d
+            site.example = event.to_dict()
+        route = event.route if event.route in site.routes or len(site.routes) < self.max_routes else OTHER
+        site.routes[route] = site.routes.get(route, 0) + 1
+        skey = (route, event.stack)
+        if skey not in site.stacks and len(site.stacks) >= self.max_stacks:
+            skey = (route, (("(other stacks)", 0, "(other stacks)"),))
+        entry = site.stacks.setdefault(skey, [0, 0.0])
+        entry[0] += 1
+        entry[1] += d
+        return site_name(key)
+
+    def report(self, top: int = 20) -> dict[str, Any]:
+        sites = sorted(self.sites.items(), key=lambda kv: kv[1].total, reverse=True)
+        return {
+            "since": self.started,
+            "events": self.events,
+            "sites_tracked": len(self.sites),
+            "top": [
+                {
+                    "site": site_name(key),
+                    "count": s.count,
+                    "while_blocked": s.while_blocked,
+                    "total_ms": round(s.total * 1000, 3),
+                    "p50_ms": round(min(s.buckets.quantile(0.5), s.max) * 1000, 3),
+                    "p99_ms": round(min(s.buckets.quantile(0.99), s.max) * 1000, 3),
+                    "max_ms": round(s.max * 1000, 3),
+                    "last_seen": s.last_seen,
+                    "routes": dict(sorted(s.routes.items(), key=lambda kv: -kv[1])),
+                    "example": s.example,
+                }
+                for key, s in sites[:top]
+            ],
+        }
+
+    def collapsed(self) -> str:
+        """``route;outer;...;inner weight`` lines, weight in milliseconds blocked (>= 1)."""
+        lines = []
+        for site in self.sites.values():
+            for (route, stack), (_, seconds) in site.stacks.items():
+                frames = [route.replace(";", ":").replace(" ", "_")] + [collapsed_frame(f) for f in stack]
+                lines.append(f"{';'.join(frames)} {max(1, round(seconds * 1000))}")
+        return "\n".join(sorted(lines)) + ("\n" if lines else "")
+
+
+def site_name(key: Frame | str) -> str:
+    return format_frame(key) if isinstance(key, tuple) else key
+
+
+class RouteSpans:
+    """Every span of the sampled requests, per route: how long a request holds the loop."""
+
+    __slots__ = ("max_routes", "routes")
+
+    def __init__(self, max_routes: int = 64) -> None:
+        self.max_routes = max_routes
+        self.routes: dict[str, list[Any]] = {}  # route -> [requests, spans, seconds, max, LogBuckets]
+
+    def add(self, route: str, spans: list[float]) -> str:
+        """Record one sampled request's spans; return the (bounded) route name used."""
+        if route not in self.routes and len(self.routes) >= self.max_routes:
+            route = OTHER
+        stat = self.routes.get(route)
+        if stat is None:
+            stat = self.routes[route] = [0, 0, 0.0, 0.0, LogBuckets()]
+        stat[0] += 1
+        stat[1] += len(spans)
+        buckets = stat[4]
+        for d in spans:
+            stat[2] += d
+            if d > stat[3]:
+                stat[3] = d
+            buckets.add(d)
+        return route
+
+    def report(self) -> dict[str, Any]:
+        out = {}
+        for route, (requests, spans, seconds, longest, buckets) in sorted(self.routes.items()):
+            out[route] = {
+                "requests": requests,
+                "spans": spans,
+                "spans_per_request": round(spans / requests, 2),
+                "loop_ms_per_request": round(seconds * 1000 / requests, 4),
+                "span_p50_ms": round(min(buckets.quantile(0.5), longest) * 1000, 4),
+                "span_p99_ms": round(min(buckets.quantile(0.99), longest) * 1000, 4),
+                "span_max_ms": round(longest * 1000, 4),
+            }
+        return out

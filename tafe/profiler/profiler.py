@@ -1,0 +1,267 @@
+"""The Profiler: ties the tracer hook, the watchdog thread, the aggregate and the outputs.
+
+One per process (per hub thread, to be exact), created by :func:`install` after
+monkey-patching, in each pre-forked worker. Nothing here is global: the WSGI
+middleware and the debug app are handed the Profiler they report to.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import time
+import weakref
+from time import perf_counter
+from typing import Any, Callable
+
+import gevent
+import greenlet
+
+from .aggregate import OTHER, Aggregate, BlockEvent, RouteSpans
+from .outputs import Metrics, RateLimitedLog
+from .stacks import extract, format_stack
+from .tracer import Tracer
+from .watchdog import Watchdog
+
+RouteOf = Callable[[dict[str, Any]], str]
+MAX_PENDING = 1000
+
+
+def default_route(environ: dict[str, Any]) -> str:
+    return environ.get("PATH_INFO") or "/"
+
+
+class Profiler:
+    def __init__(
+        self,
+        threshold_ms: float = 10,
+        sample: float = 0.0,
+        *,
+        registry: Any = None,
+        log: logging.Logger | None | bool = None,
+        max_sites: int = 200,
+        max_routes: int = 64,
+        log_per_second: float = 5.0,
+    ) -> None:
+        if not threshold_ms > 0:
+            raise ValueError(f"threshold_ms must be > 0, got {threshold_ms!r}")
+        if not 0.0 <= sample <= 1.0:
+            raise ValueError(f"sample must be within 0..1, got {sample!r}")
+        self.threshold_s = threshold_ms / 1000.0
+        self.sample = float(sample)
+        self.max_routes = max_routes
+        self.hub = gevent.get_hub()
+        # greenlet -> (environ, route function) of the request it serves, and
+        # greenlet -> span durations of the sampled requests: filled by the middleware.
+        self.requests: dict[Any, tuple[dict[str, Any], RouteOf]] = {}
+        self.sampled: dict[Any, list[float]] = {}
+        # greenlet -> (span start, environ, route function) of a request that ended inside
+        # a span already over the threshold: that span is still the request's.
+        self.ended: dict[Any, tuple[float, dict[str, Any], RouteOf]] = {}
+        self.aggregate = Aggregate(max_sites=max_sites)
+        self.route_spans = RouteSpans(max_routes=max_routes)
+        self.metrics = Metrics(registry) if registry is not None else None
+        logger = logging.getLogger("tafe.profiler") if log is None or log is True else log
+        self.log = RateLimitedLog(logger, per_second=log_per_second) if logger else None
+        self.listeners: list[Callable[[BlockEvent], None]] = []
+        self.errors = 0
+        self.installed = False
+        self.pid = os.getpid()
+        self._ids = itertools.count(1)
+        self._pending: list[tuple[BlockEvent, str]] = []
+        self._flusher: Any = None
+        self.tracer = Tracer(self.hub, self.threshold_s, self._on_block, self.sampled)
+        self.watchdog = Watchdog(self.tracer.current, self.hub, self.threshold_s)
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> "Profiler":
+        if not self.installed:
+            self.tracer.install(self.threshold_s)
+            self.watchdog.start()
+            self.installed = True
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: (p := ref()) is not None and p._after_fork())
+        return self
+
+    def uninstall(self) -> None:
+        """Close the span in progress, restore the previous greenlet tracer, stop the
+        watchdog, write what is pending and unregister the metrics."""
+        if not self.installed:
+            return
+        self.close_span()
+        self.installed = False
+        self.tracer.uninstall()
+        self.watchdog.stop()
+        self.sampled.clear()
+        self._flush()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def _after_fork(self) -> None:
+        if self.installed:
+            self.pid = os.getpid()
+            self._pending.clear()
+            self._flusher = None
+            self.watchdog.start()
+
+    def close_span(self) -> None:
+        """Treat the span in progress as ended now (it has no switch to end it yet)."""
+        start, running = self.tracer.current[0]
+        me = greenlet.getcurrent()
+        span = perf_counter() - start
+        if running is me and me is not self.hub and span >= self.threshold_s:
+            self._on_block(me, start, span, sys._getframe(1))
+
+    # --- hot path helpers (called from the tracer hook and the middleware) ---------------
+
+    def _on_block(self, origin: Any, start: float, span: float, frame: Any = None) -> None:
+        try:
+            capture = self.watchdog.capture
+            blocked = capture[1] if capture is not None and capture[0] == start else None
+            if frame is None:
+                frame = origin.gr_frame
+            yielded = extract(frame) if frame is not None else None
+            request = self.requests.get(origin)
+            if request is None:
+                ended = self.ended.pop(origin, None)
+                if ended is not None and ended[0] == start:
+                    request = ended[1:]
+            if request is not None:
+                environ, route_of = request
+                route = self.route_name(environ, route_of)
+                request_id = self.request_id(environ)
+            else:
+                route = "greenlet " + greenlet_name(origin)
+                request_id = None
+            event = BlockEvent(span, time.time(), route, request_id, greenlet_name(origin), blocked, yielded)
+            site = self.aggregate.add(event)
+            for listener in self.listeners:
+                listener(event)
+            if (self.log is not None or self.metrics is not None) and len(self._pending) < MAX_PENDING:
+                self._pending.append((event, site))
+                if self._flusher is None and self.installed:
+                    # Log handlers and metric locks may wait: never inside the hook.
+                    self._flusher = gevent.spawn(self._flush)
+        except Exception:
+            self.errors += 1
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self._flusher = None
+        for event, site in pending:
+            try:
+                if self.metrics is not None:
+                    self.metrics.count_block(site, event.duration)
+                if self.log is not None:
+                    self.log.emit(event, site, self.threshold_s)
+            except Exception:
+                self.errors += 1
+
+    def finish(self, g: Any, environ: dict[str, Any], route_of: RouteOf, spans: list[float] | None) -> None:
+        """End of a request's attribution (called by the middleware)."""
+        self.requests.pop(g, None)
+        start, running = self.tracer.current[0]
+        if running is g and perf_counter() - start >= self.threshold_s:
+            self.ended[g] = (start, environ, route_of)
+        if spans is not None:
+            self.sampled.pop(g, None)
+            self.finish_sampled(g, environ, route_of, spans)
+
+    def finish_sampled(self, g: Any, environ: dict[str, Any], route_of: RouteOf, spans: list[float]) -> None:
+        """End of a sampled request: add its last (still open) span and record them all."""
+        start, running = self.tracer.current[0]
+        if running is g:
+            spans.append(perf_counter() - start)
+        route = self.route_spans.add(self.route_name(environ, route_of), spans)
+        if self.metrics is not None:
+            self.metrics.observe_spans(route, spans)
+
+    def route_name(self, environ: dict[str, Any], route_of: RouteOf) -> str:
+        try:
+            return f"{environ.get('REQUEST_METHOD', '-')} {route_of(environ)}"
+        except Exception:
+            return OTHER
+
+    def request_id(self, environ: dict[str, Any]) -> str:
+        rid = environ.get("tafe.request_id") or environ.get("HTTP_X_REQUEST_ID")
+        if not rid:
+            rid = environ["tafe.request_id"] = f"{self.pid:x}-{next(self._ids):x}"
+        return str(rid)
+
+    # --- reports ---------------------------------------------------------------------------
+
+    def report(self, top: int = 20) -> dict[str, Any]:
+        """The top offending code sites (what ``/debug/blocking`` serves), plus the spans
+        of sampled requests per route."""
+        out = self.aggregate.report(top)
+        out.update(
+            pid=self.pid,
+            installed=self.installed,
+            threshold_ms=self.threshold_s * 1000,
+            sample=self.sample,
+            ongoing=self.ongoing(),
+            sampled_routes=self.route_spans.report(),
+            errors=self.errors,
+        )
+        return out
+
+    def ongoing(self) -> dict[str, Any] | None:
+        """The span holding the loop right now, if over the threshold (seen from another
+        thread, e.g. a debug endpoint served by a thread, or a log after a hang)."""
+        start, running = self.tracer.current[0]
+        capture = self.watchdog.capture
+        age = perf_counter() - start
+        if running is self.hub or running is greenlet.getcurrent() or age < self.threshold_s:
+            return None
+        stack = capture[1] if capture is not None and capture[0] == start else ()
+        return {"age_ms": round(age * 1000, 3), "greenlet": greenlet_name(running), "stack": format_stack(stack)}
+
+    def collapsed(self) -> str:
+        """Collapsed stacks (``route;frame;...;frame ms``) for speedscope or flamegraph.pl."""
+        return self.aggregate.collapsed()
+
+    def report_text(self, top: int = 20) -> str:
+        from .wsgi import render_text
+
+        return render_text(self.report(top))
+
+
+def greenlet_name(g: Any) -> str:
+    if g is None:
+        return "?"
+    run = getattr(g, "_run", None) or getattr(g, "run", None)
+    if run is None:
+        return "main" if getattr(g, "parent", 0) is None else type(g).__name__
+    name = getattr(run, "__qualname__", None) or type(run).__name__
+    module = getattr(run, "__module__", None)
+    return f"{module}.{name}" if module else name
+
+
+def install(
+    threshold_ms: float = 10,
+    sample: float = 0.0,
+    *,
+    registry: Any = None,
+    log: logging.Logger | None | bool = None,
+    max_sites: int = 200,
+    max_routes: int = 64,
+    log_per_second: float = 5.0,
+) -> Profiler:
+    """Start profiling the calling thread's hub: call after monkey-patching, in each worker.
+
+    ``registry``: a prometheus_client CollectorRegistry for the metrics, or None.
+    ``log``: the logger for one JSON line per blocking event (default ``tafe.profiler``),
+    or False for none.
+    """
+    return Profiler(
+        threshold_ms,
+        sample,
+        registry=registry,
+        log=log,
+        max_sites=max_sites,
+        max_routes=max_routes,
+        log_per_second=log_per_second,
+    ).start()

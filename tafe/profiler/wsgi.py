@@ -1,0 +1,138 @@
+"""WSGI glue: the middleware that tells the profiler which request a greenlet serves,
+and the debug app serving ``/debug/blocking``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any, Callable, Iterable
+from urllib.parse import parse_qs
+
+from greenlet import getcurrent
+
+from .profiler import Profiler, RouteOf, default_route
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def middleware(app: WSGIApp, profiler: Profiler, route: RouteOf | None = None) -> WSGIApp:
+    """Wrap ``app`` so spans are attributed to the request the greenlet serves.
+
+    ``route(environ) -> str`` names the route (default: PATH_INFO); keep it low in
+    cardinality, it becomes a metric label (capped by the profiler). The request id is
+    ``environ["tafe.request_id"]``, else the X-Request-Id header, else generated.
+    Per request this costs two dictionary operations, plus one random draw when sampling.
+    """
+    route_of = route or default_route
+    requests = profiler.requests
+    sampled = profiler.sampled
+    draw = random.random
+
+    def profiled(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        g = getcurrent()
+        if g in requests:  # nested: the outer middleware owns the request
+            return app(environ, start_response)
+        requests[g] = (environ, route_of)
+        rate = profiler.sample
+        spans: list[float] | None = None
+        if rate and (rate >= 1.0 or draw() < rate) and profiler.installed:
+            spans = sampled[g] = []
+        try:
+            result = app(environ, start_response)
+        except BaseException:
+            profiler.finish(g, environ, route_of, spans)
+            raise
+        if isinstance(result, (list, tuple)):
+            # Keep the list as is: servers set Content-Length from a one-item list.
+            profiler.finish(g, environ, route_of, spans)
+            return result
+        return _Closing(result, lambda: profiler.finish(g, environ, route_of, spans))
+
+    return profiled
+
+
+class _Closing:
+    """The app's iterable, ending the request's attribution when the server closes it."""
+
+    __slots__ = ("_result", "_done")
+
+    def __init__(self, result: Iterable[bytes], done: Callable[[], None]) -> None:
+        self._result = result
+        self._done = done
+
+    def __iter__(self) -> Any:
+        return iter(self._result)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._done()
+
+
+def debug_app(profiler: Profiler) -> WSGIApp:
+    """``/debug/blocking``: top offenders as JSON (``?format=text`` plain text, ``?top=N``);
+    ``/debug/blocking/collapsed``: collapsed stacks. Works mounted (SCRIPT_NAME) or not."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).rstrip("/")
+        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+            return _respond(start_response, "405 Method Not Allowed", "text/plain", b"GET only\n", [("Allow", "GET, HEAD")])
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        try:
+            top = max(1, min(1000, int(query.get("top", ["20"])[0])))
+        except ValueError:
+            return _respond(start_response, "400 Bad Request", "text/plain", b"top must be an integer\n")
+        if path.endswith("/collapsed"):
+            return _respond(start_response, "200 OK", "text/plain; charset=utf-8", profiler.collapsed().encode())
+        if path in ("", "/debug/blocking") or path.endswith("/debug/blocking"):
+            if query.get("format", ["json"])[0] == "text":
+                return _respond(start_response, "200 OK", "text/plain; charset=utf-8", profiler.report_text(top).encode())
+            body = json.dumps(profiler.report(top), indent=1).encode()
+            return _respond(start_response, "200 OK", "application/json", body)
+        return _respond(start_response, "404 Not Found", "text/plain", b"not found\n")
+
+    return app
+
+
+def _respond(start_response: Callable[..., Any], status: str, ctype: str, body: bytes, extra: list[Any] = []) -> list[bytes]:
+    start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")] + extra)
+    return [body]
+
+
+def render_text(report: dict[str, Any]) -> str:
+    lines = [
+        f"pid {report['pid']}: {report['events']} spans over {report['threshold_ms']:g} ms "
+        f"(sites tracked: {report['sites_tracked']}, sampling {report['sample']:g})",
+    ]
+    if report.get("ongoing"):
+        ongoing = report["ongoing"]
+        lines.append(f"NOW BLOCKED for {ongoing['age_ms']} ms in {ongoing['greenlet']}:")
+        lines.extend("    " + f for f in ongoing["stack"])
+    for rank, site in enumerate(report["top"], 1):
+        lines.append("")
+        lines.append(
+            f"#{rank} {site['site']}  count={site['count']} total={site['total_ms']:.1f}ms "
+            f"p50={site['p50_ms']:.1f}ms p99={site['p99_ms']:.1f}ms max={site['max_ms']:.1f}ms"
+        )
+        lines.append("    routes: " + ", ".join(f"{r} x{n}" for r, n in site["routes"].items()))
+        example = site["example"]
+        if example:
+            lines.append(f"    longest: {example['route']} request_id={example['request_id']} {example['duration_ms']} ms")
+            lines.append(f"    stack ({example['captured'].replace('_', ' ')}):")
+            stack = example["blocked_stack"] or example["yield_stack"]
+            lines.extend("      " + f for f in stack[-12:])
+            if example["blocked_stack"] and example["yield_site"]:
+                lines.append("    then yielded at: " + example["yield_site"])
+    if report.get("sampled_routes"):
+        lines.append("")
+        lines.append("sampled requests, per route (spans per request, loop time per request, span p50/p99/max ms):")
+        for route, s in report["sampled_routes"].items():
+            lines.append(
+                f"    {route}: {s['requests']} req, {s['spans_per_request']} spans/req, {s['loop_ms_per_request']} ms/req, "
+                f"{s['span_p50_ms']}/{s['span_p99_ms']}/{s['span_max_ms']}"
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,129 @@
+"""Blocking patterns in the request handlers of a real gevent server process.
+
+The server (blocking_app.py: stock gevent.pywsgi, nothing else from tafe) runs the
+profiler at its default 10 ms threshold; each blocking route holds the loop ~25 ms.
+The report is fetched over HTTP from its /debug/blocking endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+APP = Path(__file__).with_name("blocking_app.py")
+ROOT = APP.parents[2]
+REQUESTS = 8  # per route, 4 at a time
+CULPRITS = {m.group(1): (APP.name, n) for n, line in enumerate(APP.read_text().splitlines(), 1)
+            if (m := re.search(r"# CULPRIT (/\w+)", line))}
+
+
+class Server:
+    def __init__(self, threshold_ms: float, sample: float) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(APP), str(threshold_ms), str(sample)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(APP.parent),
+        )
+        line = self.proc.stdout.readline()
+        if not line.startswith("LISTENING"):
+            self.stop()
+            raise RuntimeError(f"server did not start: {line}{self.proc.stdout.read()}")
+        self.url = f"http://127.0.0.1:{int(line.split()[1])}"
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=10) as resp:
+            assert resp.status == 200, (path, resp.status)
+            return resp.read()
+
+    def load(self, path: str, n: int = REQUESTS, concurrency: int = 4) -> None:
+        with ThreadPoolExecutor(concurrency) as pool:
+            assert all(body == b"ok\n" for body in pool.map(lambda _: self.get(path), range(n)))
+
+    def report(self) -> dict:
+        return json.loads(self.get("/debug/blocking?top=1000"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = Server(threshold_ms=10, sample=0.0)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def events_for(report: dict, route: str) -> list[dict]:
+    return [site for site in report["top"] if route in site["routes"]]
+
+
+@pytest.mark.parametrize("path", ["/sleep", "/cpu", "/file", "/socket", "/zlib", "/hash", "/subprocess"])
+def test_each_block_is_caught_with_its_route_and_line(server: Server, path: str) -> None:
+    server.load(path)
+    report = server.report()
+    route = "GET " + path
+    filename, line = CULPRITS[path]
+    sites = events_for(report, route)
+    culprit = [s for s in sites if s["site"].startswith(f"{filename}:{line} ")]
+    assert culprit, f"no site at {filename}:{line} for {route}: {[s['site'] for s in sites]}"
+    site = culprit[0]
+    # Every request caught, once, on the culprit's line, attributed to its route.
+    assert site["routes"][route] == REQUESTS, site
+    assert site["while_blocked"] == site["count"], site
+    assert 20 <= site["p50_ms"] <= 1000 and site["max_ms"] >= 24, site
+    example = site["example"]
+    assert example["route"] == route and example["request_id"]
+    assert f"{filename}:{line} " in " | ".join(example["blocked_stack"]) + " |"
+
+
+def test_cooperative_workload_reports_nothing(server: Server) -> None:
+    server.load("/coop")
+    # The same load mixed with a blocking route: the cooperative requests are still clean.
+    with ThreadPoolExecutor(2) as pool:
+        done = [pool.submit(server.load, "/coop"), pool.submit(server.load, "/sleep")]
+        [f.result() for f in done]
+    report = server.report()
+    assert not events_for(report, "GET /coop"), json.dumps(report["top"], indent=1)
+
+
+def test_text_and_collapsed_endpoints(server: Server) -> None:
+    server.load("/sleep", n=2, concurrency=1)
+    text = server.get("/debug/blocking?format=text").decode()
+    filename, line = CULPRITS["/sleep"]
+    assert f"{filename}:{line} sleep_route" in text and "GET /sleep" in text
+    collapsed = server.get("/debug/blocking/collapsed").decode().splitlines()
+    sleep_lines = [ln for ln in collapsed if ln.startswith("GET_/sleep;")]
+    assert sleep_lines, collapsed
+    stack, weight = sleep_lines[0].rsplit(" ", 1)
+    assert int(weight) >= 20 and stack.endswith(f"sleep_route_({filename}:{line})")
+
+
+def test_sampled_requests_record_their_spans() -> None:
+    srv = Server(threshold_ms=10, sample=1.0)
+    try:
+        srv.load("/coop", n=4, concurrency=2)
+        routes = srv.report()["sampled_routes"]
+        coop = routes["GET /coop"]
+        # gevent.sleep and the socket wait each end a span: at least 3 spans per request.
+        assert coop["requests"] == 4 and coop["spans_per_request"] >= 3, coop
+        assert 0 < coop["span_max_ms"] < 10, coop
+    finally:
+        srv.stop()
