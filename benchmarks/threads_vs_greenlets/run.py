@@ -1,0 +1,249 @@
+"""Threads vs greenlets: one I/O-bound bid handler, four servers, the same open-loop load.
+
+    python benchmarks/threads_vs_greenlets/run.py [--rate 400] [--duration 20] [--record]
+
+Every server runs ``handler.py`` (parse, wait ~5 ms on a user-data service on loopback,
+score) in ONE process: (a) TAFE's gevent server, (b) Apache 2 + mod_wsgi in threaded
+daemon mode, (c) ``gunicorn -k gthread``, (d) ``gunicorn -k gevent``. Each gets the same
+offered rate from ``openloop.py`` (requests leave on a fixed schedule; latency counts from
+the intended send time) for the same time. Prints p50/p90/p99/p99.9/max per server and
+the ratios to TAFE, draws the latency distributions (``latency.png``), and with
+``--record`` replaces this benchmark's section of ``benchmarks/RESULTS.md``.
+
+Setup: installs ``apache2`` and ``libapache2-mod-wsgi-py3`` from Debian when missing (as
+root). Apache runs as a foreground child with its own ServerRoot in a temporary
+directory, never as the system service. mod_wsgi embeds Debian's /usr/bin/python3, which
+is why the handler is stdlib only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+import openloop  # noqa: E402  (monkey-patches: imported before anything opens sockets)
+
+import common  # noqa: E402
+import traffic  # noqa: E402
+
+SECTION = "threads-vs-greenlets"
+CHART = HERE / "latency.png"
+MOD_DIR = Path("/usr/lib/apache2/modules")
+APACHE_CONF = """\
+ServerRoot "{root}"
+ServerName 127.0.0.1
+Listen 127.0.0.1:{port}
+PidFile {root}/apache2.pid
+ErrorLog {out}/apache-error.log
+LogLevel warn
+{user}
+LoadModule mpm_event_module {mods}/mod_mpm_event.so
+LoadModule authz_core_module {mods}/mod_authz_core.so
+LoadModule wsgi_module {mods}/mod_wsgi.so
+StartServers 1
+ServerLimit 1
+ThreadLimit 128
+ThreadsPerChild 128
+MaxRequestWorkers 128
+ListenBacklog 2048
+KeepAlive On
+MaxKeepAliveRequests 0
+KeepAliveTimeout 30
+WSGISocketPrefix {root}/wsgi
+WSGIDaemonProcess bench processes=1 threads={threads} python-path={root} listen-backlog=2048
+WSGIProcessGroup bench
+WSGIApplicationGroup %{{GLOBAL}}
+WSGIScriptAlias / {root}/handler.py
+<Directory />
+    AllowOverride None
+</Directory>
+<Directory {root}>
+    Require all granted
+</Directory>
+"""
+
+
+def apache(port: int, threads: int, root: Path) -> list[str]:
+    """Write a self-contained Apache config under ``root``; return the foreground command."""
+    root.mkdir(parents=True, exist_ok=True)
+    for d in (root.parent, root):
+        d.chmod(0o755)  # the daemon process runs as an unprivileged user when we are root
+    shutil.copy(HERE / "handler.py", root / "handler.py")
+    user = "User nobody\nGroup nogroup" if os.geteuid() == 0 else ""
+    conf = APACHE_CONF.format(root=root, out=common.OUT_DIR / "threads_vs_greenlets", port=port, user=user, mods=MOD_DIR, threads=threads)
+    (root / "httpd.conf").write_text(conf)
+    return ["apache2", "-d", str(root), "-f", str(root / "httpd.conf"), "-DFOREGROUND"]
+
+
+def servers(port: int, threads: int, tmp: Path) -> dict[str, list[str]]:
+    py = sys.executable
+    gunicorn = [str(common.VENV_BIN / "gunicorn"), "--chdir", str(HERE), "-w", "1", "-b", f"127.0.0.1:{port}"]
+    gunicorn += ["--keep-alive", "30", "--backlog", "2048", "--log-level", "warning"]
+    return {
+        "TAFE (gevent)": [py, str(HERE.parent / "throughput" / "serve.py"), "tafe", "handler:application", "--path", str(HERE), "--port", str(port)],
+        f"Apache mod_wsgi ({threads} threads)": apache(port, threads, tmp / "apache"),
+        f"gunicorn gthread ({threads} threads)": [*gunicorn, "-k", "gthread", "--threads", str(threads), "handler:application"],
+        "gunicorn gevent": [*gunicorn, "-k", "gevent", "--worker-connections", "1000", "handler:application"],
+    }
+
+
+def measure(name: str, cmd: list[str], port: int, args: argparse.Namespace, env: dict, cpus: list[int], log: Path) -> dict:
+    proc = common.start(cmd, log, env=env, cpus=cpus)
+    try:
+        common.wait_port(port, proc=proc)
+        request = openloop.http_post("/openrtb2/bid", traffic.sample_body())
+        probe = openloop.run(port, request, rate=50, duration_s=1.0, warmup_s=0.0, connections=4)
+        if probe.statuses.get(200, 0) == 0:
+            raise RuntimeError(f"{name} does not bid: {probe.statuses} {probe.errors}; see {log}")
+        result = openloop.run(port, request, args.rate, args.duration, warmup_s=args.warmup, connections=args.connections)
+    finally:
+        common.stop(proc)
+    stats = common.summarize(result.latencies_ms)
+    ok = sum(n for s, n in result.statuses.items() if s in (200, 204))
+    return {
+        "name": name,
+        "command": shlex.join(common.pinned(cmd, cpus)),
+        **stats,
+        "ok": ok,
+        "failed": sum(result.statuses.values()) - ok + sum(result.errors.values()),
+        "errors": result.errors,
+        "achieved_rps": round(result.achieved_rps, 1),
+        "client_lag_ms": round(result.max_dispatch_lag_ms, 2),
+        "latencies_ms": result.latencies_ms,
+    }
+
+
+def chart(results: list[dict], path: Path, title: str) -> str:
+    """Latency by percentile, one curve per server (HdrHistogram style: the tail stretched)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "(no chart: matplotlib is not installed; pip install -e '.[bench]')"
+    import math
+
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    for r in results:
+        data = sorted(r["latencies_ms"])
+        n = len(data)
+        if not n:
+            continue
+        xs = [-math.log10(1 - (i + 0.5) / n) for i in range(n)]
+        ax.plot(xs, data, label=f"{r['name']}: p99 {r['p99']:.1f} ms", linewidth=1.6)
+    ticks = [0, 1, 2, 3, 4]
+    ax.set_xticks(ticks, ["0%", "90%", "99%", "99.9%", "99.99%"])
+    ax.set_xlim(0, 4)
+    ax.set_yscale("log")
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("latency from intended send time (ms, log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return f"chart: {path.relative_to(common.ROOT)}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=400.0, help="offered requests/s, the same for every server")
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per server")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
+    parser.add_argument("--connections", type=int, default=64, help="client keep-alive connections")
+    parser.add_argument("--threads", type=int, default=15, help="threads of the threaded servers (mod_wsgi's default)")
+    parser.add_argument("--upstream-ms", type=float, default=5.0, help="user-data service delay")
+    parser.add_argument("--only", action="append", help="run only servers whose name contains this (repeatable)")
+    parser.add_argument("--record", action="store_true", help="replace this section of benchmarks/RESULTS.md")
+    args = parser.parse_args()
+
+    missing = common.ensure_debian({"apache2": "apache2", str(MOD_DIR / "mod_wsgi.so"): "libapache2-mod-wsgi-py3"})
+    server_cpus, load_cpus, pinning = common.split_cores()
+    info = common.machine_info(["apache2", "debian python3", "gunicorn", "locust"])
+    out = common.OUT_DIR / "threads_vs_greenlets"
+    out.mkdir(parents=True, exist_ok=True)
+    upstream_port, port = common.free_port(), common.free_port()
+    env = {"TVG_UPSTREAM": f"127.0.0.1:{upstream_port}", "PYTHONUNBUFFERED": "1"}
+    command = "python benchmarks/threads_vs_greenlets/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    print(f"threads vs greenlets: {args.rate:g} req/s offered open-loop for {args.warmup:g}+{args.duration:g} s per server, "
+          f"{args.connections} connections, upstream {args.upstream_ms:g} ms, one server process each\n{pinning}\n"
+          f"{common.format_machine(info)}", flush=True)
+    upstream = common.start(
+        [sys.executable, str(HERE / "upstream.py"), "--port", str(upstream_port), "--delay-ms", str(args.upstream_ms)],
+        out / "upstream.log",
+        cpus=load_cpus,
+    )
+    results = []
+    try:
+        common.wait_port(upstream_port, proc=upstream)
+        with tempfile.TemporaryDirectory(prefix="tafe-tvg-") as tmp:
+            for name, cmd in servers(port, args.threads, Path(tmp)).items():
+                if args.only and not any(o.lower() in name.lower() for o in args.only):
+                    continue
+                if cmd[0] == "apache2" and missing:
+                    print(f"  skipped {name}: missing {missing}", flush=True)
+                    continue
+                log = out / (name.split()[0].lower() + ".log")
+                log.unlink(missing_ok=True)
+                try:
+                    r = measure(name, cmd, port, args, env, server_cpus, log)
+                except RuntimeError as exc:
+                    print(f"  {name}: FAILED: {exc}", flush=True)
+                    continue
+                results.append(r)
+                print(f"  {name}: p50 {r['p50']:.2f} p99 {r['p99']:.2f} max {r['max']:.2f} ms, {r['failed']} failed", flush=True)
+                time.sleep(1.0)
+    finally:
+        common.stop(upstream)
+    if not results:
+        return 1
+    (out / "results.json").write_text(json.dumps(results))
+    report = render(results, args, info, pinning, command)
+    report += "\n\n" + chart(results, CHART, f"Bid handler waiting {args.upstream_ms:g} ms on an upstream, {args.rate:g} req/s open loop, one process each")
+    print("\n" + report)
+    if args.record:
+        common.record(SECTION, "## Threads vs greenlets (I/O-bound bid handler, open loop)\n\n" + report.replace(
+            f"chart: {CHART.relative_to(common.ROOT)}", f"![latency by percentile]({CHART.relative_to(common.BENCH_DIR)})"))
+    return 0
+
+
+def render(results: list[dict], args: argparse.Namespace, info: dict, pinning: str, command: str) -> str:
+    base = next((r for r in results if r["name"].startswith("TAFE")), results[0])
+    rows = [
+        [r["name"], *(f"{r[k]:.2f}" for k in ("p50", "p90", "p99", "p99.9", "max")), common.ratio(r["p99"], base["p99"]),
+         r["achieved_rps"], r["failed"], r["client_lag_ms"]]
+        for r in results
+    ]
+    lines = [
+        f"Offered load: {args.rate:g} req/s open loop (latency from the intended send time), {args.duration:g} s measured "
+        f"after {args.warmup:g} s warm-up, {args.connections} keep-alive connections; handler waits {args.upstream_ms:g} ms "
+        f"on a loopback user-data service, then scores; one server process each, threaded servers {args.threads} threads. "
+        f"{pinning.capitalize()}.",
+        "",
+        common.table(["server", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "p99 vs TAFE", "req/s", "failed", "client lag ms"], rows),
+    ]
+    apache_r = next((r for r in results if r["name"].startswith("Apache")), None)
+    if apache_r and base["name"].startswith("TAFE"):
+        share = base["p99"] / apache_r["p99"]
+        verdict = "met" if share <= 0.25 and base["p99"] < 20 else "NOT met"
+        lines += ["", f"Goal (TAFE p99 <= 0.25x Apache/mod_wsgi p99, TAFE p99 < 20 ms): TAFE p99 = {share:.2f}x Apache's, "
+                      f"{base['p99']:.1f} ms: {verdict}."]
+    lines += ["", "Machine:", "", "```", common.format_machine(info), "```", "", "Command:", "", "```", command, "```"]
+    lines += ["", "Servers as started:", "", "```", *(r["command"] for r in results), "```"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
