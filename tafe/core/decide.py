@@ -1,0 +1,217 @@
+"""``decide(request, models, campaigns, now) -> Decision``: which imps to bid on, with what, at what price.
+
+For each imp, the creatives whose format and size fit are filtered by media details,
+targeting, ``imp.secure`` and the request's blocks (bcat, badv, bapp); the user is
+scored once (CQS from ``models``); each remaining campaign values the impression at
+``base_cpm * score / score_pivot`` clipped to its ``max_cpm``; the best value wins.
+The price is that value (second price, ``at=2``) or the value shaded by
+``first_price_shade`` (first price, ``at=1``), raised to the floor only when the value
+itself clears it. Deals are bid on by the campaigns set up for them, priced against
+the deal floor; ``private_auction`` leaves only the deals.
+
+All money is integer micros. The result depends only on the inputs (``now`` included):
+bid ids are hashes, not random numbers. Only ``timings_us`` measures the clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from hashlib import blake2b
+from time import perf_counter_ns
+from typing import Any, NamedTuple, Protocol
+
+from tafe.core.campaigns import MICROS, Campaign, Campaigns
+from tafe.core.types import Bid, BidRequest, Creative, Decision, Imp, MediaType, NoBidReason
+
+__all__ = ["Scorer", "decide", "no_bid"]
+
+PRICE_STEP = 100  # micros: prices are sent with 4 decimals
+
+# How far an imp got before it was dropped; the request's reason is the furthest one.
+_STAGE = {
+    NoBidReason.NO_ELIGIBLE_CAMPAIGN: 0,
+    NoBidReason.BLOCKED: 1,
+    NoBidReason.UNKNOWN_USER: 2,
+    NoBidReason.BELOW_FLOOR: 3,
+}
+
+
+class Scorer(Protocol):
+    """What decide needs of a CQS snapshot (``tafe.cqs.Snapshot``)."""
+
+    versions: dict[str, str]
+
+    def score(self, request: BidRequest, imp: Imp, now: float) -> Any:  # -> Score(value, known_user)
+        ...
+
+
+class _Lane(NamedTuple):
+    deal_id: str  # "" for the open auction
+    floor: int  # micros of our currency
+    wadomain: tuple[str, ...]
+
+
+def no_bid(request_id: str, reason: NoBidReason, *, cur: str = "USD", versions: dict[str, str] | None = None) -> Decision:
+    """A decision not to bid, e.g. when the deadline leaves no time to decide."""
+    return Decision(request_id=request_id, no_bid=reason, cur=cur, versions=versions or {})
+
+
+def _convert(amount: float, currency: str, fx_micros: dict[str, int]) -> int | None:
+    """A floor in our currency's micros, rounded up (never bid under a floor); None if FX unknown."""
+    rate = fx_micros.get(currency.upper())
+    if rate is None:
+        return None
+    micros = round(amount * MICROS)
+    return -(-micros * rate // MICROS)
+
+
+def _fits(imp: Imp, creative: Creative) -> bool:
+    """Media details the (format, w, h) index does not cover."""
+    fmt = creative.format
+    if fmt is MediaType.VIDEO or fmt is MediaType.AUDIO:
+        media = imp.video if fmt is MediaType.VIDEO else imp.audio
+        if media is None:
+            return False
+        if media.mimes and not any(m in media.mimes for m in creative.mimes):
+            return False
+        dur = creative.duration
+        rqddurs = getattr(media, "rqddurs", ())
+        if rqddurs:
+            return dur in rqddurs
+        if media.minduration is not None and dur < media.minduration:
+            return False
+        if media.maxduration is not None and dur > media.maxduration:
+            return False
+    return True
+
+
+def _targeted(campaign: Campaign, request: BidRequest) -> bool:
+    t = campaign.targeting
+    if t.countries and request.country not in t.countries:
+        return False
+    if t.devicetypes and request.devicetype not in t.devicetypes:
+        return False
+    if t.os and request.os not in t.os:
+        return False
+    if t.channels and request.channel not in t.channels:
+        return False
+    return True
+
+
+def _blocked(campaign: Campaign, request: BidRequest) -> bool:
+    if request.bcat:
+        for cat in campaign.cat:
+            # blocking a tier-1 IAB category ("IAB7") blocks its sub-categories ("IAB7-39")
+            if cat in request.bcat or cat.split("-", 1)[0] in request.bcat:
+                return True
+    if request.badv and any(d in request.badv for d in campaign.adomain):
+        return True
+    if request.bapp and campaign.bundle and campaign.bundle in request.bapp:
+        return True
+    return False
+
+
+def _lanes(imp: Imp, campaigns: Campaigns) -> list[_Lane]:
+    lanes = []
+    for deal in imp.deals:
+        if deal.wseat and campaigns.seat not in deal.wseat:
+            continue
+        floor = _convert(deal.bidfloor, deal.bidfloorcur, campaigns.fx_micros)
+        if floor is not None:
+            lanes.append(_Lane(deal.id, floor, deal.wadomain))
+    if not imp.private_auction:
+        floor = _convert(imp.bidfloor, imp.bidfloorcur, campaigns.fx_micros)
+        if floor is not None:
+            lanes.append(_Lane("", floor, ()))
+    return lanes
+
+
+def _price(value: int, floor: int, shade: float) -> int | None:
+    """Price in micros: the (shaded) value on the 4-decimal grid, raised to clear the floor if the value allows."""
+    price = int(value * shade) // PRICE_STEP * PRICE_STEP
+    if price >= floor and price > 0:
+        return price
+    floor_up = max(-(-floor // PRICE_STEP) * PRICE_STEP, PRICE_STEP)
+    return floor_up if floor_up <= value else None
+
+
+def _bid_id(request_id: str, imp_id: str, now: float) -> str:
+    return blake2b(f"{request_id}\x00{imp_id}\x00{now!r}".encode(), digest_size=8).hexdigest()
+
+
+def decide(request: BidRequest, models: Scorer, campaigns: Campaigns, now: float) -> Decision:
+    """Bid on each imp a campaign can serve above its floor, or say why not."""
+    t_start = perf_counter_ns()
+    cur = campaigns.currency
+    versions = models.versions
+    seat = campaigns.seat
+    if seat in request.bseat or (request.wseat and seat not in request.wseat):
+        return no_bid(request.id, NoBidReason.BLOCKED, cur=cur, versions=versions)
+    if request.cur and cur not in request.cur:
+        return no_bid(request.id, NoBidReason.NO_ELIGIBLE_CAMPAIGN, cur=cur, versions=versions)
+    # COPPA, or GDPR without consent: contextual only, the user is not looked up.
+    scored = dataclasses.replace(request, user_keys=()) if request.coppa or (request.gdpr and not request.consent) else request
+    shade = campaigns.first_price_shade if request.at == 1 else 1.0
+    pivot = campaigns.score_pivot
+    bids: list[Bid] = []
+    furthest = -1
+    score_ns = 0
+    for imp in request.imps:
+        stage = 0
+        lanes = _lanes(imp, campaigns)
+        if not lanes:  # private auction with no deal open to our seat, or a floor in an unknown currency
+            furthest = max(furthest, 1 if imp.deals else 0)
+            continue
+        score = None
+        best: tuple[tuple[int, int, int], Campaign, Creative, _Lane, int, int] | None = None
+        for rank, (campaign, creative) in enumerate(campaigns.candidates(imp)):
+            if not _fits(imp, creative) or not _targeted(campaign, request):
+                continue
+            if imp.secure and not creative.secure:
+                continue
+            if _blocked(campaign, request):
+                stage = max(stage, 1)
+                continue
+            if score is None:
+                t0 = perf_counter_ns()
+                score = models.score(scored, imp, now)
+                score_ns += perf_counter_ns() - t0
+            if campaign.targeting.known_users_only and not score.known_user:
+                stage = max(stage, 2)
+                continue
+            stage = 3
+            s = min(max(float(score.value), 0.0), 1.0)
+            value = min(int(campaign.base_cpm_micros * s / pivot), campaign.max_cpm_micros)
+            for lane in lanes:  # deals first, then the open auction
+                if lane.deal_id and (lane.deal_id not in campaign.deals or (lane.wadomain and not any(d in lane.wadomain for d in campaign.adomain))):
+                    continue
+                price = _price(value, lane.floor, shade)
+                if price is None:
+                    continue
+                key = (1 if lane.deal_id else 0, value, -rank)
+                if best is None or key > best[0]:
+                    best = (key, campaign, creative, lane, price, value)
+                break
+        if best is None:
+            furthest = max(furthest, stage)
+            continue
+        _, campaign, creative, lane, price, _value = best
+        bids.append(
+            Bid(
+                bid_id=_bid_id(request.id, imp.id, now),
+                imp_id=imp.id,
+                price=price / MICROS,
+                campaign_id=campaign.id,
+                creative=creative,
+                adomain=campaign.adomain,
+                cat=campaign.cat,
+                deal_id=lane.deal_id,
+                cqs=float(score.value),
+            )
+        )
+    total_us = (perf_counter_ns() - t_start) / 1000
+    timings = {"decide": total_us, "score": score_ns / 1000}
+    if bids:
+        return Decision(request_id=request.id, bids=tuple(bids), cur=cur, versions=versions, timings_us=timings)
+    reason = next((r for r, s in _STAGE.items() if s == furthest), NoBidReason.NO_ELIGIBLE_CAMPAIGN)
+    return Decision(request_id=request.id, no_bid=reason, cur=cur, versions=versions, timings_us=timings)

@@ -1,0 +1,191 @@
+"""The thin WSGI layer over the bidding core: the only part of TAFE that knows HTTP routes.
+
+``make_public_app`` serves exchanges (bids, notices, ``/ping``); ``make_admin_app``
+serves operators (``/metrics``, ``/ping``, mounted debug apps) on another listener;
+``build`` wires both from the settings. Any WSGI server can host the public app
+(``tafe.wsgi:application``); TAFE's own gevent server passes ``tafe.arrival``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any, Callable, Iterable, NamedTuple
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from tafe.core import campaigns as campaigns_mod
+from tafe.core.campaigns import Campaigns
+from tafe.handlers.bid import BidHandler
+from tafe.handlers.notices import KINDS, NoticeHandler
+from tafe.lifecycle import Lifecycle
+from tafe.metrics import Metrics
+from tafe.settings import Settings
+
+__all__ = ["Apps", "build", "make_admin_app", "make_public_app"]
+
+WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+log = logging.getLogger("tafe")
+
+_BID_PREFIX = "/openrtb2/bid"
+_EXCHANGE = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+_MAX_EXCHANGES = 64  # bounds the exchange label's cardinality in /metrics
+_TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+
+
+class Apps(NamedTuple):
+    public: WSGIApp
+    admin: WSGIApp
+    holder: Any  # .current: the active CQS snapshot
+    metrics: Metrics
+    campaigns: Campaigns
+
+
+def _ping(lifecycle: Lifecycle) -> tuple[str, list, bytes]:
+    if lifecycle.draining:
+        return "503 Service Unavailable", _TEXT, b"draining\n"
+    return "200 OK", _TEXT, b"pong\n"
+
+
+def make_public_app(
+    settings: Settings,
+    *,
+    lifecycle: Lifecycle,
+    metrics: Metrics,
+    holder: Any,
+    campaigns: Campaigns,
+    decision_log: Any = None,
+) -> WSGIApp:
+    """Bids on ``POST /openrtb2/bid[/{exchange}]``, notices on ``/notice/{win,bill,loss}``, ``GET /ping``."""
+    bid = BidHandler(settings, metrics=metrics, holder=holder, campaigns=campaigns, decision_log=decision_log)
+    notice = NoticeHandler(metrics)
+    exchanges: set[str] = set()
+    latency = {r: metrics.latency.labels(r) for r in ("bid", "notice", "ping", "other")}
+    counters: dict[tuple[str, str], Any] = {}
+    in_flight = metrics.in_flight
+
+    def exchange_of(path: str) -> str:
+        name = path[len(_BID_PREFIX) + 1 :]
+        if name in exchanges:
+            return name
+        if _EXCHANGE.fullmatch(name) and len(exchanges) < _MAX_EXCHANGES:
+            exchanges.add(name)
+            return name
+        return "other"
+
+    def route(environ: dict[str, Any], method: str, path: str) -> tuple[str, str, list, bytes]:
+        if path == _BID_PREFIX or path.startswith(_BID_PREFIX + "/"):
+            if method != "POST":
+                return "bid", "405 Method Not Allowed", [*_TEXT, ("Allow", "POST")], b"POST only\n"
+            exchange = exchange_of(path) if len(path) > len(_BID_PREFIX) + 1 else "default"
+            return ("bid", *bid(environ, exchange))
+        if path.startswith("/notice/"):
+            kind = path[8:]
+            if kind not in KINDS:
+                return "notice", "404 Not Found", _TEXT, b"not found\n"
+            if method not in ("GET", "POST", "HEAD"):
+                return "notice", "405 Method Not Allowed", [*_TEXT, ("Allow", "GET, POST")], b"GET or POST\n"
+            return ("notice", *notice(environ, kind))
+        if path == "/ping":
+            if method not in ("GET", "HEAD"):
+                return "ping", "405 Method Not Allowed", [*_TEXT, ("Allow", "GET")], b"GET only\n"
+            return ("ping", *_ping(lifecycle))
+        return "other", "404 Not Found", _TEXT, b"not found\n"
+
+    def app(environ: dict[str, Any], start_response: Callable) -> list[bytes]:
+        start = environ.get("tafe.arrival") or time.monotonic()
+        in_flight.inc()
+        try:
+            name, status, headers, body = route(environ, environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
+        except Exception:  # a bug, never client input: answer 500, keep the worker
+            log.exception("unhandled error on %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            name, status, headers, body = "other", "500 Internal Server Error", _TEXT, b"internal error\n"
+            if environ.get("PATH_INFO", "").startswith(_BID_PREFIX):
+                name = "bid"
+        finally:
+            in_flight.dec()
+        key = (name, status)
+        counter = counters.get(key)
+        if counter is None:
+            counter = counters[key] = metrics.requests.labels(name, status[:3])
+        counter.inc()
+        headers = [*headers, ("Content-Length", str(len(body)))]
+        start_response(status, headers)
+        latency[name].observe(time.monotonic() - start)
+        return [body]
+
+    return app
+
+
+def make_admin_app(
+    settings: Settings, *, lifecycle: Lifecycle, metrics: Metrics, mounts: dict[str, WSGIApp] | None = None
+) -> WSGIApp:
+    """``GET /metrics`` (Prometheus text), ``GET /ping``, and apps mounted by path prefix."""
+    mounted = sorted((mounts or {}).items(), key=lambda kv: -len(kv[0]))  # longest prefix first
+    registry = metrics.registry
+
+    def app(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        for prefix, sub in mounted:
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                environ = dict(environ)
+                environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + prefix.rstrip("/")
+                environ["PATH_INFO"] = path[len(prefix.rstrip("/")) :]
+                return sub(environ, start_response)
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path in ("/metrics", "/ping") and method not in ("GET", "HEAD"):
+            status, headers, body = "405 Method Not Allowed", [*_TEXT, ("Allow", "GET")], b"GET only\n"
+        elif path == "/metrics":
+            status, headers, body = "200 OK", [("Content-Type", CONTENT_TYPE_LATEST)], generate_latest(registry)
+        elif path == "/ping":
+            status, headers, body = _ping(lifecycle)
+        else:
+            status, headers, body = "404 Not Found", _TEXT, b"not found\n"
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+class _FixedHolder:
+    """Serves one snapshot for the process's life (until hot swap's Holder is available)."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, snapshot: Any) -> None:
+        self.current = snapshot
+
+
+def _holder(settings: Settings) -> Any:
+    from tafe.cqs import open_snapshot
+
+    snapshot = open_snapshot(settings.model, settings.store)
+    try:
+        from tafe.cqs.swap import Holder
+    except ImportError:
+        return _FixedHolder(snapshot)
+    return Holder(snapshot)
+
+
+def _decision_log(settings: Settings) -> Any:
+    if not settings.decision_log:
+        return None
+    from tafe.cqs import DecisionLog
+
+    return DecisionLog(settings.decision_log, settings.decision_log_sample)
+
+
+def build(settings: Settings, *, lifecycle: Lifecycle | None = None, registry: CollectorRegistry | None = None) -> Apps:
+    """Load the campaigns and the CQS snapshot named by the settings and wire both apps."""
+    lifecycle = lifecycle or Lifecycle()
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    campaigns = campaigns_mod.load(settings.campaigns, seat=settings.seat, currency=settings.currency)
+    holder = _holder(settings)
+    for kind, version in holder.current.versions.items():
+        metrics.model_info.labels(kind, version).set(1)
+    public = make_public_app(
+        settings, lifecycle=lifecycle, metrics=metrics, holder=holder, campaigns=campaigns, decision_log=_decision_log(settings)
+    )
+    admin = make_admin_app(settings, lifecycle=lifecycle, metrics=metrics)
+    return Apps(public=public, admin=admin, holder=holder, metrics=metrics, campaigns=campaigns)

@@ -1,0 +1,171 @@
+"""The bid endpoint: HTTP concerns around ``parse -> decide -> render``.
+
+Everything about HTTP lives here (body limits, gzip both ways, the version header, the
+deadline, status codes); the bidding itself is the pure core. Client input never
+causes a 5xx: a malformed request is a 400 with a short reason, counted by reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from typing import Any, Callable
+
+from tafe.core.campaigns import Campaigns
+from tafe.core.decide import decide, no_bid
+from tafe.core.render import render
+from tafe.core.request import BadRequest, parse
+from tafe.core.types import NoBidReason
+from tafe.metrics import Metrics
+from tafe.settings import Settings
+
+log = logging.getLogger("tafe.bid")
+
+Response = tuple[str, list[tuple[str, str]], bytes]
+
+_JSON = ("Content-Type", "application/json")
+_TEXT = ("Content-Type", "text/plain; charset=utf-8")
+_SPOKEN = ("2.5", "2.6")
+
+
+class TooLarge(Exception):
+    """The body (on the wire or inflated) is above its cap: 413."""
+
+
+def read_body(environ: dict[str, Any], max_bytes: int) -> bytes:
+    """The request body, refusing more than ``max_bytes`` without reading it all."""
+    length = environ.get("CONTENT_LENGTH")
+    stream = environ["wsgi.input"]
+    if length:
+        try:
+            n = int(length)
+        except ValueError:
+            raise BadRequest("bad_content_length") from None
+        if n > max_bytes:
+            raise TooLarge()
+        return stream.read(n) if n else b""
+    body = stream.read(max_bytes + 1)  # chunked or unknown length: the server terminated the stream
+    if len(body) > max_bytes:
+        raise TooLarge()
+    return body
+
+
+def inflate(body: bytes, max_bytes: int) -> bytes:
+    """Gunzip with a hard cap: a gzip bomb stops at ``max_bytes`` + 1, never exhausting memory."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(body, max_bytes + 1)
+    except zlib.error:
+        raise BadRequest("bad_gzip") from None
+    if len(out) > max_bytes or d.unconsumed_tail:
+        raise TooLarge()
+    if not d.eof:
+        raise BadRequest("bad_gzip")  # truncated stream
+    return out
+
+
+class BidHandler:
+    """``POST /openrtb2/bid[/{exchange}]`` -> (status, headers, body)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics,
+        holder: Any,
+        campaigns: Campaigns,
+        decision_log: Any = None,
+    ) -> None:
+        self.metrics = metrics
+        self.holder = holder
+        self.campaigns = campaigns
+        self.decision_log = decision_log
+        self.max_body = settings.max_body_bytes
+        self.max_inflated = settings.max_inflated_bytes
+        self.gzip_min = settings.gzip_min_bytes
+        self.default_tmax = settings.default_tmax_ms
+        self.max_tmax = settings.max_tmax_ms
+        self.margin = settings.network_margin_ms
+        self.min_budget = settings.min_budget_ms / 1000
+        self.nbr = settings.nbr_in_response
+        self.seat = settings.seat
+        self.notice_base = (settings.notice_base_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        self._bids: dict[str, Any] = {}  # prometheus children per exchange, bound once
+        self._no_bids = {r: metrics.no_bids.labels(r.label) for r in NoBidReason}
+        self._bad: dict[str, Any] = {}
+
+    def _bad_request(self, reason: str) -> Response:
+        counter = self._bad.get(reason)
+        if counter is None:
+            # reasons are a small closed set from parse(); ":<path>" suffixes only name fields TAFE reads
+            counter = self._bad[reason] = self.metrics.bad_requests.labels(reason)
+        counter.inc()
+        if self.debug:
+            log.debug("bad request: %s", reason)
+        return "400 Bad Request", [_TEXT], reason.encode() + b"\n"
+
+    def _no_bid(self, request_id: str, reason: NoBidReason, exchange: str, headers: list) -> Response:
+        self._no_bids[reason].inc()
+        if self.debug:
+            log.debug("no bid: %s", reason.label, extra={"fields": {"request": request_id, "exchange": exchange}})
+        if self.nbr:
+            return "200 OK", [_JSON, *headers], render(no_bid(request_id, reason), seat=self.seat, notice_base="", nbr_in_response=True)
+        return "204 No Content", headers, b""
+
+    def __call__(self, environ: dict[str, Any], exchange: str) -> Response:
+        arrival = environ.get("tafe.arrival") or time.monotonic()
+        version = environ.get("HTTP_X_OPENRTB_VERSION", "")
+        headers = [("x-openrtb-version", version if version in _SPOKEN else "2.6")]
+        try:
+            body = read_body(environ, self.max_body)
+            encoding = environ.get("HTTP_CONTENT_ENCODING", "")
+            if encoding:
+                encoding = encoding.strip().lower()
+                if encoding == "gzip" or encoding == "x-gzip":
+                    body = inflate(body, self.max_inflated)
+                elif encoding != "identity":
+                    self.metrics.bad_requests.labels("unsupported_encoding").inc()
+                    return "415 Unsupported Media Type", [_TEXT], b"unsupported_encoding\n"
+            request = parse(body)
+        except TooLarge:
+            self.metrics.bad_requests.labels("too_large").inc()
+            return "413 Payload Too Large", [_TEXT], b"too_large\n"
+        except BadRequest as exc:
+            return self._bad_request(exc.reason)
+
+        tmax = request.tmax or self.default_tmax
+        deadline = arrival + (min(tmax, self.max_tmax) - self.margin) / 1000
+        if deadline - time.monotonic() < self.min_budget:
+            self.metrics.over_deadline.inc()
+            return self._no_bid(request.id, NoBidReason.DEADLINE, exchange, headers)
+
+        snapshot = self.holder.current
+        now = time.time()
+        decision = decide(request, snapshot, self.campaigns, now)
+        if self.decision_log is not None:
+            self.decision_log.record(request, decision, snapshot, now)
+        if not decision.bids:
+            return self._no_bid(request.id, decision.no_bid or NoBidReason.NO_ELIGIBLE_CAMPAIGN, exchange, headers)
+        out = render(decision, seat=self.seat, notice_base=self.notice_base)
+        if time.monotonic() > deadline:
+            self.metrics.over_deadline.inc()
+            return self._no_bid(request.id, NoBidReason.DEADLINE, exchange, headers)
+
+        counter = self._bids.get(exchange)
+        if counter is None:
+            counter = self._bids[exchange] = self.metrics.bids.labels(exchange)
+        counter.inc(len(decision.bids))
+        observe = self.metrics.bid_price.observe
+        for bid in decision.bids:
+            observe(bid.price)
+        headers.append(_JSON)
+        if len(out) >= self.gzip_min and "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+            out = zlib.compress(out, 1, wbits=31)
+            headers.append(("Content-Encoding", "gzip"))
+            headers.append(("Vary", "Accept-Encoding"))
+        return "200 OK", headers, out
+
+
+BidCallable = Callable[[dict[str, Any], str], Response]

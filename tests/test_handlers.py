@@ -1,0 +1,284 @@
+"""The WSGI handlers, called as a WSGI server would: real environ dicts, real bodies, real metrics."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import time
+import zlib
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tafe.handlers import make_admin_app, make_public_app
+from tafe.lifecycle import Lifecycle
+from tafe.metrics import Metrics
+from tafe.settings import Settings
+
+from core.stub import CORPUS, FixedScorer, test_campaigns
+
+BANNER = json.dumps(
+    {"id": "req-1", "imp": [{"id": "1", "banner": {"w": 300, "h": 250}, "bidfloor": 0.5}], "site": {"domain": "a.example"}}
+).encode()
+NO_FIT = json.dumps({"id": "req-2", "imp": [{"id": "1", "banner": {"w": 1, "h": 1}}]}).encode()
+
+
+class Holder:
+    def __init__(self, snapshot) -> None:
+        self.current = snapshot
+
+
+class Exploding(FixedScorer):
+    def score(self, request, imp, now):
+        raise RuntimeError("model bug")
+
+
+def call(app, method="POST", path="/openrtb2/bid", body=b"", headers=None, query="", environ=None):
+    env = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.input": io.BytesIO(body),
+        "CONTENT_LENGTH": str(len(body)) if body else "",
+    }
+    for name, value in (headers or {}).items():
+        env["HTTP_" + name.upper().replace("-", "_")] = value
+    env.update(environ or {})
+    seen = {}
+
+    def start_response(status, hdrs, exc_info=None):
+        seen["status"], seen["headers"] = status, hdrs
+
+    out = b"".join(app(env, start_response))
+    hdrs = {k.lower(): v for k, v in seen["headers"]}
+    assert int(hdrs["content-length"]) == len(out)
+    return int(seen["status"][:3]), hdrs, out
+
+
+def sample(metrics, name, **labels):
+    value = metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+@pytest.fixture
+def env():
+    """(app, metrics, lifecycle) over the test campaigns and a stand-in scorer, factory with settings overrides."""
+
+    def make(scorer=None, **overrides):
+        settings = Settings().with_overrides(notice_base_url="https://bid.test", **overrides)
+        metrics = Metrics(CollectorRegistry())
+        lifecycle = Lifecycle()
+        app = make_public_app(
+            settings, lifecycle=lifecycle, metrics=metrics, holder=Holder(scorer or FixedScorer()), campaigns=test_campaigns()
+        )
+        return app, metrics, lifecycle
+
+    return make
+
+
+def test_bid(env):
+    app, metrics, _ = env()
+    status, headers, body = call(app, body=BANNER, headers={"X-Openrtb-Version": "2.5"})
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    assert headers["x-openrtb-version"] == "2.5"
+    resp = json.loads(body)
+    assert resp["id"] == "req-1" and resp["cur"] == "USD"
+    (bid,) = resp["seatbid"][0]["bid"]
+    assert resp["seatbid"][0]["seat"] == "tafe"
+    assert bid["impid"] == "1" and bid["price"] == 2.0 and bid["w"] == 300 and bid["h"] == 250 and bid["mtype"] == 1
+    assert bid["nurl"].startswith("https://bid.test/notice/win?r=req-1&i=1&b=" + bid["id"])
+    assert "${AUCTION_PRICE}" in bid["burl"] and "${AUCTION_LOSS}" in bid["lurl"]
+    assert resp["ext"]["cqs"]["model"] == "stub-1"
+    assert sample(metrics, "tafe_bids_total", exchange="default") == 1
+    assert sample(metrics, "tafe_http_requests_total", route="bid", status="200") == 1
+    assert sample(metrics, "tafe_bid_price_cpm_count") == 1
+    assert sample(metrics, "tafe_http_requests_in_flight") == 0
+
+
+def test_exchange_in_path_is_recorded(env):
+    app, metrics, _ = env()
+    assert call(app, path="/openrtb2/bid/adx", body=BANNER)[0] == 200
+    assert call(app, path="/openrtb2/bid/" + "x" * 200, body=BANNER)[0] == 200
+    assert sample(metrics, "tafe_bids_total", exchange="adx") == 1
+    assert sample(metrics, "tafe_bids_total", exchange="other") == 1
+
+
+def test_unknown_version_header_answers_ours(env):
+    app, _, _ = env()
+    assert call(app, body=BANNER, headers={"X-Openrtb-Version": "9.9"})[1]["x-openrtb-version"] == "2.6"
+    assert call(app, body=BANNER)[1]["x-openrtb-version"] == "2.6"
+
+
+def test_no_bid_is_204_empty_and_counted(env):
+    app, metrics, _ = env()
+    status, _, body = call(app, body=NO_FIT)
+    assert (status, body) == (204, b"")
+    assert sample(metrics, "tafe_no_bids_total", reason="no_eligible_campaign") == 1
+
+
+def test_nbr_mode(env):
+    app, _, _ = env(nbr_in_response=True)
+    status, headers, body = call(app, body=NO_FIT)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert json.loads(body) == {"id": "req-2", "nbr": 0}
+
+
+@pytest.mark.parametrize("path", sorted((CORPUS / "invalid").glob("*.json")), ids=lambda p: p.stem)
+def test_malformed_is_400_with_reason(env, path):
+    app, metrics, _ = env()
+    reason = json.loads(path.with_suffix(".expect").read_text())["reason"]
+    status, headers, body = call(app, body=path.read_bytes())
+    assert status == 400
+    assert body.decode().strip() == reason
+    assert sample(metrics, "tafe_bad_requests_total", reason=reason) == 1
+    assert sample(metrics, "tafe_http_requests_total", route="bid", status="400") == 1
+
+
+def test_gzip_request(env):
+    app, _, _ = env()
+    status, _, body = call(app, body=gzip.compress(BANNER), headers={"Content-Encoding": "gzip"})
+    assert status == 200 and json.loads(body)["id"] == "req-1"
+
+
+def test_gzip_bomb_is_413_without_inflating_it(env):
+    app, metrics, _ = env(max_inflated_bytes=64 * 1024)
+    bomb = gzip.compress(b"{" + b" " * (50 * 1024 * 1024) + b"}", 9)  # 50 MB of spaces in ~50 KB
+    assert len(bomb) < 100 * 1024
+    status, _, body = call(app, body=bomb, headers={"Content-Encoding": "gzip"})
+    assert status == 413 and body == b"too_large\n"
+    assert sample(metrics, "tafe_bad_requests_total", reason="too_large") == 1
+
+
+@pytest.mark.parametrize("body", [b"not gzip at all", gzip.compress(BANNER)[:-12]], ids=["garbage", "truncated"])
+def test_bad_gzip_is_400(env, body):
+    app, _, _ = env()
+    status, _, out = call(app, body=body, headers={"Content-Encoding": "gzip"})
+    assert (status, out) == (400, b"bad_gzip\n")
+
+
+def test_unknown_content_encoding_is_415(env):
+    app, _, _ = env()
+    assert call(app, body=BANNER, headers={"Content-Encoding": "br"})[0] == 415
+
+
+def test_body_over_cap_is_413(env):
+    app, _, _ = env(max_body_bytes=1024)
+    assert call(app, body=b"{" + b" " * 2000 + b"}")[0] == 413
+    # no Content-Length (a chunked body the server has terminated): still capped
+    assert call(app, body=b"{" + b" " * 2000 + b"}", environ={"CONTENT_LENGTH": ""})[0] == 413
+    assert call(app, body=BANNER, environ={"CONTENT_LENGTH": ""})[0] == 200
+
+
+def test_response_gzip_when_accepted_and_worth_it(env):
+    app, _, _ = env(gzip_min_bytes=100)
+    status, headers, body = call(app, body=BANNER, headers={"Accept-Encoding": "gzip, deflate"})
+    assert status == 200 and headers["content-encoding"] == "gzip"
+    assert json.loads(gzip.decompress(body))["id"] == "req-1"
+    app, _, _ = env(gzip_min_bytes=1_000_000)
+    status, headers, body = call(app, body=BANNER, headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in headers and json.loads(body)["id"] == "req-1"
+    app, _, _ = env(gzip_min_bytes=100)
+    assert "content-encoding" not in call(app, body=BANNER)[1]
+
+
+def test_deadline_already_short_at_arrival(env):
+    app, metrics, _ = env(nbr_in_response=True)
+    late = json.dumps({"id": "r", "tmax": 12, "imp": [{"id": "1", "banner": {"w": 300, "h": 250}}]}).encode()
+    status, _, body = call(app, body=late)  # 12 - 10 ms margin < 5 ms minimum budget
+    assert status == 200 and json.loads(body) == {"id": "r", "nbr": 15}
+    assert sample(metrics, "tafe_no_bids_total", reason="deadline") == 1
+    assert sample(metrics, "tafe_requests_over_deadline_total") == 1
+
+
+def test_deadline_passed_while_queued(env):
+    app, metrics, _ = env()
+    status, _, body = call(app, body=BANNER, environ={"tafe.arrival": time.monotonic() - 1.0})
+    assert (status, body) == (204, b"")
+    assert sample(metrics, "tafe_requests_over_deadline_total") == 1
+
+
+def test_deadline_capped_by_max_tmax(env):
+    app, _, _ = env(max_tmax_ms=50)
+    slow = json.dumps({"id": "r", "tmax": 5000, "imp": [{"id": "1", "banner": {"w": 300, "h": 250}}]}).encode()
+    assert call(app, body=slow, environ={"tafe.arrival": time.monotonic() - 0.2})[0] == 204
+    assert call(app, body=slow)[0] == 200
+
+
+def test_unexpected_error_is_500_and_app_lives(env):
+    app, metrics, _ = env(scorer=Exploding())
+    status, _, body = call(app, body=BANNER)
+    assert status == 500 and b"model bug" not in body
+    assert sample(metrics, "tafe_http_requests_total", route="bid", status="500") == 1
+    assert sample(metrics, "tafe_http_requests_in_flight") == 0
+    assert call(app, body=NO_FIT)[0] == 204  # the same app keeps answering
+
+
+def test_ping_and_draining(env):
+    app, _, lifecycle = env()
+    assert call(app, "GET", "/ping")[0::2] == (200, b"pong\n")
+    lifecycle.start_draining()
+    assert call(app, "GET", "/ping")[0] == 503
+
+
+def test_routes_404_405(env):
+    app, metrics, _ = env()
+    assert call(app, "GET", "/nope")[0] == 404
+    assert call(app, "GET", "/openrtb2/bidder")[0] == 404
+    status, headers, _ = call(app, "GET", "/openrtb2/bid")
+    assert status == 405 and headers["allow"] == "POST"
+    assert call(app, "POST", "/ping")[0] == 405
+    assert call(app, "PUT", "/notice/win")[0] == 405
+    assert call(app, "GET", "/notice/click")[0] == 404
+    assert sample(metrics, "tafe_http_requests_total", route="other", status="404") == 2
+
+
+def test_notices_round_trip_from_a_bid(env):
+    app, metrics, _ = env()
+    bid = json.loads(call(app, body=BANNER)[2])["seatbid"][0]["bid"][0]
+    for kind, url in (("win", bid["nurl"]), ("bill", bid["burl"]), ("loss", bid["lurl"])):
+        path, _, query = url.removeprefix("https://bid.test").partition("?")
+        query = query.replace("${AUCTION_PRICE}", "1.23").replace("${AUCTION_CURRENCY}", "USD").replace("${AUCTION_LOSS}", "102")
+        assert call(app, "GET", path, query=query)[0] == 204
+        assert sample(metrics, "tafe_notices_total", kind=kind) == 1
+
+
+def test_bill_notice_is_idempotent(env):
+    app, metrics, _ = env()
+    query = "r=req-9&i=1&b=abc&c=c-banner&p=1.5"
+    for _ in range(3):
+        assert call(app, "GET", "/notice/bill", query=query)[0] == 204
+    assert call(app, "POST", "/notice/bill", query="r=req-9&i=1&b=other&p=1.5")[0] == 204
+    assert sample(metrics, "tafe_notices_total", kind="bill") == 2
+    assert sample(metrics, "tafe_notices_total", kind="bill_duplicate") == 2
+
+
+@pytest.mark.parametrize("price", ["WEp8nGN8dZf7zQ-cDgYJdA", "${AUCTION_PRICE}", "-1", "inf", "", "%ZZ"])
+def test_notice_tolerates_encrypted_or_odd_prices(env, price):
+    app, metrics, _ = env()
+    assert call(app, "GET", "/notice/win", query=f"r=x&i=1&b=2&p={price}")[0] == 204
+    assert call(app, "GET", "/notice/win", query="garbage&&==&p")[0] == 204
+    assert sample(metrics, "tafe_notices_total", kind="win") == 2
+
+
+def test_admin_app():
+    metrics = Metrics(CollectorRegistry())
+    lifecycle = Lifecycle()
+
+    def debug(environ, start_response):
+        start_response("200 OK", [("Content-Length", "0"), ("X-Path", environ["SCRIPT_NAME"] + "|" + environ["PATH_INFO"])])
+        return [b""]
+
+    app = make_admin_app(Settings(), lifecycle=lifecycle, metrics=metrics, mounts={"/debug/blocking": debug})
+    metrics.bids.labels("adx").inc()
+    status, headers, body = call(app, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert b'tafe_bids_total{exchange="adx"} 1.0' in body
+    assert call(app, "GET", "/ping")[0::2] == (200, b"pong\n")
+    assert call(app, "GET", "/debug/blocking/top")[1]["x-path"] == "/debug/blocking|/top"
+    assert call(app, "GET", "/debug/blockingX")[0] == 404
+    assert call(app, "POST", "/metrics")[0] == 405
+    lifecycle.start_draining()
+    assert call(app, "GET", "/ping")[0] == 503
