@@ -43,6 +43,7 @@ __all__ = ["bind", "Server", "run"]
 WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
 
 _RECV = 64 * 1024
+_LINGER_S = 2.0  # longest time spent draining a refused client before closing
 _monotonic = time.monotonic
 _time = time.time
 
@@ -262,13 +263,12 @@ class _Connection:
                 return
             self.idle = False
             requests = reader.feed(data, _monotonic())
-            first = True
             for request in requests:
-                if not first:
-                    gevent.sleep(0)  # let other connections in between pipelined requests
-                first = False
                 if not self._respond(request):
                     return
+                # Without this a connection whose next request is already there is
+                # served again at once while others wait: p99 was ~15x p50 under wrk.
+                gevent.sleep(0)
             if reader.error is not None:
                 self._refuse(reader.error)
                 return
@@ -282,8 +282,18 @@ class _Connection:
         server = self.server
         server.count_refused(error.status)
         log.info("%s: %d %s (from %s)", server.name, error.status, error.reason, self.base["REMOTE_ADDR"])
+        sock = self.sock
         try:
-            self.sock.sendall(http.error_response(error.status, error.reason, _time()))
+            sock.sendall(http.error_response(error.status, error.reason, _time()))
+            # Lingering close: a client still sending (a body we refused) would get a
+            # reset, not our answer, if we closed with its bytes unread. Read and drop
+            # them for a bounded time, as Nginx's lingering_close does.
+            sock.shutdown(socket.SHUT_WR)
+            deadline = _monotonic() + _LINGER_S
+            while (left := deadline - _monotonic()) > 0:
+                sock.settimeout(min(left, 0.5))
+                if not sock.recv(_RECV):
+                    break
         except OSError:
             pass
 
@@ -342,8 +352,12 @@ class _Connection:
     def _head(self, body_length: int | None) -> bytes:
         if self.status is None:
             raise AssertionError("the app sent a body before calling start_response")
+        server = self.server
+        # Decided now, not at arrival: a request in flight when draining began
+        # still tells its client to go elsewhere next time.
+        keep_alive = self.keep_alive and not (server.closing or server.lifecycle.draining)
         head, framing, keep_alive = http.response_head(
-            self.status, self.headers, body_length, self.keep_alive, self.http11, _time()
+            self.status, self.headers, body_length, keep_alive, self.http11, _time()
         )
         self.head_sent = True
         self.keep_alive = keep_alive
@@ -401,7 +415,7 @@ class _Connection:
         self.bytes_out = 0
         self.http11 = request.http11
         self.is_head = request.method == "HEAD"
-        self.keep_alive = request.keep_alive and not (server.closing or lifecycle.draining)
+        self.keep_alive = request.keep_alive
         env = self._environ(request)
         try:
             try:
