@@ -1,0 +1,507 @@
+"""The pre-fork master: holds the listening sockets, spawns, restarts and rolls workers.
+
+Deliberately small and NOT gevent-patched: it only waits on signals, readiness pipes
+and child exits (one ``select`` loop, no threads), so nothing a worker does can stall
+it. Each worker is a fresh interpreter (``python -m tafe worker --listen-fd F``), not a
+``fork`` of this one: it monkey-patches before importing anything else, and a rolling
+restart runs new code with freshly read config.
+
+- The master binds the public (and admin) listener once and passes the same sockets to
+  every worker: the kernel spreads connections over them, and old and new workers
+  share the socket during a rolling restart, so no connection is ever refused.
+- A worker says it is ready by writing to a pipe once its apps are built and it is
+  about to accept.
+- SIGTERM / SIGINT: every worker drains (``/ping`` 503 for the grace, then stops
+  accepting and finishes in-flight requests); the master exits 0 once all have.
+  A second SIGINT (Ctrl-C twice) kills them at once.
+- SIGHUP: rolling restart, one worker at a time: start the new one, wait for its
+  readiness, then drain the old one and wait for it to exit.
+- A worker that dies unasked is restarted at once, then with a growing backoff if it
+  keeps dying; the log line says why (exit code or signal), the new worker counts it
+  in ``tafe_worker_restarts_total{cause}``.
+- Workers run in their own process group (a terminal's Ctrl-C reaches only the
+  master, which then drains them in order) and get SIGTERM if the master itself dies.
+
+Metrics: Prometheus multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` under the run
+directory, emptied at start, ``mark_process_dead`` for every worker that exits). One
+scrape target per machine whatever the number of workers, and counters keep counting
+across restarts (with per-worker endpoints every rolling restart would reset them and
+Prometheus would need to discover worker ports). See ``tafe.metrics.exposition``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tafe.settings import Settings, SettingsError
+
+log = logging.getLogger("tafe.master")
+
+READY_TIMEOUT_S = 120.0  # loading a large CQS store can take a while
+STABLE_S = 10.0  # a worker that served this long before dying restarts without backoff
+MAX_BACKOFF_S = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+def child_preexec(sig: int) -> Callable[[], None]:
+    """A ``preexec_fn`` asking the kernel to send ``sig`` to the child if we die."""
+
+    def preexec() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        except (OSError, AttributeError):  # not Linux: no such safety net, nothing else changes
+            pass
+
+    return preexec
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _cause_label(code: int) -> str:
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal_{-code}"
+    return f"exit_{code}"
+
+
+class SignalQueue:
+    """Signals as events for a ``select`` loop (self-pipe), never work inside a handler."""
+
+    def __init__(self, signums: Iterable[int]) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._old_fd = signal.set_wakeup_fd(self._w)
+        # A Python handler must exist for the C handler to write the signal number
+        # to the pipe; the bytes read back are the record of what arrived.
+        self._old = {sig: signal.signal(sig, lambda *_: None) for sig in signums}
+
+    def wait(self, timeout: float, fds: Iterable[int] = ()) -> tuple[list[int], list[int]]:
+        """Wait up to ``timeout`` for a signal or a readable fd: (signals, readable fds)."""
+        try:
+            readable, _, _ = select.select([self._r, *fds], [], [], max(0.0, timeout))
+        except InterruptedError:  # pragma: no cover (PEP 475 retries; kept for safety)
+            readable = [self._r]
+        signums: list[int] = []
+        if self._r in readable:
+            readable.remove(self._r)
+            try:
+                while data := os.read(self._r, 512):
+                    signums.extend(data)
+            except BlockingIOError:
+                pass
+        return signums, readable
+
+    def close(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        signal.set_wakeup_fd(self._old_fd)
+        os.close(self._r)
+        os.close(self._w)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The shared listening socket (what ``tafe.server.bind`` does, without importing gevent)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+@dataclass(eq=False)
+class Worker:
+    slot: int
+    proc: subprocess.Popen
+    ready_fd: int | None
+    started: float
+    state: str = "starting"  # starting -> serving -> draining
+    ready_at: float = 0.0
+    drain_deadline: float = 0.0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class Master:
+    """Worker processes of one machine around shared listeners. Drive it with ``step``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        reload: Callable[[], Settings] | None = None,
+        listen: tuple[str, int] | None = None,
+        worker_overrides: dict | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.n = max(1, settings.workers)
+        self._reload = reload
+        self._listen = listen or (settings.host, settings.port)
+        self._overrides = dict(worker_overrides or {})
+        self._own_run_dir = not (run_dir or settings.run_dir)
+        self.run_dir = Path(run_dir or settings.run_dir or tempfile.mkdtemp(prefix="tafe-"))
+        self.metrics_dir = self.run_dir / "metrics"
+        self.listener: socket.socket | None = None
+        self.admin_listener: socket.socket | None = None
+        self.signals: SignalQueue | None = None
+        self.workers: list[Worker] = []
+        self.slots: dict[int, Worker | None] = {i: None for i in range(self.n)}
+        self._failures = [0] * self.n
+        self._respawn: dict[int, tuple[float, str]] = {}  # slot -> (when, cause)
+        self._roll: list[int] = []
+        self._roll_new: Worker | None = None
+        self._roll_old: Worker | None = None
+        self.ready = False  # every first worker has reported ready
+        self.stopping = False
+        self._stop_deadline = 0.0
+        self.exit_code = 0
+
+    # --- life cycle ------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Bind the listeners, empty the metrics directory, start every worker."""
+        self.signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD))
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])  # nothing inherited may block them
+        self.listener = bind(*self._listen)
+        if self.settings.admin_port >= 0:
+            self.admin_listener = bind(self.settings.admin_host, self.settings.admin_port)
+        if self.metrics_dir.exists():
+            shutil.rmtree(self.metrics_dir)
+        self.metrics_dir.mkdir(parents=True)
+        for slot in range(self.n):
+            self._spawn(slot)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.listener.getsockname()[:2]
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        return None if self.admin_listener is None else self.admin_listener.getsockname()[:2]
+
+    @property
+    def finished(self) -> bool:
+        return self.stopping and not self.workers
+
+    def pids(self) -> list[int]:
+        return [w.pid for w in self.workers]
+
+    def serving_pids(self) -> list[int]:
+        return [w.pid for w in self.slots.values() if w is not None]
+
+    def close(self) -> None:
+        """Kill what is left (normally nothing), release sockets and the run directory."""
+        for w in self.workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait()
+        for sock in (self.listener, self.admin_listener):
+            if sock is not None:
+                sock.close()
+        if self.signals is not None:
+            self.signals.close()
+            self.signals = None
+        if self._own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def serve(self) -> int:
+        """``tafe serve --workers N``: run until every worker has drained."""
+        try:
+            self.open()
+            while not self.finished:
+                for sig in self.step(1.0):
+                    if sig == signal.SIGHUP:
+                        self.roll(self.reloaded())
+                    elif sig == signal.SIGINT and self.stopping:
+                        log.warning("second interrupt: killing the workers now")
+                        self.kill()
+                    elif sig in (signal.SIGTERM, signal.SIGINT):
+                        self.stop()
+            return self.exit_code
+        finally:
+            self.close()
+
+    def reloaded(self) -> Settings | None:
+        """Settings read anew for a rolling restart; None (and a log line) if they are bad."""
+        if self._reload is None:
+            return self.settings
+        try:
+            new = self._reload()
+        except SettingsError as exc:
+            log.error("SIGHUP: settings not reloaded, workers not restarted: %s", exc)
+            return None
+        if new.workers != self.settings.workers or (new.host, new.port) != (self.settings.host, self.settings.port):
+            log.warning("SIGHUP: the number of workers and the listening address change only on a full restart")
+        return new
+
+    # --- the event loop ----------------------------------------------------------------
+
+    def step(self, timeout: float) -> list[int]:
+        """Wait for one round of events, act on workers; return the other signals seen."""
+        now = time.monotonic()
+        wait = min([timeout] + [when - now for when, _ in self._respawn.values()])
+        fds = [w.ready_fd for w in self.workers if w.ready_fd is not None]
+        signums, readable = self.signals.wait(wait, fds)
+        for fd in readable:
+            self._read_ready(fd)
+        self._reap()
+        self._tick()
+        return [s for s in signums if s != signal.SIGCHLD]
+
+    def roll(self, settings: Settings | None = None) -> None:
+        """Rolling restart, one slot at a time (new worker ready, then old one drains)."""
+        if settings is None or self.stopping:
+            return
+        self.settings = settings.with_overrides(workers=self.settings.workers, host=self.settings.host, port=self.settings.port)
+        self._roll = [s for s in range(self.n) if s not in self._roll]
+        log.info("rolling restart of %d workers", self.n)
+
+    def stop(self) -> None:
+        """Drain every worker; ``finished`` turns true when all have exited."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self._roll.clear()
+        self._respawn.clear()
+        self._roll_new = self._roll_old = None
+        worker_settings = self._worker_settings()
+        self._stop_deadline = time.monotonic() + worker_settings.drain_grace_s + worker_settings.drain_timeout_s + 10.0
+        log.info("stopping: draining %d workers", len(self.workers))
+        for w in self.workers:
+            self._drain(w)
+
+    def kill(self) -> None:
+        for w in self.workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _worker_settings(self) -> Settings:
+        return self.settings.with_overrides(**self._overrides)
+
+    def _spawn(self, slot: int, cause: str = "") -> Worker:
+        settings = self._worker_settings()
+        ready_r, ready_w = os.pipe()
+        fds = [self.listener.fileno(), ready_w]
+        cmd = [
+            sys.executable, "-m", "tafe", "worker",
+            "--listen-fd", str(self.listener.fileno()),
+            "--ready-fd", str(ready_w),
+            "--slot", str(slot),
+            "--settings", json.dumps(dataclasses.asdict(settings)),
+        ]  # fmt: skip
+        if self.admin_listener is not None:
+            cmd += ["--admin-fd", str(self.admin_listener.fileno())]
+            fds.append(self.admin_listener.fileno())
+        if cause:
+            cmd += ["--restart-cause", cause]
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        try:
+            proc = subprocess.Popen(
+                cmd, pass_fds=fds, env=env, process_group=0, preexec_fn=child_preexec(signal.SIGTERM)
+            )
+        finally:
+            os.close(ready_w)
+        worker = Worker(slot, proc, ready_r, time.monotonic())
+        self.workers.append(worker)
+        log.info("worker %d started (pid %d)", slot, proc.pid)
+        return worker
+
+    def _read_ready(self, fd: int) -> None:
+        worker = next((w for w in self.workers if w.ready_fd == fd), None)
+        try:
+            data = os.read(fd, 16)
+        except OSError:
+            data = b""
+        os.close(fd)
+        if worker is None:
+            return
+        worker.ready_fd = None
+        if data and worker.state == "starting":
+            self._on_ready(worker)
+        # End of file without a byte: the worker died before it was ready; _reap says why.
+
+    def _on_ready(self, w: Worker) -> None:
+        w.state = "serving"
+        w.ready_at = time.monotonic()
+        old = self.slots.get(w.slot)
+        self.slots[w.slot] = w
+        log.info("worker %d ready (pid %d)", w.slot, w.pid)
+        if w is self._roll_new:
+            self._roll_new = None
+            self._roll_old = old
+            if old is not None:
+                self._drain(old)
+        if not self.ready and all(self.slots.values()):
+            self.ready = True
+            host, port = self.address
+            admin = self.admin_address
+            log.info(
+                "listening on http://%s:%d%s with %d workers (pids %s)",
+                host, port, f" (admin http://{admin[0]}:{admin[1]})" if admin else "", self.n,
+                " ".join(map(str, self.serving_pids())),
+            )  # fmt: skip
+
+    def _drain(self, w: Worker) -> None:
+        if w.state == "draining":
+            return
+        w.state = "draining"
+        settings = self._worker_settings()
+        w.drain_deadline = time.monotonic() + settings.drain_grace_s + settings.drain_timeout_s + 10.0
+        if self.slots.get(w.slot) is w:
+            self.slots[w.slot] = None
+        if w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGTERM)
+            log.info("worker %d draining (pid %d)", w.slot, w.pid)
+
+    def _reap(self) -> None:
+        for w in list(self.workers):
+            code = w.proc.poll()
+            if code is None:
+                continue
+            self.workers.remove(w)
+            if w.ready_fd is not None:
+                os.close(w.ready_fd)
+                w.ready_fd = None
+            self._forget_metrics(w.pid)
+            self._on_exit(w, code)
+
+    def _forget_metrics(self, pid: int) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, str(self.metrics_dir))
+
+    def _on_exit(self, w: Worker, code: int) -> None:
+        how = describe_exit(code)
+        if w.state == "draining" or self.stopping:
+            level = logging.INFO if code == 0 or w.state == "starting" else logging.WARNING
+            log.log(level, "worker %d (pid %d) %s after draining", w.slot, w.pid, how)
+            if w is self._roll_old:
+                self._roll_old = None
+            return
+        now = time.monotonic()
+        if w.state == "starting":
+            log.error("worker %d (pid %d) %s before it was ready", w.slot, w.pid, how)
+            if not self.ready:
+                log.error("a worker could not start: stopping")
+                self.exit_code = 1
+                self.stop()
+                return
+            if w is self._roll_new:
+                log.error("rolling restart abandoned: the old workers keep serving")
+                self._roll_new = None
+                self._roll.clear()
+                return
+        else:
+            self.slots[w.slot] = None
+            log.warning("worker %d (pid %d) %s; restarting it", w.slot, w.pid, how)
+            if self._roll_new is not None and self._roll_new.slot == w.slot:
+                return  # its replacement is already starting
+            if now - w.ready_at >= STABLE_S:
+                self._failures[w.slot] = 0
+        self._failures[w.slot] += 1
+        failures = self._failures[w.slot]
+        delay = 0.0 if failures == 1 else min(MAX_BACKOFF_S, 0.1 * 2 ** (failures - 2))
+        if delay:
+            log.warning("worker %d failed %d times in a row: next start in %.1fs", w.slot, failures, delay)
+        self._respawn[w.slot] = (now + delay, _cause_label(code))
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for slot, (when, cause) in list(self._respawn.items()):
+            if when <= now:
+                del self._respawn[slot]
+                self._spawn(slot, cause)
+        for w in self.workers:
+            late = (w.state == "starting" and now - w.started > READY_TIMEOUT_S) or (
+                w.state == "draining" and now > w.drain_deadline
+            )
+            if late and w.proc.poll() is None:
+                log.error("worker %d (pid %d) stuck %s: killing it", w.slot, w.pid, w.state)
+                w.proc.kill()
+        if self.stopping:
+            if now > self._stop_deadline and self.workers:
+                self.exit_code = 1
+                self.kill()
+            return
+        if self._roll and self._roll_new is None and self._roll_old is None:
+            slot = self._roll.pop(0)
+            self._respawn.pop(slot, None)
+            self._roll_new = self._spawn(slot)
+
+
+def _gevent_patched() -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("socket")
+
+
+def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    """``tafe serve --workers N``: the master in the foreground; returns the exit code.
+
+    ``tafe.cli`` has monkey-patched this process for ``serve``; the master must not be
+    (its loop is plain blocking ``select``), so it replaces itself with a fresh,
+    unpatched interpreter (same PID, same terminal) that re-reads the same command line.
+    """
+    if _gevent_patched():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if sys.argv[1:2] == ["serve"]:
+            os.execv(sys.executable, [sys.executable, "-m", "tafe.master", *sys.argv[1:]])
+        os.execv(sys.executable, [sys.executable, "-m", "tafe.master", "--settings", json.dumps(dataclasses.asdict(settings))])
+    return Master(settings, reload=reload).serve()
+
+
+def _main(argv: list[str]) -> int:
+    from tafe import logs, settings as settings_mod
+
+    if argv[:1] == ["--settings"]:
+        settings = settings_mod.load(environ={}, overrides=json.loads(argv[1]))
+        reload = None
+    else:
+        from tafe import cli
+
+        args = cli.build_parser(only=argv[0]).parse_args(argv)
+        settings = cli.settings_from_args(args)
+
+        def reload() -> Settings:
+            return cli.settings_from_args(args)
+
+    logs.configure(settings)
+    try:
+        return run(settings, reload)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
