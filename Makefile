@@ -21,5 +21,31 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Load test against a running TAFE (make run, or tafe up): locust headless for a bounded
+# time; locust's CSV and a JSON summary (rps, p50/p95/p99, failures, bid rate) in $(LOADTEST_OUT).
+HOST         ?= http://127.0.0.1:8080
+DURATION     ?= 60s
+USERS        ?= 32
+SPAWN_RATE   ?= $(USERS)
+LOADTEST_OUT ?= benchmarks/out/loadtest
+
+loadtest: $(STAMP)
+	mkdir -p $(LOADTEST_OUT)
+	TRAFFIC_SUMMARY=$(LOADTEST_OUT)/summary.json $(BIN)/locust -f benchmarks/locustfile.py --headless \
+		--host $(HOST) -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) --stop-timeout 5 \
+		--csv $(LOADTEST_OUT)/locust --only-summary
+
+# Both side-by-side benchmarks (< 15 minutes); each installs what it needs (apache2,
+# mod_wsgi, wrk, nginx, bjoern) and rewrites its own section of benchmarks/RESULTS.md.
+BENCH_STAMP = $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/threads_vs_greenlets/run.py --record $(TVG_ARGS)
+	$(BIN)/python benchmarks/throughput/run.py --record $(THROUGHPUT_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,249 @@
+"""Throughput of the CPU-bound bid path: TAFE beside other servers, in ONE run.
+
+    python benchmarks/throughput/run.py [--duration 10] [--connections 64] [--record]
+
+``wrk`` (64 keep-alive connections, a Lua script POSTing a ~1.5 KB OpenRTB request)
+measures, one after the other on the same machine:
+
+- one worker, direct: TAFE (``tafe serve``), ``gunicorn -k gevent``, stock
+  ``gevent.pywsgi`` (with TCP_NODELAY) and ``bjoern`` (where it builds), all serving the
+  same ``tafe.wsgi:application``;
+- TAFE behind Nginx (``tafe up``): one worker, then one worker per core;
+- Nginx answering a fixed BidResponse itself: the ceiling of any backend behind it here.
+
+Server and wrk are pinned to different cores (taskset) when the machine has two or more;
+the all-cores rows cannot be, and say so. Prints req/s, p50/p99 and the ratios to
+``gunicorn -k gevent``; ``--record`` replaces this benchmark's section of RESULTS.md.
+
+Setup: installs ``wrk``, ``nginx`` and ``libev-dev`` from Debian when missing (as root),
+then tries ``pip install bjoern`` (skipped when it does not build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import common  # noqa: E402
+import traffic  # noqa: E402
+
+SECTION = "throughput"
+BID_PATH = "/openrtb2/bid"
+LUA = """\
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["x-openrtb-version"] = "2.5"
+wrk.body = [==[{body}]==]
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {{"requests": %d, "duration_us": %d, "bytes": %d, "connect": %d, "read": %d, "write": %d, ' ..
+    '"status": %d, "timeout": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, "p999_us": %d, "max_us": %d}}\\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9), latency.max))
+end
+"""
+NGINX_FIXED = """\
+daemon off;
+worker_processes {workers};
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{
+            default_type application/json;
+            return 200 '{body}';
+        }}
+    }}
+}}
+"""
+
+
+def setup() -> dict[str, bool]:
+    """Install what the benchmark needs; say what is there."""
+    missing = common.ensure_debian({"wrk": "wrk", "nginx": "nginx", "/usr/include/ev.h": "libev-dev"})
+    try:
+        import bjoern  # noqa: F401
+    except ImportError:
+        if Path("/usr/include/ev.h").exists():
+            print("setup: pip install bjoern", flush=True)
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "bjoern"], check=False)
+    has_bjoern = subprocess.run([sys.executable, "-c", "import bjoern"], capture_output=True).returncode == 0
+    return {"wrk": "wrk" not in missing, "nginx": "nginx" not in missing, "bjoern": has_bjoern}
+
+
+def probe(port: int, body: bytes) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", BID_PATH, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wrk(port: int, script: Path, seconds: float, connections: int, cpus: list[int] | None) -> dict:
+    cmd = common.pinned(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port}{BID_PATH}"],
+        cpus,
+    )
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            data = json.loads(line[len("WRKJSON ") :])
+            data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+            data["command"] = shlex.join(cmd)
+            return data
+    raise RuntimeError(f"wrk printed no result: {out.stdout}\n{out.stderr}")
+
+
+def configs(args: argparse.Namespace, port: int, tmp: Path, have: dict[str, bool], body: bytes) -> list[dict]:
+    """Each row: a name, the server command, whether it can be pinned to the server cores."""
+    py, app = sys.executable, args.app
+    serve = [py, str(HERE / "serve.py")]
+    gunicorn = [str(common.VENV_BIN / "gunicorn"), "-w", "1", "-b", f"127.0.0.1:{port}", "--keep-alive", "75"]
+    gunicorn += ["--backlog", "2048", "--log-level", "warning", "-k", "gevent", "--worker-connections", "10000", app]
+    tafe = [py, "-m", "tafe"]
+    admin = str(common.free_port())
+    rows = [
+        {"name": "TAFE, 1 worker direct", "cmd": [*tafe, "serve", "--port", str(port), "--admin-port", "-1", "--workers", "1"], "pin": True},
+        {"name": "gunicorn -k gevent, 1 worker", "cmd": gunicorn, "pin": True, "baseline": True},
+        {"name": "gevent.pywsgi, 1 worker", "cmd": [*serve, "pywsgi", app, "--port", str(port)], "pin": True},
+    ]
+    if have["bjoern"]:
+        rows.append({"name": "bjoern (C), 1 worker", "cmd": [*serve, "bjoern", app, "--port", str(port)], "pin": True})
+    if have["nginx"]:
+        up = [*tafe, "up", "--port", str(port), "--admin-port", admin]
+        rows += [
+            {"name": "TAFE via Nginx, 1 worker", "cmd": [*up, "--workers", "1"], "pin": True},
+            {"name": f"TAFE via Nginx, {len(common.cores())} workers (all cores)", "cmd": [*up, "--workers", "0"], "pin": False},
+        ]
+        fixed = tmp / "nginx-fixed"
+        for sub in ("", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (fixed / sub).mkdir(parents=True, exist_ok=True)
+        answer = json.dumps({"id": json.loads(body)["id"], "cur": "USD", "seatbid": [{"seat": "tafe", "bid": [
+            {"id": "1", "impid": "1", "price": 1.23, "adm": "<div>fixed</div>", "adomain": ["example.com"], "crid": "c1", "w": 300, "h": 250}]}]})
+        for workers, pin, label in ((1, True, "1 worker"), ("auto", False, "all cores")):
+            conf = fixed / f"nginx-{label.replace(' ', '-')}.conf"
+            conf.write_text(NGINX_FIXED.format(workers=workers, root=fixed, port=port, body=answer))
+            rows.append({"name": f"Nginx fixed body (ceiling), {label}", "cmd": ["nginx", "-p", str(fixed), "-c", str(conf)], "pin": pin})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per server (after a short warm-up)")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--app", default="tafe.wsgi:application", help="WSGI app the non-TAFE servers serve")
+    parser.add_argument("--only", action="append", help="run only rows whose name contains this (repeatable)")
+    parser.add_argument("--record", action="store_true", help="replace this section of benchmarks/RESULTS.md")
+    args = parser.parse_args()
+
+    have = setup()
+    if not have["wrk"]:
+        print("throughput: wrk is missing and could not be installed", file=sys.stderr)
+        return 1
+    server_cpus, load_cpus, pinning = common.split_cores()
+    info = common.machine_info(["wrk", "nginx", "gunicorn", "bjoern", "orjson", "httptools"])
+    out = common.OUT_DIR / "throughput"
+    out.mkdir(parents=True, exist_ok=True)
+    body = traffic.sample_body()
+    script = out / "post.lua"
+    script.write_text(LUA.format(body=body.decode()))
+    command = "python benchmarks/throughput/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    print(f"throughput: wrk -t1 -c{args.connections}, {len(body)}-byte OpenRTB POST, {args.duration:g} s per server "
+          f"after {args.warmup:g} s warm-up\n{pinning}\n{common.format_machine(info)}", flush=True)
+    results: list[dict] = []
+    port = common.free_port()
+    with tempfile.TemporaryDirectory(prefix="tafe-tput-") as tmp:
+        for row in configs(args, port, Path(tmp), have, body):
+            if args.only and not any(o.lower() in row["name"].lower() for o in args.only):
+                continue
+            log = out / (row["name"].split(",")[0].split()[0].lower().replace(".", "-") + ".log")
+            proc = common.start(row["cmd"], log, env={"PYTHONUNBUFFERED": "1"}, cpus=server_cpus if row["pin"] else None)
+            try:
+                common.wait_port(port, timeout=60, proc=proc)
+                time.sleep(0.5)
+                status, answer = probe(port, body)
+                wrk(port, script, args.warmup, args.connections, load_cpus if row["pin"] else None)
+                r = wrk(port, script, args.duration, args.connections, load_cpus if row["pin"] else None)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                print(f"  {row['name']}: FAILED: {exc} (see {log})", flush=True)
+                continue
+            finally:
+                common.stop(proc)
+                time.sleep(0.5)
+            r.update(name=row["name"], pinned=row["pin"], answer_status=status, answer_bytes=len(answer),
+                     server=shlex.join(common.pinned(row["cmd"], server_cpus if row["pin"] else None)), baseline=row.get("baseline", False))
+            results.append(r)
+            errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+            print(f"  {row['name']}: {r['rps']:,.0f} req/s, p50 {r['p50_us'] / 1000:.2f} ms, p99 {r['p99_us'] / 1000:.2f} ms, "
+                  f"answer {status} ({len(answer)} B), {errors} errors", flush=True)
+    if not results:
+        return 1
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    report = render(results, args, info, pinning, command, len(body))
+    print("\n" + report)
+    if args.record:
+        common.record(SECTION, "## Throughput of the CPU-bound bid path (wrk, closed loop)\n\n" + report)
+    return 0
+
+
+def render(results: list[dict], args: argparse.Namespace, info: dict, pinning: str, command: str, body_len: int) -> str:
+    base = next((r for r in results if r["baseline"]), None)
+    rows = []
+    for r in results:
+        errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+        rows.append([
+            r["name"], f"{r['rps']:,.0f}", common.ratio(r["rps"], base["rps"]) if base else "n/a",
+            f"{r['p50_us'] / 1000:.2f}", f"{r['p99_us'] / 1000:.2f}", f"{r['p99_us'] / max(r['p50_us'], 1):.1f}x",
+            f"{r['answer_status']} ({r['answer_bytes']} B)", errors, "yes" if r["pinned"] else "no (all cores)",
+        ])
+    lines = [
+        f"wrk, 1 thread, {args.connections} keep-alive connections, {args.duration:g} s per row after a {args.warmup:g} s "
+        f"warm-up, POSTing a {body_len}-byte OpenRTB 2.5 request (single 300x250 imp, floor 0.05) to {BID_PATH}; "
+        f"non-TAFE servers serve `{args.app}`. {pinning.capitalize()}, except rows marked otherwise.",
+        "",
+        common.table(["server", "req/s", "vs gunicorn gevent", "p50 ms", "p99 ms", "p99/p50", "answer", "errors", "pinned"], rows),
+    ]
+    tafe = next((r for r in results if r["name"].startswith("TAFE, 1 worker")), None)
+    if tafe and base:
+        x = tafe["rps"] / base["rps"]
+        tail = tafe["p99_us"] / max(tafe["p50_us"], 1)
+        lines += [
+            "",
+            f"Goals, one worker direct vs `gunicorn -k gevent`: {x:.2f}x req/s with p99 = {tail:.1f}x p50. "
+            f"Issue 6 (>= 1.0x): {'met' if x >= 1.0 else 'NOT met'}; "
+            f"issue 2 (>= 2x and p99 <= 3x p50): {'met' if x >= 2.0 and tail <= 3.0 else 'NOT met'}.",
+        ]
+    lines += ["", "Machine:", "", "```", common.format_machine(info), "```", "", "Command:", "", "```", command, "```"]
+    lines += ["", "Servers and load as started:", "", "```"]
+    for r in results:
+        lines += [r["server"], "  " + r["command"]]
+    lines += ["```"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
