@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from email.utils import formatdate
 from http import HTTPStatus
+from itertools import chain
 from typing import Iterable
 
 import httptools
@@ -101,6 +102,7 @@ class Request:
 # Bytes of a head not passed to callbacks (request line spaces, ": ", CRLFs), roughly.
 _LINE_OVERHEAD = 16
 _HEADER_OVERHEAD = 4
+_OWS = (b" ", b"\t")
 _METHODS: dict[bytes, str] = {}
 
 
@@ -109,7 +111,7 @@ class RequestReader:
 
     __slots__ = (
         "_parser", "_max_head", "_max_body", "_now", "_out", "_url", "_headers", "_body",
-        "_body_len", "_head_len", "_in_head", "_expect", "_length",
+        "_body_len", "_head_len", "_in_head", "_fields",
         "arrival", "in_progress", "send_continue", "closed", "error",
     )
 
@@ -125,8 +127,7 @@ class RequestReader:
         self._body_len = 0
         self._head_len = 0
         self._in_head = False
-        self._expect = False
-        self._length = -1
+        self._fields: list[tuple[bytes, bytes]] = []
         self.arrival = 0.0
         self.in_progress = False  # a request has begun and is not complete yet
         self.send_continue = False
@@ -139,7 +140,11 @@ class RequestReader:
             return []
         self._now = now
         out = self._out = []
-        head_before = self._in_head or not self.in_progress
+        # A head already begun before this read: count the raw bytes, so that a head
+        # trickling in (or whitespace llhttp swallows) is bounded as it arrives. The
+        # read where a head begins is bounded by the read size; its exact length is
+        # checked once it is complete.
+        continued = self._in_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -152,9 +157,7 @@ class RequestReader:
                 else:
                     self.error = HttpError(400, str(exc) or "malformed request")
         else:
-            # A head fed without completing anything: count raw bytes too, so that
-            # input llhttp swallows without callbacks (whitespace) is bounded as well.
-            if head_before and self._in_head and not out:
+            if continued and self._in_head and not out:
                 self._head_len += len(data)
                 if self._head_len > self._max_head:
                     self.error = HttpError(431, "request head too large")
@@ -165,7 +168,7 @@ class RequestReader:
             self._out[-1].keep_alive = False
         self.closed = True
 
-    # --- llhttp callbacks -----------------------------------------------------------
+    # --- llhttp callbacks: kept lean, they run for every header of every request --------
 
     def on_message_begin(self) -> None:
         self.arrival = self._now
@@ -175,36 +178,36 @@ class RequestReader:
         self._headers = []
         self._body = []
         self._body_len = 0
-        self._head_len = _LINE_OVERHEAD
-        self._expect = False
-        self._length = -1
+        self._head_len = 0
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
-        self._head_len += len(url)
-        if self._head_len > self._max_head:
-            raise HttpError(431, "request head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # a chunked trailer: read and ignored
-        self._head_len += len(name) + len(value) + _HEADER_OVERHEAD
-        if self._head_len > self._max_head:
-            raise HttpError(431, "request head too large")
-        if value and value[-1] in (32, 9):
-            value = value.rstrip(b" \t")
         self._headers.append((name, value))
-        if len(name) == 14 and name.lower() == b"content-length":
-            self._length = int(value)  # llhttp has checked it is digits
-        elif len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
-            self._expect = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._length > self._max_body:
+        headers = self._fields = self._headers
+        self._headers = []  # chunked trailers land here and are ignored
+        size = sum(map(len, chain.from_iterable(headers))) + sum(map(len, self._url))
+        if size + _LINE_OVERHEAD + _HEADER_OVERHEAD * len(headers) > self._max_head:
+            raise HttpError(431, "request head too large")
+        length = -1
+        expect = False
+        for i, (name, value) in enumerate(headers):
+            if value[-1:] in _OWS:
+                value = value.rstrip(b" \t")
+                headers[i] = (name, value)
+            n = len(name)
+            if n == 14 and name.lower() == b"content-length":
+                length = int(value)  # llhttp has checked it is digits
+            elif n == 6 and name.lower() == b"expect":
+                expect = value.lower() == b"100-continue"
+        if length > self._max_body:
             raise HttpError(413, "request body too large")
         # With no body, on_message_complete follows at once and clears the flag again.
-        if self._expect and self._length != 0 and self._parser.get_http_version() == "1.1":
+        if expect and length != 0 and self._parser.get_http_version() == "1.1":
             self.send_continue = True
 
     def on_body(self, body: bytes) -> None:
@@ -229,7 +232,7 @@ class RequestReader:
             Request(
                 method,
                 url[0] if len(url) == 1 else b"".join(url),
-                self._headers,
+                self._fields,
                 (body[0] if len(body) == 1 else b"".join(body)) if body else b"",
                 keep_alive,
                 parser.get_http_version() == "1.1",
