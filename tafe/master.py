@@ -166,7 +166,7 @@ class Master:
         self.n = max(1, settings.workers)
         self._reload = reload
         self._listen = listen or (settings.host, settings.port)
-        self._overrides = dict(worker_overrides or {})
+        self.worker_overrides = dict(worker_overrides or {})
         self._own_run_dir = not (run_dir or settings.run_dir)
         self.run_dir = Path(run_dir or settings.run_dir or tempfile.mkdtemp(prefix="tafe-"))
         self.metrics_dir = self.run_dir / "metrics"
@@ -180,6 +180,7 @@ class Master:
         self._roll: list[int] = []
         self._roll_new: Worker | None = None
         self._roll_old: Worker | None = None
+        self._rolling = False
         self.ready = False  # every first worker has reported ready
         self.stopping = False
         self._stop_deadline = 0.0
@@ -282,7 +283,8 @@ class Master:
         if settings is None or self.stopping:
             return
         self.settings = settings.with_overrides(workers=self.settings.workers, host=self.settings.host, port=self.settings.port)
-        self._roll = [s for s in range(self.n) if s not in self._roll]
+        self._roll = list(range(self.n))
+        self._rolling = True
         log.info("rolling restart of %d workers", self.n)
 
     def stop(self) -> None:
@@ -307,7 +309,7 @@ class Master:
     # --- internals ---------------------------------------------------------------------
 
     def _worker_settings(self) -> Settings:
-        return self.settings.with_overrides(**self._overrides)
+        return self.settings.with_overrides(**self.worker_overrides)
 
     def _spawn(self, slot: int, cause: str = "") -> Worker:
         settings = self._worker_settings()
@@ -404,7 +406,7 @@ class Master:
     def _on_exit(self, w: Worker, code: int) -> None:
         how = describe_exit(code)
         if w.state == "draining" or self.stopping:
-            level = logging.INFO if code == 0 or w.state == "starting" else logging.WARNING
+            level = logging.INFO if code == 0 or not w.ready_at else logging.WARNING
             log.log(level, "worker %d (pid %d) %s after draining", w.slot, w.pid, how)
             if w is self._roll_old:
                 self._roll_old = None
@@ -421,6 +423,7 @@ class Master:
                 log.error("rolling restart abandoned: the old workers keep serving")
                 self._roll_new = None
                 self._roll.clear()
+                self._rolling = False
                 return
         else:
             self.slots[w.slot] = None
@@ -454,10 +457,14 @@ class Master:
                 self.exit_code = 1
                 self.kill()
             return
-        if self._roll and self._roll_new is None and self._roll_old is None:
-            slot = self._roll.pop(0)
-            self._respawn.pop(slot, None)
-            self._roll_new = self._spawn(slot)
+        if self._roll_new is None and self._roll_old is None:
+            if self._roll:
+                slot = self._roll.pop(0)
+                self._respawn.pop(slot, None)
+                self._roll_new = self._spawn(slot)
+            elif self._rolling:
+                self._rolling = False
+                log.info("rolling restart done: workers %s", " ".join(map(str, self.serving_pids())))
 
 
 def _gevent_patched() -> bool:

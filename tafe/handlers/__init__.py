@@ -13,14 +13,14 @@ import re
 import time
 from typing import Any, Callable, Iterable, NamedTuple
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from tafe.core import campaigns as campaigns_mod
 from tafe.core.campaigns import Campaigns
 from tafe.handlers.bid import BidHandler
 from tafe.handlers.notices import KINDS, NoticeHandler
 from tafe.lifecycle import Lifecycle
-from tafe.metrics import Metrics
+from tafe.metrics import Metrics, exposition
 from tafe.settings import Settings
 
 __all__ = ["Apps", "build", "make_admin_app", "make_public_app"]
@@ -137,7 +137,8 @@ def make_admin_app(
         if path in ("/metrics", "/ping") and method not in ("GET", "HEAD"):
             status, headers, body = "405 Method Not Allowed", [*_TEXT, ("Allow", "GET")], b"GET only\n"
         elif path == "/metrics":
-            status, headers, body = "200 OK", [("Content-Type", CONTENT_TYPE_LATEST)], generate_latest(registry)
+            body, content_type = exposition(registry)  # all workers' values when pre-forked
+            status, headers = "200 OK", [("Content-Type", content_type)]
         elif path == "/ping":
             status, headers, body = _ping(lifecycle)
         else:

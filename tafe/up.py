@@ -1,0 +1,188 @@
+"""``tafe up``: one whole machine in the foreground: Nginx, the master and its workers.
+
+Nginx (the Debian package's binary, run as a child with its own prefix under the run
+directory) listens on the public ``--port`` and proxies to the workers, which share a
+loopback listener held by the master; the admin listener (``/metrics``, ``/debug/*``)
+is the workers' own, on ``--admin-port``, never behind Nginx.
+
+Signals, in an order that drops nothing:
+
+- SIGTERM / Ctrl-C: the workers start draining (``/ping`` 503 through Nginx, so the
+  load balancer rotates the machine out) while Nginx keeps proxying for the grace;
+  then Nginx quits gracefully (stops accepting, finishes what it has); the workers,
+  whose grace is longer by the time Nginx needs for that, stop accepting only after,
+  finish, and exit. Nothing is left running. Ctrl-C twice kills everything at once.
+- SIGHUP: settings re-read, rolling restart of the workers, Nginx reloads a re-rendered
+  config (its own graceful worker swap).
+
+Without an nginx binary: as root on Debian it is installed from Debian's packages;
+otherwise TAFE says how to install it and serves on the public port without Nginx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from tafe import logs, nginx
+from tafe.master import Master, describe_exit
+from tafe.settings import Settings
+
+log = logging.getLogger("tafe.up")
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    from tafe.cli import add_settings_options
+
+    parser.epilog = (
+        "Nginx serves --host/--port and proxies to the workers on a loopback port; the admin listener is "
+        "--admin-host/--admin-port. SIGTERM or Ctrl-C drains and stops everything; SIGHUP re-reads the "
+        "settings, rolls the workers one by one and reloads Nginx."
+    )
+    add_settings_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tafe.cli import settings_from_args
+
+    settings = settings_from_args(args)
+    logs.configure(settings)
+
+    def reload() -> Settings:
+        return settings_from_args(args)
+
+    binary = nginx.ensure_binary(settings)
+    if binary is None:
+        log.warning("serving without Nginx: the workers listen on the public port themselves")
+        return Master(settings, reload=reload).serve()
+    return Node(settings, binary, reload).run()
+
+
+def nginx_budget_s(settings: Settings) -> float:
+    """How long a quitting Nginx may still need the workers: the longest bid, plus a second."""
+    return settings.max_tmax_ms / 1000.0 + 1.0
+
+
+class Node:
+    """Nginx in front of a ``Master``, driven by the master's event loop."""
+
+    def __init__(self, settings: Settings, binary: str, reload: Callable[[], Settings] | None = None) -> None:
+        self.settings = settings
+        self._own_run_dir = not settings.run_dir
+        self.run_dir = Path(settings.run_dir or tempfile.mkdtemp(prefix="tafe-up-"))
+        if os.geteuid() == 0:
+            os.chmod(self.run_dir, 0o755)  # Nginx's workers run as "nobody" under root
+        self.master = Master(
+            settings, reload=reload, listen=("127.0.0.1", 0), worker_overrides=self._overrides(settings), run_dir=self.run_dir
+        )
+        self.nginx = nginx.Nginx(binary, self.run_dir / "nginx")
+        self.stopping = False
+        self._quit_sent = False
+        self._nginx_quit_at = 0.0
+        self._deadline = 0.0
+        self.exit_code = 0
+
+    @staticmethod
+    def _overrides(settings: Settings) -> dict:
+        # The workers keep accepting until a quitting Nginx no longer needs them.
+        return {"drain_grace_s": settings.drain_grace_s + nginx_budget_s(settings)}
+
+    def _config(self, settings: Settings) -> str:
+        host, port = self.master.address
+        return nginx.render(settings, upstream=nginx.address(host, port), prefix=self.nginx.prefix)
+
+    def run(self) -> int:
+        try:
+            self.master.open()
+            while not self.master.ready and not self.master.finished:
+                self._handle(self.master.step(0.5))
+            if self.master.ready and not self.stopping:
+                self._start_nginx()
+            while not (self.master.finished and self._nginx_done()):
+                self._handle(self.master.step(0.2))
+                self._watch()
+            return self.exit_code or self.master.exit_code
+        finally:
+            if not self._nginx_done():
+                self.nginx.proc.kill()
+                self.nginx.proc.wait()
+            self.master.close()
+            if self._own_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _start_nginx(self) -> None:
+        s = self.settings
+        try:
+            self.nginx.start(self._config(s), wait_for=(s.host, s.port))
+        except nginx.NginxError as exc:
+            log.error("%s", exc)
+            self.exit_code = 1
+            self.stop()
+            return
+        admin = self.master.admin_address
+        log.info(
+            "up: public http://%s via nginx (pid %d); workers on http://%s (pids %s)%s",
+            nginx.address(s.host, s.port), self.nginx.proc.pid, nginx.address(*self.master.address),
+            " ".join(map(str, self.master.serving_pids())), f"; admin http://{nginx.address(*admin)}" if admin else "",
+        )  # fmt: skip
+
+    def _handle(self, signums: list[int]) -> None:
+        for sig in signums:
+            if sig == signal.SIGHUP and not self.stopping:
+                self.reload()
+            elif sig == signal.SIGINT and self.stopping:
+                log.warning("second interrupt: killing everything now")
+                self._kill()
+            elif sig in (signal.SIGTERM, signal.SIGINT):
+                self.stop()
+
+    def reload(self) -> None:
+        new = self.master.reloaded()
+        if new is None:
+            return
+        self.master.worker_overrides = self._overrides(new)
+        self.master.roll(new)
+        try:
+            self.nginx.reload(self._config(new))
+        except nginx.NginxError as exc:
+            log.error("nginx keeps its running config: %s", exc)
+
+    def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        now = time.monotonic()
+        self._nginx_quit_at = now + self.settings.drain_grace_s
+        self._deadline = now + self.settings.drain_grace_s + nginx_budget_s(self.settings) + self.settings.drain_timeout_s + 15
+        log.info("stopping: /ping answers 503, nginx quits in %.1fs, then the workers drain", self.settings.drain_grace_s)
+        self.master.stop()
+
+    def _nginx_done(self) -> bool:
+        return self.nginx.proc is None or self.nginx.poll() is not None
+
+    def _kill(self) -> None:
+        self.master.kill()
+        if not self._nginx_done():
+            self.nginx.proc.kill()
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        if self._nginx_done() and self.nginx.proc is not None and not self.stopping:
+            log.error("nginx %s: stopping", describe_exit(self.nginx.proc.returncode))
+            self.exit_code = 1
+            self.stop()
+        if self.stopping and not self._quit_sent and now >= self._nginx_quit_at and not self._nginx_done():
+            self._quit_sent = True
+            log.info("nginx quitting gracefully")
+            self.nginx.quit()
+        if self.stopping and now > self._deadline:
+            log.error("stop took too long: killing what is left")
+            self.exit_code = 1
+            self._kill()

@@ -1,0 +1,299 @@
+"""The pre-fork master against real processes: ``tafe serve --workers 2`` on 127.0.0.1.
+
+Real workers, real sockets, a real load of bid requests from client threads. Also the
+helpers the ``tafe up`` tests (tests/test_up.py) share: a process with its log lines,
+a bounded closed-loop load, and metric scraping. Every process started here is stopped
+by its PID (its workers die with it: they get SIGTERM when the master goes).
+"""
+
+from __future__ import annotations
+
+import calendar
+import collections
+import http.client
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BID = (ROOT / "tafe" / "data" / "demo-request.json").read_bytes()
+OK = {200, 204}
+
+
+class Proc:
+    """A TAFE command with its output collected line by line."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "tafe", *args]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
+        """The first log line from index ``start`` matching ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines[start:]:
+                    if m := regex.search(line):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._changed.wait(0.2)):
+                    raise AssertionError(f"no line matching {pattern!r}:\n{self.output()[-6000:]}")
+                self._changed.wait(min(left, 0.2))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def children(pid: int) -> set[int]:
+    """Direct children of ``pid`` (from /proc), to check nothing is left behind."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def request(url: str, method: str = "GET", path: str = "/ping", body: bytes | None = None, headers: dict | None = None):
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def bid(url: str, **headers: str):
+    return request(url, "POST", "/openrtb2/bid", BID, {"Content-Type": "application/json", **headers})
+
+
+def scrape(admin_url: str) -> dict[str, float]:
+    """``/metrics`` as {'name{labels}': value}."""
+    status, _, body = request(admin_url, path="/metrics")
+    assert status == 200
+    samples = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+class Load:
+    """A bounded closed loop of bid requests: ``concurrency`` keep-alive connections.
+
+    Each answer's status is counted; a request that gets no answer (connection reset or
+    closed, timeout) is counted as an error, with what happened.
+    """
+
+    def __init__(self, url: str, concurrency: int = 8) -> None:
+        self.url = url
+        self.concurrency = concurrency
+        self.statuses: collections.Counter[int] = collections.Counter()
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(concurrency)]
+        self.started = self.stopped = 0.0
+
+    def __enter__(self) -> "Load":
+        self.started = time.monotonic()
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+        self.stopped = self.stopped or time.monotonic()
+
+    @property
+    def total(self) -> int:
+        return sum(self.statuses.values()) + len(self.errors)
+
+    def rate(self) -> float:
+        return self.total / max(1e-9, (self.stopped or time.monotonic()) - self.started)
+
+    def bad(self) -> dict:
+        """Everything that is not a 200 or 204."""
+        out: dict = {s: n for s, n in self.statuses.items() if s not in OK}
+        if self.errors:
+            out["errors"] = len(self.errors)
+            out["first errors"] = self.errors[:5]
+        return out
+
+    def _loop(self) -> None:
+        parts = urlsplit(self.url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=15)
+        headers = {"Content-Type": "application/json"}
+        statuses: collections.Counter[int] = collections.Counter()
+        while not self._stop.is_set():
+            try:
+                conn.request("POST", "/openrtb2/bid", body=BID, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                statuses[resp.status] += 1
+            except (OSError, http.client.HTTPException) as exc:
+                with self._lock:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                conn.close()
+                time.sleep(0.01)
+        conn.close()
+        with self._lock:
+            self.statuses.update(statuses)
+
+
+def start_master(*args: str) -> tuple[Proc, str, str]:
+    proc = Proc("serve", "--workers", "2", "--port", "0", "--admin-port", "0", "--drain-grace-s", "1", *args)
+    m = proc.wait_for(r"tafe.master.* listening on (http://[\d.]+:\d+) \(admin (http://[\d.]+:\d+)\) with 2 workers")
+    return proc, m.group(1), m.group(2)
+
+
+def worker_pids(proc: Proc) -> set[int]:
+    return {pid for pid in children(proc.pid) if alive(pid)}
+
+
+@pytest.fixture
+def master():
+    proc, url, admin = start_master()
+    yield proc, url, admin
+    proc.stop()
+
+
+def test_workers_serve_and_metrics_add_up_across_workers(master):
+    proc, url, admin = master
+    assert len(worker_pids(proc)) == 2
+    key = 'tafe_http_requests_total{route="bid",status="200"}'
+    before = scrape(admin).get(key, 0.0)
+    sent = 60
+    for _ in range(sent):  # new connections: the kernel spreads them over both workers
+        status, _, body = bid(url)
+        assert status == 200, body
+    after = scrape(admin)
+    assert after[key] - before == sent  # the sum over both workers, whichever one answers the scrape
+    assert after.get("tafe_http_requests_in_flight", 0) >= 0
+    assert any(k.startswith("tafe_cqs_active_info{") for k in after)
+
+
+def test_kill_9_worker_is_restarted_and_only_its_requests_fail(master):
+    proc, url, admin = master
+    with Load(url, concurrency=8) as load:
+        time.sleep(2.0)
+        victim = min(worker_pids(proc))
+        mark = len(proc.lines)
+        killed_at = time.time()
+        os.kill(victim, signal.SIGKILL)
+        m = proc.wait_for(r"^(\S+ \S+) INFO tafe.master\[\d+\] worker (\d) started \(pid (\d+)\)", start=mark)
+        proc.wait_for(rf"worker {m.group(2)} ready \(pid {m.group(3)}\)", start=mark)
+        time.sleep(1.0)
+    stamp, millis = m.group(1).split(",")
+    started = calendar.timegm(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000.0  # log times are UTC
+    assert started - killed_at < 1.0, proc.output()[-3000:]
+    assert f"(pid {victim}) killed by signal 9 (SIGKILL); restarting it" in proc.output()
+    assert not {s: n for s, n in load.statuses.items() if s not in OK}, load.bad()
+    # Only requests in flight on the killed worker can fail: at most one per connection.
+    assert len(load.errors) <= load.concurrency, load.bad()
+    assert sum(load.statuses.values()) > 100
+    assert victim not in worker_pids(proc) and len(worker_pids(proc)) == 2
+    restarts = scrape(admin)
+    assert restarts.get('tafe_worker_restarts_total{cause="SIGKILL"}') == 1.0
+
+
+def test_sigterm_under_load_answers_every_request_and_exits_0():
+    proc, url, admin = start_master("--drain-grace-s", "2")
+    workers = worker_pids(proc)
+    try:
+        with Load(url, concurrency=8) as load:
+            time.sleep(2.0)
+            proc.proc.send_signal(signal.SIGTERM)
+            # The balancer sees /ping 503 during the grace and stops sending before it ends.
+            time.sleep(1.0)
+            status, _, _ = request(url, path="/ping")
+            assert status == 503
+        assert proc.proc.wait(30) == 0
+    finally:
+        proc.stop(signal.SIGKILL)
+    assert not load.bad(), load.bad()
+    assert sum(load.statuses.values()) > 100
+    assert not any(alive(pid) for pid in workers)
+
+
+def test_sighup_rolls_workers_without_failing_a_request(master):
+    proc, url, admin = master
+    old = worker_pids(proc)
+    mark = len(proc.lines)
+    with Load(url, concurrency=8) as load:
+        time.sleep(1.0)
+        os.kill(proc.pid, signal.SIGHUP)
+        proc.wait_for("rolling restart done", timeout=60, start=mark)
+        time.sleep(1.0)
+    assert not load.bad(), load.bad()
+    new = worker_pids(proc)
+    assert len(new) == 2 and not (new & old)
+    status, _, _ = bid(url)
+    assert status == 200
+
+
+def test_worker_that_cannot_start_stops_the_master():
+    proc = Proc("serve", "--workers", "2", "--port", "0", "--admin-port", "-1", "--model", "/nonexistent/model.cqsm")
+    try:
+        assert proc.proc.wait(60) == 1
+    finally:
+        proc.stop(signal.SIGKILL)
+    assert "before it was ready" in proc.output()
