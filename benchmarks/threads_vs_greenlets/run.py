@@ -154,7 +154,7 @@ def chart(results: list[dict], path: Path, title: str) -> str:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return f"chart: {path.relative_to(common.ROOT)}"
+    return f"chart: {path}"
 
 
 def main() -> int:
@@ -166,10 +166,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=15, help="threads of the threaded servers (mod_wsgi's default)")
     parser.add_argument("--upstream-ms", type=float, default=5.0, help="user-data service delay")
     parser.add_argument("--only", action="append", help="run only servers whose name contains this (repeatable)")
+    parser.add_argument("--chart", type=Path, default=CHART, help="where to draw the latency PNG")
     parser.add_argument("--record", action="store_true", help="replace this section of benchmarks/RESULTS.md")
     args = parser.parse_args()
 
-    missing = common.ensure_debian({"apache2": "apache2", str(MOD_DIR / "mod_wsgi.so"): "libapache2-mod-wsgi-py3"})
+    selected = lambda name: not args.only or any(o.lower() in name.lower() for o in args.only)  # noqa: E731
+    missing = []
+    if selected("Apache"):
+        missing = common.ensure_debian({"apache2": "apache2", str(MOD_DIR / "mod_wsgi.so"): "libapache2-mod-wsgi-py3"})
     server_cpus, load_cpus, pinning = common.split_cores()
     info = common.machine_info(["apache2", "debian python3", "gunicorn", "locust"])
     out = common.OUT_DIR / "threads_vs_greenlets"
@@ -190,7 +194,7 @@ def main() -> int:
         common.wait_port(upstream_port, proc=upstream)
         with tempfile.TemporaryDirectory(prefix="tafe-tvg-") as tmp:
             for name, cmd in servers(port, args.threads, Path(tmp)).items():
-                if args.only and not any(o.lower() in name.lower() for o in args.only):
+                if not selected(name):
                     continue
                 if cmd[0] == "apache2" and missing:
                     print(f"  skipped {name}: missing {missing}", flush=True)
@@ -211,11 +215,11 @@ def main() -> int:
         return 1
     (out / "results.json").write_text(json.dumps(results))
     report = render(results, args, info, pinning, command)
-    report += "\n\n" + chart(results, CHART, f"Bid handler waiting {args.upstream_ms:g} ms on an upstream, {args.rate:g} req/s open loop, one process each")
+    report += "\n\n" + chart(results, args.chart, f"Bid handler waiting {args.upstream_ms:g} ms on an upstream, {args.rate:g} req/s open loop, one process each")
     print("\n" + report)
     if args.record:
-        common.record(SECTION, "## Threads vs greenlets (I/O-bound bid handler, open loop)\n\n" + report.replace(
-            f"chart: {CHART.relative_to(common.ROOT)}", f"![latency by percentile]({CHART.relative_to(common.BENCH_DIR)})"))
+        link = f"![latency by percentile]({os.path.relpath(args.chart, common.BENCH_DIR)})"
+        common.record(SECTION, "## Threads vs greenlets (I/O-bound bid handler, open loop)\n\n" + report.replace(f"chart: {args.chart}", link))
     return 0
 
 
