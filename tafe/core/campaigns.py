@@ -30,6 +30,7 @@ currency unit) so that comparisons with floors are exact.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -38,6 +39,8 @@ from typing import Any
 from tafe.core.types import Creative, Imp, MediaType
 
 MICROS = 1_000_000
+# Ids go into notice URLs unquoted: keep them URL-safe.
+_ID = re.compile(r"[A-Za-z0-9._~-]{1,64}")
 _FORMATS = {"banner": MediaType.BANNER, "video": MediaType.VIDEO, "audio": MediaType.AUDIO, "native": MediaType.NATIVE}
 
 
@@ -153,7 +156,7 @@ def _money(d: dict, key: str, where: str) -> int:
 
 def _creative(c: Any, where: str) -> Creative:
     _need(isinstance(c, dict), where, "must be an object")
-    _need(isinstance(c.get("id"), str) and c["id"] != "", where, "id must be a non-empty string")
+    _need(isinstance(c.get("id"), str) and bool(_ID.fullmatch(c["id"])), where, "id must be 1-64 of A-Z a-z 0-9 . _ ~ -")
     fmt = _FORMATS.get(c.get("format"))  # type: ignore[arg-type]
     _need(fmt is not None, where, f"format must be one of {sorted(_FORMATS)}")
     w = h = duration = None
@@ -164,8 +167,8 @@ def _creative(c: Any, where: str) -> Creative:
         duration = c.get("duration")
         _need(type(duration) is int and duration > 0, where, "duration must be a positive integer (seconds)")
         _need(bool(c.get("mimes")), where, "mimes must list the markup's media types")
-    adm = c.get("adm", "")
-    _need(isinstance(adm, str), where, "adm must be a string")
+    adm = c.get("adm")
+    _need(isinstance(adm, str) and adm != "", where, "adm (the markup, OpenRTB macros allowed) must be a non-empty string")
     secure = c.get("secure", True)
     _need(isinstance(secure, bool), where, "secure must be true or false")
     return Creative(
@@ -175,7 +178,7 @@ def _creative(c: Any, where: str) -> Creative:
 
 def _campaign(c: Any, where: str) -> Campaign:
     _need(isinstance(c, dict), where, "must be an object")
-    _need(isinstance(c.get("id"), str) and c["id"] != "", where, "id must be a non-empty string")
+    _need(isinstance(c.get("id"), str) and bool(_ID.fullmatch(c["id"])), where, "id must be 1-64 of A-Z a-z 0-9 . _ ~ -")
     where = f"{where} ({c['id']})"
     t = c.get("targeting", {})
     _need(isinstance(t, dict), where, "targeting must be an object")

@@ -4,11 +4,12 @@ Markup (``adm``) is sent as the campaign wrote it, OpenRTB macros included: the
 exchange substitutes them. ``nurl``/``burl``/``lurl`` point at TAFE's own notice
 endpoints and carry all the state needed to join a notice with the bid log (request,
 imp and bid ids, campaign, creative, model version, our price) so that no server-side
-state is kept per bid. A creative without ``adm`` is served by the win notice.
+state is kept per bid.
 """
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote
 
 import orjson
@@ -18,15 +19,21 @@ from tafe.core.types import Bid, Decision, MediaType
 __all__ = ["notice_query", "render"]
 
 _dumps = orjson.dumps
+_URL_SAFE = re.compile(r"[A-Za-z0-9._~-]*").fullmatch
+
+
+def _q(value: str) -> str:
+    """Percent-encode a query value; most ids need nothing, so skip quote() for them."""
+    return value if _URL_SAFE(value) else quote(value, safe="")
 
 
 def notice_query(decision: Decision, bid: Bid) -> str:
     """The query string shared by a bid's win, billing and loss notices."""
+    # campaign and creative ids are URL-safe by construction (tafe.core.campaigns)
     return (
-        f"r={quote(decision.request_id, safe='')}&i={quote(bid.imp_id, safe='')}&b={bid.bid_id}"
-        f"&c={quote(bid.campaign_id, safe='')}&cr={quote(bid.creative.id, safe='')}"
-        f"&m={quote(decision.versions.get('model', ''), safe='')}&bp={bid.price}"
-        + (f"&d={quote(bid.deal_id, safe='')}" if bid.deal_id else "")
+        f"r={_q(decision.request_id)}&i={_q(bid.imp_id)}&b={bid.bid_id}&c={bid.campaign_id}&cr={bid.creative.id}"
+        f"&m={_q(decision.versions.get('model', ''))}&bp={bid.price}"
+        + (f"&d={_q(bid.deal_id)}" if bid.deal_id else "")
         + "&p=${AUCTION_PRICE}&cur=${AUCTION_CURRENCY}"
     )
 

@@ -128,7 +128,7 @@ class Creative:
     format: MediaType
     w: int | None = None
     h: int | None = None
-    adm: str = ""  # markup with OpenRTB macros; empty means "served on win notice"
+    adm: str = ""  # markup sent as the bid's adm, OpenRTB macros left for the exchange
     mimes: tuple[str, ...] = ()
     duration: int | None = None  # seconds, video and audio
     secure: bool = True  # markup is https-safe
