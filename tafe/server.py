@@ -101,6 +101,10 @@ class Server:
         self.metrics = metrics  # a tafe.metrics.Metrics: counts requests refused here
         self.closing = False
         self.connections: set[_Connection] = set()
+        # Non-blocking even if inherited from a process that never imported gevent:
+        # workers sharing a listener are all woken for one connection, and a blocking
+        # accept() in the losers would freeze their whole event loop.
+        listener.setblocking(False)
         self._listener = listener
         self._tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
         sockname = listener.getsockname()
@@ -263,6 +267,9 @@ class _Connection:
                 return
             self.idle = False
             requests = reader.feed(data, _monotonic())
+            if requests and self.timeout < read_timeout:
+                # The time left to read a request is no limit on sending its answer.
+                self._settimeout(read_timeout)
             for request in requests:
                 if not self._respond(request):
                     return

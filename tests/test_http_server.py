@@ -34,12 +34,16 @@ LIMITS = {
 
 
 class ServerProcess:
-    def __init__(self, **env: str) -> None:
+    def __init__(self, listener: socket.socket | None = None, **env: str) -> None:
         environ = dict(os.environ, TAFE_HOST="127.0.0.1", TAFE_PORT="0", PYTHONPATH=str(ROOT), **LIMITS)
         environ.update(env)
+        fds = ()
+        if listener is not None:
+            environ["TEST_LISTEN_FD"] = str(listener.fileno())
+            fds = (listener.fileno(),)
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "serve_app.py")],
-            env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=fds,
         )
         line = self.proc.stdout.readline()
         if not line.startswith("PORT "):
@@ -367,6 +371,29 @@ def test_arrival_is_when_the_first_byte_came(server):
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         later = reader.response().json()
         assert later["arrival"] - doc["arrival"] >= 0.25
+
+
+def test_processes_sharing_an_inherited_listener_all_keep_serving():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    workers = [ServerProcess(listener), ServerProcess(listener)]
+    try:
+        kept = []
+        for i in range(12):
+            sock = workers[0].connect()
+            kept.append((sock, Reader(sock)))
+            sock.sendall(b"GET /w%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+            assert kept[-1][1].response().json()["path"] == f"/w{i}"
+            for old, reader in kept:  # no process is stuck in accept()
+                old.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert reader.response().body == b"pong"
+        for sock, _ in kept:
+            sock.close()
+    finally:
+        listener.close()
+        for worker in workers:
+            worker.stop()
 
 
 def test_sigterm_drains_in_flight_then_refuses_and_exits_0():

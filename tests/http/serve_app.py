@@ -9,6 +9,7 @@ monkey.patch_all()
 
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 
 import gevent  # noqa: E402
@@ -54,6 +55,7 @@ def make_app(lifecycle: Lifecycle):
             "content_length": environ.get("CONTENT_LENGTH", ""),
             "body": body.decode("latin-1"),
             "request_id": environ["tafe.request_id"],
+            "pid": os.getpid(),
             "arrival": environ["tafe.arrival"],
             "headers": {k: v for k, v in environ.items() if k.startswith("HTTP_")},
         }
@@ -68,7 +70,11 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     conf = settings.load()
     lifecycle = Lifecycle()
-    listener = server.bind(conf.host, conf.port)
+    inherited = os.environ.get("TEST_LISTEN_FD")
+    if inherited:  # as from a pre-fork master: a plain socket made before gevent
+        listener = monkey.get_original("socket", "socket")(fileno=int(inherited))
+    else:
+        listener = server.bind(conf.host, conf.port)
     srv = server.Server(listener, make_app(lifecycle), conf, lifecycle)
     print(f"PORT {srv.address[1]}", flush=True)
     return server.run([srv], conf, lifecycle)
