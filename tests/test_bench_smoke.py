@@ -72,7 +72,7 @@ def test_open_loop_client_charges_a_stall_to_every_request_due_during_it(tmp_pat
 
 def test_threads_vs_greenlets_runs_end_to_end_on_the_gevent_servers(tmp_path):
     chart = tmp_path / "latency.png"
-    cmd = [sys.executable, str(BENCH / "threads_vs_greenlets" / "run.py"), "--rate", "40", "--duration", "1", "--warmup", "0.5"]
+    cmd = [sys.executable, str(BENCH / "threads_vs_greenlets" / "run.py"), "--rate", "40", "--duration", "1", "--warmup", "0.5", "--rounds", "1"]
     cmd += ["--connections", "8", "--only", "TAFE", "--only", "gunicorn gevent", "--chart", str(chart)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -64,6 +64,7 @@ WSGIDaemonProcess bench processes=1 threads={threads} python-path={root} listen-
 WSGIProcessGroup bench
 WSGIApplicationGroup %{{GLOBAL}}
 WSGIScriptAlias / {root}/handler.py
+WSGIImportScript {root}/handler.py process-group=bench application-group=%{{GLOBAL}}
 <Directory />
     AllowOverride None
 </Directory>
@@ -98,6 +99,7 @@ def servers(port: int, threads: int, tmp: Path) -> dict[str, list[str]]:
 
 
 def measure(name: str, cmd: list[str], port: int, args: argparse.Namespace, env: dict, cpus: list[int], log: Path) -> dict:
+    """One round: start the server, check it bids, offer the load, stop it."""
     proc = common.start(cmd, log, env=env, cpus=cpus)
     try:
         common.wait_port(port, proc=proc)
@@ -105,21 +107,35 @@ def measure(name: str, cmd: list[str], port: int, args: argparse.Namespace, env:
         probe = openloop.run(port, request, rate=50, duration_s=1.0, warmup_s=0.0, connections=4)
         if probe.statuses.get(200, 0) == 0:
             raise RuntimeError(f"{name} does not bid: {probe.statuses} {probe.errors}; see {log}")
-        result = openloop.run(port, request, args.rate, args.duration, warmup_s=args.warmup, connections=args.connections)
+        result = openloop.run(port, request, args.rate, args.duration / args.rounds, warmup_s=args.warmup, connections=args.connections)
     finally:
         common.stop(proc)
-    stats = common.summarize(result.latencies_ms)
-    ok = sum(n for s, n in result.statuses.items() if s in (200, 204))
+    return {"result": result, "loadavg": os.getloadavg()[0]}
+
+
+def merge(name: str, command: str, rounds: list[dict]) -> dict:
+    """Pool the rounds of one server: one latency distribution, summed counts."""
+    latencies = [x for r in rounds for x in r["result"].latencies_ms]
+    statuses: dict[int, int] = {}
+    errors: dict[str, int] = {}
+    for r in rounds:
+        for k, v in r["result"].statuses.items():
+            statuses[k] = statuses.get(k, 0) + v
+        for k, v in r["result"].errors.items():
+            errors[k] = errors.get(k, 0) + v
+    ok = sum(n for s, n in statuses.items() if s in (200, 204))
+    seconds = sum(r["result"].duration_s for r in rounds)
     return {
         "name": name,
-        "command": shlex.join(common.pinned(cmd, cpus)),
-        **stats,
+        "command": command,
+        **common.summarize(latencies),
         "ok": ok,
-        "failed": sum(result.statuses.values()) - ok + sum(result.errors.values()),
-        "errors": result.errors,
-        "achieved_rps": round(result.achieved_rps, 1),
-        "client_lag_ms": round(result.max_dispatch_lag_ms, 2),
-        "latencies_ms": result.latencies_ms,
+        "failed": sum(statuses.values()) - ok + sum(errors.values()),
+        "errors": errors,
+        "achieved_rps": round(len(latencies) / seconds, 1) if seconds else 0.0,
+        "client_lag_ms": round(max(r["result"].max_dispatch_lag_ms for r in rounds), 2),
+        "loadavg": " ".join(f"{r['loadavg']:.1f}" for r in rounds),
+        "latencies_ms": latencies,
     }
 
 
@@ -160,7 +176,8 @@ def chart(results: list[dict], path: Path, title: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=400.0, help="offered requests/s, the same for every server")
-    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per server")
+    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per server, split across the rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each server once per round)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
     parser.add_argument("--connections", type=int, default=64, help="client keep-alive connections")
     parser.add_argument("--threads", type=int, default=15, help="threads of the threaded servers (mod_wsgi's default)")
@@ -181,7 +198,7 @@ def main() -> int:
     upstream_port, port = common.free_port(), common.free_port()
     env = {"TVG_UPSTREAM": f"127.0.0.1:{upstream_port}", "PYTHONUNBUFFERED": "1"}
     command = "python benchmarks/threads_vs_greenlets/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    print(f"threads vs greenlets: {args.rate:g} req/s offered open-loop for {args.warmup:g}+{args.duration:g} s per server, "
+    print(f"threads vs greenlets: {args.rate:g} req/s offered open-loop, {args.duration:g} s per server in {args.rounds} rounds, "
           f"{args.connections} connections, upstream {args.upstream_ms:g} ms, one server process each\n{pinning}\n"
           f"{common.format_machine(info)}", flush=True)
     upstream = common.start(
@@ -189,28 +206,36 @@ def main() -> int:
         out / "upstream.log",
         cpus=load_cpus,
     )
-    results = []
+    rounds: dict[str, list[dict]] = {}
+    commands: dict[str, str] = {}
     try:
         common.wait_port(upstream_port, proc=upstream)
         with tempfile.TemporaryDirectory(prefix="tafe-tvg-") as tmp:
-            for name, cmd in servers(port, args.threads, Path(tmp)).items():
-                if not selected(name):
-                    continue
-                if cmd[0] == "apache2" and missing:
-                    print(f"  skipped {name}: missing {missing}", flush=True)
-                    continue
-                log = out / (name.split()[0].lower() + ".log")
-                log.unlink(missing_ok=True)
-                try:
-                    r = measure(name, cmd, port, args, env, server_cpus, log)
-                except RuntimeError as exc:
-                    print(f"  {name}: FAILED: {exc}", flush=True)
-                    continue
-                results.append(r)
-                print(f"  {name}: p50 {r['p50']:.2f} p99 {r['p99']:.2f} max {r['max']:.2f} ms, {r['failed']} failed", flush=True)
-                time.sleep(1.0)
+            chosen = {n: c for n, c in servers(port, args.threads, Path(tmp)).items() if selected(n)}
+            for n, c in list(chosen.items()):
+                if c[0] == "apache2" and missing:
+                    print(f"  skipped {n}: missing {missing}", flush=True)
+                    del chosen[n]
+            # Rounds interleave the servers so that a burst of outside load hits them all alike.
+            for rnd in range(args.rounds):
+                for name, cmd in chosen.items():
+                    log = out / (name.split()[0].lower() + ".log")
+                    if rnd == 0:
+                        log.unlink(missing_ok=True)
+                    commands[name] = shlex.join(common.pinned(cmd, server_cpus))
+                    try:
+                        r = measure(name, cmd, port, args, env, server_cpus, log)
+                    except RuntimeError as exc:
+                        print(f"  {name}: FAILED: {exc}", flush=True)
+                        continue
+                    rounds.setdefault(name, []).append(r)
+                    s = common.summarize(r["result"].latencies_ms)
+                    print(f"  round {rnd + 1}/{args.rounds} {name}: p50 {s['p50']:.2f} p99 {s['p99']:.2f} max {s['max']:.2f} ms, "
+                          f"load avg {r['loadavg']:.1f}", flush=True)
+                    time.sleep(0.5)
     finally:
         common.stop(upstream)
+    results = [merge(name, commands[name], rs) for name, rs in rounds.items()]
     if not results:
         return 1
     (out / "results.json").write_text(json.dumps(results))
@@ -227,17 +252,19 @@ def render(results: list[dict], args: argparse.Namespace, info: dict, pinning: s
     base = next((r for r in results if r["name"].startswith("TAFE")), results[0])
     rows = [
         [r["name"], *(f"{r[k]:.2f}" for k in ("p50", "p90", "p99", "p99.9", "max")), common.ratio(r["p99"], base["p99"]),
-         r["achieved_rps"], r["failed"], r["client_lag_ms"]]
+         r["achieved_rps"], r["failed"], r["client_lag_ms"], r["loadavg"]]
         for r in results
     ]
     lines = [
         f"Offered load: {args.rate:g} req/s open loop (latency from the intended send time), {args.duration:g} s measured "
-        f"after {args.warmup:g} s warm-up, {args.connections} keep-alive connections; handler waits {args.upstream_ms:g} ms "
+        f"per server in {args.rounds} interleaved rounds, each after {args.warmup:g} s warm-up, {args.connections} keep-alive connections; handler waits {args.upstream_ms:g} ms "
         f"on a loopback user-data service, then scores; one server process each, threaded servers {args.threads} threads. "
         f"{pinning.capitalize()}.",
         "",
-        common.table(["server", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "p99 vs TAFE", "req/s", "failed", "client lag ms"], rows),
+        common.table(["server", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "p99 vs TAFE", "req/s", "failed", "client lag ms", "load avg"], rows),
     ]
+    lines += ["", "client lag: the longest the load generator itself was late releasing a request (counted in the latencies). "
+                  "load avg: the 1-minute load average after each round; above the core count, other work competed."]
     apache_r = next((r for r in results if r["name"].startswith("Apache")), None)
     if apache_r and base["name"].startswith("TAFE"):
         share = base["p99"] / apache_r["p99"]
