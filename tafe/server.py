@@ -423,9 +423,10 @@ class _Connection:
         self.http11 = request.http11
         self.is_head = request.method == "HEAD"
         self.keep_alive = request.keep_alive
-        env = self._environ(request)
+        env: dict[str, Any] = {}
         try:
             try:
+                env = self._environ(request)
                 result = server.app(env, self.start_response)
                 try:
                     if type(result) is list and not self.head_sent:
@@ -442,8 +443,8 @@ class _Connection:
                 return False  # the client went away
             except Exception:
                 log.exception(
-                    "%s: app failed on %s %s (request id %s)",
-                    server.name, request.method, env["PATH_INFO"], env["tafe.request_id"],
+                    "%s: app failed on %s %r (request id %s)",
+                    server.name, request.method, request.target, env.get("tafe.request_id"),
                 )
                 if self.head_sent:
                     return False  # half a response is out: closing is the only honest end
@@ -462,17 +463,19 @@ class _Connection:
 
     def _log_access(self, request: http.Request, env: dict[str, Any]) -> None:
         duration_ms = round((_monotonic() - request.arrival) * 1000.0, 3)
-        status = self.status or ""
+        status = (self.status or "")[:3]
+        request_id = env.get("tafe.request_id", "")
+        remote = self.base["REMOTE_ADDR"]
         if self.server.settings.log_json:
             access_log.info(json.dumps({
-                "request_id": env["tafe.request_id"], "remote": env["REMOTE_ADDR"],
-                "method": request.method, "path": env["PATH_INFO"], "status": int(status[:3] or 0),
-                "bytes": self.bytes_out, "duration_ms": duration_ms, "server": self.server.name,
+                "request_id": request_id, "remote": remote, "method": request.method,
+                "path": env.get("PATH_INFO", ""), "status": int(status or 0), "bytes": self.bytes_out,
+                "duration_ms": duration_ms, "server": self.server.name,
             }))
         else:
             access_log.info(
-                '%s "%s %s" %s %d %.3fms %s', env["REMOTE_ADDR"], request.method, env["RAW_URI"],
-                status[:3], self.bytes_out, duration_ms, env["tafe.request_id"],
+                '%s "%s %s" %s %d %.3fms %s', remote, request.method, request.target.decode("latin-1"),
+                status, self.bytes_out, duration_ms, request_id,
             )
 
 

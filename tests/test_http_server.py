@@ -397,7 +397,7 @@ def test_processes_sharing_an_inherited_listener_all_keep_serving():
 
 
 def test_sigterm_drains_in_flight_then_refuses_and_exits_0():
-    proc = ServerProcess(TAFE_DRAIN_GRACE_S="0.3")
+    proc = ServerProcess(TAFE_DRAIN_GRACE_S="0.3", TAFE_ACCESS_LOG="1", TAFE_LOG_JSON="1")
     try:
         with proc.connect() as busy, proc.connect() as idle:
             busy.sendall(b"GET /slow?1.5 HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -421,6 +421,10 @@ def test_sigterm_drains_in_flight_then_refuses_and_exits_0():
     finally:
         err = proc.stop()
     assert "drained" in err
+    access = [json.loads(line.split(" ", 2)[2]) for line in err.splitlines() if line.startswith("tafe.access ")]
+    slow = [entry for entry in access if entry["path"] == "/slow"]
+    assert len(slow) == 1 and slow[0]["status"] == 200 and slow[0]["bytes"] == len(b"slow done")
+    assert slow[0]["method"] == "GET" and slow[0]["request_id"] and slow[0]["duration_ms"] >= 1000
 
 
 # --- the pure rules, without a network ---------------------------------------------------
