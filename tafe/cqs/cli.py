@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--dims", type=int, default=1 << 18, help="hash space size, a power of two (default 262144)")
     p.add_argument("--heads", default="visit,click,purchase", help="outcomes to learn, the first is the CQS (default visit,click,purchase)")
     p.add_argument("--version", default="", help="model version string (default: derived from the data and time)")
-    p.add_argument("--epochs", type=int, default=4, help="passes over the training split (default 4)")
-    p.add_argument("--l2", type=float, default=1e-6, help="L2 penalty per example (default 1e-6)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training split (default 3)")
+    p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty per example (default 0.001)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of records kept out for evaluation (default 0.2)")
     p.add_argument("--seed", type=int, default=1, help="shuffle seed (default 1)")
 
