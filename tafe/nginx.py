@@ -185,12 +185,22 @@ class Nginx:
     def poll(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
-    def reload(self, config: str) -> None:
-        """New config, graceful: new Nginx workers start, old ones finish their requests."""
+    def reload(self, config: str) -> bool:
+        """New config, graceful: new Nginx workers start, old ones finish their requests.
+
+        Skipped when the config is unchanged: old Nginx workers close their idle client
+        keep-alive connections, and a client that sends on one at that moment sees a
+        reset (the client-side twin of the 502 race). A rolling restart of TAFE's
+        workers alone needs no reload: their address does not change.
+        """
+        if self.conf.exists() and self.conf.read_text() == config:
+            log.info("nginx config unchanged: not reloaded")
+            return False
         self.write(config)
         if self.poll() is None:
             self.proc.send_signal(signal.SIGHUP)
             log.info("nginx reloading its config")
+        return True
 
     def quit(self) -> None:
         """Graceful stop: close the listener, finish requests in flight, exit."""

@@ -1,0 +1,168 @@
+"""``tafe up`` against real processes: a real Nginx in front of real workers, real HTTP.
+
+Needs the nginx binary (``.ci/run`` installs Debian's package). The rolling restart
+runs a bounded load of several hundred requests/s for at least 20 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import time
+
+import pytest
+
+from tafe import nginx as nginx_mod
+from tafe.settings import Settings
+from test_master import BID, Load, Proc, alive, bid, children, request, scrape
+
+pytestmark = [
+    pytest.mark.nginx,
+    pytest.mark.skipif(nginx_mod.find_binary(Settings()) is None, reason="nginx not installed (.ci/run installs it)"),
+]
+
+UP_RE = (
+    r"up: public (http://[\d.]+:\d+) via nginx \(pid (\d+)\); workers on (http://[\d.]+:\d+) \(pids ([\d ]+)\)"
+    r"; admin (http://[\d.]+:\d+)"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Node:
+    def __init__(self, *args: str) -> None:
+        self.proc = Proc(
+            "up", "--workers", "2", "--port", str(free_port()), "--admin-port", "0", "--drain-grace-s", "1", *args
+        )
+        m = self.proc.wait_for(UP_RE, timeout=60)
+        self.url, self.worker_url, self.admin_url = m.group(1), m.group(3), m.group(5)
+        self.nginx_pid = int(m.group(2))
+
+    def workers(self) -> set[int]:
+        return {p for p in children(self.proc.pid) if alive(p) and p != self.nginx_pid}
+
+    def everything(self) -> set[int]:
+        """The node's whole process tree: master, Nginx master and workers, TAFE workers."""
+        pids = {self.proc.pid} | children(self.proc.pid)
+        return pids | children(self.nginx_pid)
+
+
+@pytest.fixture
+def node():
+    n = Node("--access-log")
+    yield n
+    n.proc.stop()
+
+
+def _answer(status: int, body: bytes) -> tuple[int, dict]:
+    """Status and BidResponse, with the per-bid random ids (also inside notice URLs) masked."""
+    text = body.decode()
+    if text:
+        resp = json.loads(text)
+        ids = {resp.get("bidid")} | {b["id"] for sb in resp.get("seatbid", []) for b in sb["bid"]}
+        for bid_id in filter(None, ids):
+            text = text.replace(bid_id, "BIDID")
+    return status, (json.loads(text) if text else {})
+
+
+def test_bid_through_nginx_is_the_workers_answer_and_admin_is_not_public(node):
+    direct = _answer(*bid(node.worker_url)[::2])
+    proxied = _answer(*bid(node.url)[::2])
+    assert proxied == direct and direct[0] == 200 and direct[1]["seatbid"]
+    assert request(node.url)[0] == 200  # /ping passes through
+    for path in ("/metrics", "/debug/blocking", "/debug/"):
+        assert request(node.url, path=path)[0] == 404
+    assert request(node.admin_url, path="/metrics")[0] == 200
+
+
+def test_request_id_reaches_tafe_and_both_logs(node):
+    mark = len(node.proc.lines)
+    assert request(node.url, "POST", "/openrtb2/bid", BID, {"Content-Type": "application/json"})[0] == 200
+    rid = node.proc.wait_for(r'"POST /openrtb2/bid HTTP/1.1" 200 .* rid=([0-9a-f]{32})', start=mark).group(1)
+    node.proc.wait_for(rf'tafe.access.*"POST /openrtb2/bid" 200 .* {rid}$', start=mark)
+    # An exchange's own id is kept.
+    mark = len(node.proc.lines)
+    request(node.url, "POST", "/openrtb2/bid", BID, {"Content-Type": "application/json", "X-Request-Id": "exch-42"})
+    node.proc.wait_for(r"tafe.access.* exch-42$", start=mark)
+    node.proc.wait_for(r"rid=exch-42", start=mark)
+
+
+def test_metrics_move_with_the_traffic_sent_through_nginx(node):
+    key = 'tafe_http_requests_total{route="bid",status="200"}'
+    before = scrape(node.admin_url)
+    sent = 50
+    for _ in range(sent):
+        assert bid(node.url)[0] == 200
+    after = scrape(node.admin_url)
+    assert after[key] - before.get(key, 0.0) == sent
+    assert after['tafe_http_request_duration_seconds_count{route="bid"}'] - before.get(
+        'tafe_http_request_duration_seconds_count{route="bid"}', 0.0
+    ) == sent
+    assert after["tafe_bid_price_cpm_count"] > before.get("tafe_bid_price_cpm_count", 0.0)
+
+
+def test_sighup_rolling_restart_under_load_drops_nothing():
+    node = Node()
+    try:
+        old = node.workers()
+        mark = len(node.proc.lines)
+        with Load(node.url, concurrency=8) as load:
+            time.sleep(3.0)
+            os.kill(node.proc.pid, signal.SIGHUP)
+            node.proc.wait_for("rolling restart done", timeout=90, start=mark)
+            time.sleep(max(1.0, 20.0 - (time.monotonic() - load.started)))
+        print(f"rolling restart: {load.total} requests in {load.stopped - load.started:.1f}s ({load.rate():.0f}/s)")
+        assert not load.bad(), load.bad()
+        assert load.stopped - load.started >= 20.0
+        new = node.workers()
+        assert len(new) == 2 and not (new & old), (old, new)
+        assert node.proc.wait_for("nginx config unchanged: not reloaded", start=mark)
+        assert bid(node.url)[0] == 200
+    finally:
+        node.proc.stop()
+
+
+def test_sigterm_under_load_answers_every_accepted_request_and_leaves_nothing():
+    node = Node("--drain-grace-s", "2")
+    tree = node.everything()
+    assert len(tree) >= 5  # tafe up, 2 workers, nginx master + worker(s)
+    try:
+        with Load(node.url, concurrency=8) as load:
+            time.sleep(2.0)
+            node.proc.proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)  # the balancer sees /ping 503 during the grace and stops sending
+            assert request(node.url)[0] == 503
+        assert node.proc.proc.wait(60) == 0, node.proc.output()[-3000:]
+    finally:
+        node.proc.stop(signal.SIGKILL)
+    assert not load.bad(), load.bad()
+    assert sum(load.statuses.values()) > 100
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in tree if alive(p)]
+
+
+def test_kill_9_worker_behind_nginx(node):
+    with Load(node.url, concurrency=8) as load:
+        time.sleep(2.0)
+        victim = min(node.workers())
+        mark = len(node.proc.lines)
+        os.kill(victim, signal.SIGKILL)
+        m = node.proc.wait_for(r"worker (\d) started \(pid (\d+)\)", start=mark, timeout=5)
+        node.proc.wait_for(rf"worker {m.group(1)} ready \(pid {m.group(2)}\)", start=mark)
+        time.sleep(1.0)
+    # Nginx answers 502 for requests that were in flight on the killed worker (a POST
+    # that reached a worker is never retried): at most one per client connection.
+    failed = load.statuses.get(502, 0) + len(load.errors)
+    assert failed <= load.concurrency, load.bad()
+    assert not {s for s in load.bad() if s not in (502, "errors", "first errors")}, load.bad()
+    assert victim not in node.workers() and len(node.workers()) == 2
+    assert re.search(rf"\(pid {victim}\) killed by signal 9", node.proc.output())
