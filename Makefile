@@ -35,8 +35,9 @@ loadtest: $(STAMP)
 		--host $(HOST) -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) --stop-timeout 5 \
 		--csv $(LOADTEST_OUT)/locust --only-summary
 
-# Both side-by-side benchmarks (< 15 minutes); each installs what it needs (apache2,
-# mod_wsgi, wrk, nginx, bjoern) and rewrites its own section of benchmarks/RESULTS.md.
+# The side-by-side benchmarks and a recorded load test of a whole node (< 15 minutes); each
+# installs what it needs (apache2, mod_wsgi, wrk, nginx, bjoern) and rewrites its own
+# section of benchmarks/RESULTS.md.
 BENCH_STAMP = $(VENV)/.installed-bench
 
 $(BENCH_STAMP): $(STAMP)
@@ -46,6 +47,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/threads_vs_greenlets/run.py --record $(TVG_ARGS)
 	$(BIN)/python benchmarks/throughput/run.py --record $(THROUGHPUT_ARGS)
+	$(BIN)/python benchmarks/loadtest.py --record $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
