@@ -105,16 +105,21 @@ def parse_wrk(out: str) -> tuple[float, float, float]:
     return rps, ms("50%"), ms("99%")
 
 
+def pin(core: int) -> list[str]:
+    """Server and wrk on different cores when there are two, so they do not fight for one."""
+    if (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
+        return ["taskset", "-c", str(core)]
+    return []
+
+
 def bench(name: str, argv: list[str], port: int, connections: int, duration: int) -> tuple[float, float, float]:
-    proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.Popen(pin(0) + argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         wait_listening(port, proc)
         url = f"http://127.0.0.1:{port}/"
-        subprocess.run(["wrk", "-t1", "-c", str(connections), "-d2s", url], capture_output=True, check=True)  # warm up
-        done = subprocess.run(
-            ["wrk", "-t1", "-c", str(connections), f"-d{duration}s", "--latency", url],
-            capture_output=True, text=True, check=True,
-        )
+        wrk = pin(1) + ["wrk", "-t1", "-c", str(connections)]
+        subprocess.run(wrk + ["-d2s", url], capture_output=True, check=True)  # warm up
+        done = subprocess.run(wrk + [f"-d{duration}s", "--latency", url], capture_output=True, text=True, check=True)
         return parse_wrk(done.stdout)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -155,7 +160,8 @@ def main() -> int:
     if not shutil.which("wrk"):
         parser.exit(2, "wrk not found: apt-get install -y wrk\n")
     print(machine())
-    print(f"wrk -t1 -c{args.connections} -d{args.duration}s, one worker each, {len(BODY)} B body")
+    print(f"wrk -t1 -c{args.connections} -d{args.duration}s, one worker each, {len(BODY)} B body, "
+          f"{'server on core 0, wrk on core 1' if pin(0) else 'not pinned'}, loadavg {os.getloadavg()[0]:.1f}")
     results = {}
     for name, argv in commands(free_port()).items():
         port = int(argv[argv.index("-b") + 1].rsplit(":", 1)[1]) if "-b" in argv else int(argv[-1])

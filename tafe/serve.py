@@ -67,7 +67,8 @@ def serve_in_process(
 
         swap.watch(apps.holder, settings, logging.getLogger("tafe.cqs"))
 
-    servers = [server.Server(listener or server.bind(settings.host, settings.port), public, settings, lifecycle)]
+    public_sock = listener or server.bind(settings.host, settings.port)
+    servers = [server.Server(public_sock, public, settings, lifecycle, metrics=apps.metrics)]
     if admin_listener is not None or settings.admin_port >= 0:
         admin_sock = admin_listener or server.bind(settings.admin_host, settings.admin_port)
         servers.append(server.Server(admin_sock, admin, settings, lifecycle, name="admin"))

@@ -47,6 +47,9 @@ _LINGER_S = 2.0  # longest time spent draining a refused client before closing
 _monotonic = time.monotonic
 _time = time.time
 
+# tafe_bad_requests_total{reason} of the requests refused before any app saw them.
+_REFUSAL_REASONS = {400: "malformed_http", 408: "slow_client", 413: "too_large", 431: "head_too_large"}
+
 # Header name (as sent) -> WSGI environ key; None drops it: a name with "_" could
 # spoof another after the "-" -> "_" mapping (Nginx and gunicorn drop them too).
 _ENV_KEYS: dict[bytes, str | None] = {}
@@ -174,7 +177,7 @@ class Server:
 
     def count_refused(self, status: int) -> None:
         if self.metrics is not None:
-            self.metrics.bad_requests.labels(reason=f"http_{status}").inc()
+            self.metrics.bad_requests.labels(reason=_REFUSAL_REASONS.get(status, f"http_{status}")).inc()
 
     def _handle(self, sock: socket.socket, addr: Any) -> None:
         conn = _Connection(self, sock, addr)
