@@ -1,0 +1,191 @@
+"""Hot swap: a new model or user store replaces the serving one between requests.
+
+The bid path reads ``holder.current`` once per request and scores every imp against
+that snapshot, so a swap (one attribute store, atomic under the GIL) never mixes two
+versions inside one request and never makes one wait.
+
+``watch`` runs one greenlet per worker that looks for new files every ``poll_s``
+seconds and at once on SIGHUP. In ``settings.watch_dir`` a model is any ``*.cqsm``
+file and a store any ``*.cqss`` file (names starting with "." are ignored, so write
+under such a name and rename into place: ``tafe cqs build-store --out`` and model
+saves already do); the newest of each kind wins, else ``settings.model`` /
+``settings.store``. A changed file is loaded and validated in the hub's thread pool
+(the store's checksum pass releases the GIL, so the event loop keeps serving),
+then swapped in. A bad file is refused with one log line and the old snapshot keeps
+serving; SIGHUP retries refused files. An unchanged store is reused, never re-read.
+
+A replaced store is unmapped only after ``grace_s`` (longer than any request's
+deadline), a slice at a time, so neither a request still holding the old snapshot
+nor the event loop notices. A request that somehow outlives the grace sees
+"unknown user", not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any, Callable, NamedTuple
+
+import gevent
+import gevent.event
+
+from tafe.cqs import Snapshot
+from tafe.cqs import model as model_mod
+from tafe.cqs.store import open_store
+from tafe.settings import Settings
+
+SUFFIXES = {"model": ".cqsm", "store": ".cqss"}
+
+
+class Holder:
+    """The snapshot the bid path serves from; ``current`` is replaced whole, never mutated."""
+
+    __slots__ = ("current", "on_swap")
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.current = snapshot
+        # called as f(old, new) right after each swap, e.g. to update /metrics
+        self.on_swap: list[Callable[[Snapshot, Snapshot], None]] = []
+
+    def swap(self, new: Snapshot) -> None:
+        old, self.current = self.current, new
+        for callback in self.on_swap:
+            callback(old, new)
+
+
+class FileId(NamedTuple):
+    """What makes a file "new": a rename into place changes the inode, a rewrite the mtime."""
+
+    path: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+
+def file_id(path: str) -> FileId | None:
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return FileId(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class Watcher:
+    """Finds new model/store files and swaps them in; one per worker process."""
+
+    def __init__(self, holder: Holder, settings: Settings, log: logging.Logger | logging.LoggerAdapter,
+                 *, poll_s: float = 1.0, grace_s: float | None = None) -> None:
+        self.holder = holder
+        self.settings = settings
+        self.log = log
+        self.poll_s = poll_s
+        # twice the longest deadline a request can have, and at least a second
+        self.grace_s = grace_s if grace_s is not None else max(1.0, 2 * settings.max_tmax_ms / 1000)
+        self.loaded = {"model": file_id(settings.model), "store": file_id(settings.store)}
+        self.refused: set[FileId] = set()
+        self.swaps = 0
+        self._wake = gevent.event.Event()
+        self._greenlet: gevent.Greenlet | None = None
+
+    def wanted(self, kind: str) -> FileId | None:
+        """The newest ``*.cqsm``/``*.cqss`` in the watched directory, else the configured file."""
+        best: FileId | None = None
+        directory = self.settings.watch_dir
+        if directory:
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                names = []
+            for name in names:
+                if name.startswith(".") or not name.endswith(SUFFIXES[kind]):
+                    continue
+                fid = file_id(os.path.join(directory, name))
+                if fid is not None and (best is None or (fid.mtime_ns, fid.path) > (best.mtime_ns, best.path)):
+                    best = fid
+        if best is None:
+            best = file_id(self.settings.model if kind == "model" else self.settings.store)
+        return best
+
+    def check(self) -> bool:
+        """Load whatever changed and swap it in; True if a swap happened."""
+        changes = {}
+        for kind in ("model", "store"):
+            fid = self.wanted(kind)
+            if fid is not None and fid != self.loaded[kind] and fid not in self.refused:
+                changes[kind] = fid
+        if not changes:
+            return False
+        old = self.holder.current
+        try:
+            new = gevent.get_hub().threadpool.apply(_load, (old, changes.get("model"), changes.get("store")))
+        except Exception as exc:  # CqsError, or anything unforeseen: never swap in a doubtful file
+            self.refused.update(changes.values())
+            self.log.error("cqs: refused %s, still serving %s: %s", _names(changes), old.versions, exc)
+            return False
+        self.holder.swap(new)
+        self.loaded.update(changes)
+        self.swaps += 1
+        self.log.info("cqs: swapped in %s: now serving %s (was %s)", _names(changes), new.versions, old.versions)
+        if old.store is not None and old.store is not new.store:
+            gevent.spawn_later(self.grace_s, _retire, old.store)
+        return True
+
+    def hangup(self) -> None:
+        """SIGHUP: look now, and give refused files another chance."""
+        self.refused.clear()
+        self._wake.set()
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.check()
+            except Exception:  # a watcher that dies would silently stop all future swaps
+                self.log.exception("cqs: hot-swap check failed; will retry")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def start(self) -> "Watcher":
+        self._greenlet = gevent.spawn(self.run)
+        return self
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill()
+            self._greenlet = None
+
+
+def _names(changes: dict[str, FileId]) -> str:
+    return ", ".join(f"{kind} {fid.path}" for kind, fid in changes.items())
+
+
+def _load(old: Snapshot, model_file: FileId | None, store_file: FileId | None) -> Snapshot:
+    """Runs in a pool thread: read and validate what changed, reuse what did not."""
+    model = model_mod.load(model_file.path) if model_file else old.model
+    store = open_store(store_file.path) if store_file else old.store
+    try:
+        return Snapshot(model, store)
+    except BaseException:
+        if store_file and store is not None:
+            store.close()
+        raise
+
+
+def _retire(store: Any) -> None:
+    """Unmap a replaced store in slices, yielding to requests between them."""
+    for _ in store.release_pages():
+        gevent.sleep(0)
+    store.close()
+
+
+def watch(holder: Holder, settings: Settings, log: logging.Logger | logging.LoggerAdapter, *, poll_s: float = 1.0) -> Watcher:
+    """Start hot swap for this process: poll ``settings.watch_dir`` and reload on SIGHUP."""
+    watcher = Watcher(holder, settings, log, poll_s=poll_s).start()
+    try:
+        gevent.signal_handler(signal.SIGHUP, watcher.hangup)
+    except ValueError:  # not the main thread (tests): polling still works
+        pass
+    return watcher
