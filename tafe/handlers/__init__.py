@@ -169,6 +169,15 @@ def _holder(settings: Settings) -> Any:
     return Holder(snapshot)
 
 
+def _show_versions(metrics: Metrics, old: dict[str, str], new: dict[str, str]) -> None:
+    """After a hot swap: the replaced versions read 0, the serving ones 1."""
+    for kind, version in old.items():
+        if new.get(kind) != version:
+            metrics.model_info.labels(kind, version).set(0)
+    for kind, version in new.items():
+        metrics.model_info.labels(kind, version).set(1)
+
+
 def _decision_log(settings: Settings) -> Any:
     if not settings.decision_log:
         return None
@@ -185,6 +194,8 @@ def build(settings: Settings, *, lifecycle: Lifecycle | None = None, registry: C
     holder = _holder(settings)
     for kind, version in holder.current.versions.items():
         metrics.model_info.labels(kind, version).set(1)
+    if hasattr(holder, "on_swap"):
+        holder.on_swap.append(lambda old, new: _show_versions(metrics, old.versions, new.versions))
     public = make_public_app(
         settings, lifecycle=lifecycle, metrics=metrics, holder=holder, campaigns=campaigns, decision_log=_decision_log(settings)
     )
