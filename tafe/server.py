@@ -291,7 +291,7 @@ class _Connection:
     def _refuse(self, error: http.HttpError) -> None:
         server = self.server
         server.count_refused(error.status)
-        log.info("%s: %d %s (from %s)", server.name, error.status, error.reason, self.base["REMOTE_ADDR"])
+        log.debug("%s: %d %s (from %s)", server.name, error.status, error.reason, self.base["REMOTE_ADDR"])
         sock = self.sock
         try:
             sock.sendall(http.error_response(error.status, error.reason, _time()))

@@ -396,6 +396,42 @@ def test_processes_sharing_an_inherited_listener_all_keep_serving():
             worker.stop()
 
 
+def test_full_pool_holds_new_connections_until_idle_ones_time_out():
+    proc = ServerProcess(TAFE_MAX_CONNECTIONS="2", TAFE_KEEPALIVE_TIMEOUT_S="1")
+    try:
+        held = []
+        for _ in range(2):
+            sock = proc.connect()
+            sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert Reader(sock).response().body == b"pong"
+            held.append(sock)
+        with proc.connect() as third:
+            third.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            third.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                third.recv(1)  # queued in the backlog: the pool is full
+            third.settimeout(10)
+            assert Reader(third).response().body == b"pong"  # once the idle ones are closed
+        for sock in held:
+            sock.settimeout(5)
+            assert Reader(sock).closed()
+            sock.close()
+    finally:
+        proc.stop()
+
+
+def test_port_0_binds_a_real_port_and_the_server_reports_it():
+    from tafe import server, settings
+    from tafe.lifecycle import Lifecycle
+
+    listener = server.bind("127.0.0.1", 0)
+    try:
+        srv = server.Server(listener, lambda env, start: [], settings.Settings(), Lifecycle())
+        assert srv.address == listener.getsockname() and srv.address[1] > 0
+    finally:
+        listener.close()
+
+
 def test_sigterm_drains_in_flight_then_refuses_and_exits_0():
     proc = ServerProcess(TAFE_DRAIN_GRACE_S="0.3", TAFE_ACCESS_LOG="1", TAFE_LOG_JSON="1")
     try:
