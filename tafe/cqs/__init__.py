@@ -95,12 +95,16 @@ def open_snapshot(model_path: str, store_path: str = "") -> Snapshot:
 
 
 def __getattr__(name: str) -> Any:
-    # Holder lives with hot swap; imported lazily so importing tafe.cqs stays light.
+    # Imported lazily so importing tafe.cqs stays light (and free of cycles).
     if name == "Holder":
         from tafe.cqs.swap import Holder
 
         return Holder
+    if name == "DecisionLog":
+        from tafe.cqs.decision_log import DecisionLog
+
+        return DecisionLog
     raise AttributeError(f"module 'tafe.cqs' has no attribute {name!r}")
 
 
-__all__ = ["CqsError", "Score", "Snapshot", "open_snapshot", "Holder"]
+__all__ = ["CqsError", "Score", "Snapshot", "open_snapshot", "Holder", "DecisionLog"]

@@ -106,8 +106,12 @@ class Truth:
         return z
 
 
-def aggregate(events: list[tuple[float, str]], as_of: float) -> UserState:
-    """A user's state at ``as_of`` from their (ts, type) events: the store's reference semantics."""
+def aggregate(events: list[tuple[float, str]], as_of: float) -> UserState | None:
+    """A user's state at ``as_of`` from their (ts, type) events, or None if none is kept.
+
+    The same semantics as ``tafe.cqs.store``: only events with ``0 <= as_of - ts < 365
+    days`` count, in windows ``age < W``; recencies are whole hours.
+    """
     counts = dict.fromkeys(UserState._fields, 0)
     last: dict[str, float] = {}
     windows = {"view": (("views_1d", 1), ("views_7d", 7), ("views_30d", 30)), "cart": (("carts_7d", 7), ("carts_30d", 30)),
@@ -115,7 +119,7 @@ def aggregate(events: list[tuple[float, str]], as_of: float) -> UserState:
                "click": (("clicks_7d", 7), ("clicks_30d", 30))}
     for ts, kind in events:
         age = as_of - ts
-        if age < 0:
+        if not 0 <= age < 365 * DAY:
             continue
         for fieldname, days in windows[kind]:
             if age < days * DAY:
@@ -125,7 +129,7 @@ def aggregate(events: list[tuple[float, str]], as_of: float) -> UserState:
     for kind, fieldname in (("view", "hours_since_view"), ("cart", "hours_since_cart"),
                             ("purchase", "hours_since_purchase"), ("click", "hours_since_click")):
         counts[fieldname] = min(int((as_of - last[kind]) // 3600), NEVER - 1) if kind in last else NEVER
-    return UserState(**counts)
+    return UserState(**counts) if last else None
 
 
 @dataclass
@@ -133,7 +137,7 @@ class User:
     key: str
     activity: float  # sessions per 30 days
     events: list[tuple[float, str]]
-    state: UserState
+    state: UserState | None  # None: nothing in the last 365 days, so not in the store
 
 
 def _user(rng: random.Random, as_of: float) -> User:
@@ -264,7 +268,7 @@ def simulate(users: int, requests: int, unknown: float, seed: int, as_of: float)
 
     def stream() -> Iterator[tuple[dict, dict]]:
         srng = random.Random(seed * 7919 + 1)
-        known = [u for u in population if u.events]  # the store knows only users with events
+        known = [u for u in population if u.state is not None]
         cum = []
         total = 0.0
         for u in known:
@@ -279,7 +283,7 @@ def simulate(users: int, requests: int, unknown: float, seed: int, as_of: float)
                 keys = (user.key,)
             rid = "%s-%d" % ("%08x" % seed, n)
             request, body = _context(srng, now, keys, rid)
-            state = user.state if user is not None else None
+            state = user.state if user is not None else None  # as the store would answer
             feats = names(request, request.imps[0], state, now, as_of)
             z = truth.logits(feats)
             p = [_sig(x) for x in z]
@@ -319,7 +323,7 @@ def write(out: str, users: int = 20_000, requests: int = 100_000, unknown: float
         "out": out, "seed": seed, "as_of": as_of, "users": users, "events": n_events, "requests": requests,
         "known_share": round(known / max(1, requests), 4),
         "outcome_rates": {h: round(c / max(1, requests), 5) for h, c in rates.items()},
-        "users_with_history": sum(1 for u in population if u.events),
+        "users_in_store": sum(1 for u in population if u.state is not None),
     }
     with open(os.path.join(out, "truth.json"), "w") as f:
         json.dump({**summary, "spec": SPEC, "bias": BIAS, "sigma": SIGMA, "history": HISTORY}, f, indent=1)

@@ -59,4 +59,29 @@ def test_aggregate_windows_and_recency() -> None:
     assert (s.views_1d, s.views_7d, s.views_30d) == (1, 2, 3)
     assert (s.carts_7d, s.purchases_365d, s.shown_1d, s.clicks_30d) == (1, 0, 1, 0)
     assert (s.hours_since_view, s.hours_since_cart, s.hours_since_click) == (2, 5, NEVER)
-    assert s.hours_since_purchase == 9600
+    assert s.hours_since_purchase == NEVER  # older than the 365 days the store keeps
+    assert synth.aggregate([(AS_OF - 200 * 24 * h, "purchase")], AS_OF).hours_since_purchase == 4800
+    assert synth.aggregate([(AS_OF - 400 * 24 * h, "view")], AS_OF) is None
+
+
+def test_store_built_from_synth_events_agrees(tmp_path: Path) -> None:
+    """The store's lookup answers exactly the state synth scored each decision with."""
+    from tafe.cqs import model as model_mod
+    from tafe.cqs import open_snapshot
+    from tafe.cqs.store import build_store
+
+    population, stream = synth.simulate(users=800, requests=400, unknown=0.3, seed=4, as_of=AS_OF)
+    synth.write(str(tmp_path), users=800, requests=400, unknown=0.3, seed=4, as_of=AS_OF)
+    build_store([str(tmp_path / "events.jsonl")], str(tmp_path / "users.store"), as_of=AS_OF, version="synth-4")
+    model_mod.constant("c-1", {"visit": 0.0}).save(str(tmp_path / "m.cqsm"))
+    snap = open_snapshot(str(tmp_path / "m.cqsm"), str(tmp_path / "users.store"))
+    assert snap.versions == {"model": "c-1", "store": "synth-4"}
+    by_key = {u.key: u.state for u in population}
+    requests = [json.loads(line) for line in (tmp_path / "requests.jsonl").open()]
+    decisions = [json.loads(line) for line in (tmp_path / "decisions.jsonl").open()]
+    for body, decision in zip(requests, decisions):
+        key = body.get("user", {}).get("buyeruid", "")
+        state = snap.store.lookup([key]) if key else None
+        assert state == by_key.get(key), key
+        assert (state is not None) == decision["known"]
+    assert any(d["known"] for d in decisions) and not all(d["known"] for d in decisions)
