@@ -26,6 +26,10 @@ Rules, on the way in (``RequestReader``):
 - Each request carries ``arrival``: the clock value passed to the ``feed`` that
   delivered its first byte (the bid deadline is measured from it).
 
+The WSGI view (``wsgi_environ``): ``PATH_INFO`` is percent-decoded then read as
+latin-1 (PEP 3333); header names containing "_" are dropped (they would alias their
+"-" twins); ``CONTENT_LENGTH`` is the length of the body read, whatever its framing.
+
 Rules, on the way out (``response_head``):
 
 - Status line, headers and (by the shell) body go out as one bytes object, one write.
@@ -41,8 +45,10 @@ from __future__ import annotations
 
 from email.utils import formatdate
 from http import HTTPStatus
+from io import BytesIO
 from itertools import chain
-from typing import Iterable
+from typing import Any, Iterable
+from urllib.parse import unquote_to_bytes
 
 import httptools
 
@@ -55,6 +61,7 @@ __all__ = [
     "chunk",
     "error_response",
     "response_head",
+    "wsgi_environ",
     "CHUNKED",
     "UNTIL_CLOSE",
 ]
@@ -243,6 +250,67 @@ class RequestReader:
         self.send_continue = False
         if not keep_alive or method == "CONNECT":
             self._close_after_last()
+
+
+# --- the WSGI view of a request ------------------------------------------------------
+
+# Header name (as sent) -> WSGI environ key; None drops it: a name with "_" could
+# spoof another after the "-" -> "_" mapping (Nginx and gunicorn drop them too).
+_ENV_KEYS: dict[bytes, str | None] = {}
+
+
+def _env_key(name: bytes) -> str | None:
+    text = name.decode("latin-1").upper()
+    if "_" in text:
+        key = None
+    elif text == "CONTENT-TYPE" or text == "CONTENT-LENGTH":
+        key = text.replace("-", "_")
+    else:
+        key = "HTTP_" + text.replace("-", "_")
+    if len(_ENV_KEYS) < 1024:
+        _ENV_KEYS[name] = key
+    return key
+
+
+def wsgi_environ(request: Request, base: dict[str, Any]) -> dict[str, Any]:
+    """The PEP 3333 environ of ``request``: a copy of ``base`` (server and client keys)
+    plus the request's own keys, ``wsgi.input`` over the body already read, and
+    ``tafe.arrival``. Repeated headers are joined with ","."""
+    env = base.copy()
+    target = request.target
+    if target[:1] == b"/":
+        path, _, query = target.partition(b"?")
+    elif target == b"*":
+        path, query = target, b""
+    else:  # absolute-form, as sent to a proxy
+        try:
+            url = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError:
+            path, query = target, b""
+        else:
+            path, query = url.path or b"/", url.query or b""
+    env["REQUEST_METHOD"] = request.method
+    env["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+    env["QUERY_STRING"] = query.decode("latin-1")
+    env["RAW_URI"] = target.decode("latin-1")
+    env["SERVER_PROTOCOL"] = "HTTP/1.1" if request.http11 else "HTTP/1.0"
+    keys = _ENV_KEYS
+    for name, value in request.headers:
+        key = keys.get(name, "")
+        if key == "":
+            key = _env_key(name)
+        if key is None:
+            continue
+        text = value.decode("latin-1")
+        if key in env:
+            text = env[key] + "," + text
+        env[key] = text
+    body = request.body
+    if body or "CONTENT_LENGTH" in env:
+        env["CONTENT_LENGTH"] = str(len(body))  # the length read, chunked or not
+    env["wsgi.input"] = BytesIO(body)
+    env["tafe.arrival"] = request.arrival
+    return env
 
 
 # --- responses ------------------------------------------------------------------------

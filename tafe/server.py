@@ -13,7 +13,6 @@ parsing is llhttp, and a connection yields to the others between pipelined reque
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -23,10 +22,8 @@ import socket
 import sys
 import time
 from typing import Any, Callable, Iterable
-from urllib.parse import unquote_to_bytes
 
 import gevent
-import httptools
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
@@ -49,26 +46,6 @@ _time = time.time
 
 # tafe_bad_requests_total{reason} of the requests refused before any app saw them.
 _REFUSAL_REASONS = {400: "malformed_http", 408: "slow_client", 413: "too_large", 431: "head_too_large"}
-
-# Header name (as sent) -> WSGI environ key; None drops it: a name with "_" could
-# spoof another after the "-" -> "_" mapping (Nginx and gunicorn drop them too).
-_ENV_KEYS: dict[bytes, str | None] = {}
-
-
-def _env_key(name: bytes) -> str | None:
-    key = _ENV_KEYS.get(name, "")
-    if key == "":
-        text = name.decode("latin-1").upper()
-        if "_" in text:
-            key = None
-        elif text == "CONTENT-TYPE" or text == "CONTENT-LENGTH":
-            key = text.replace("-", "_")
-        else:
-            key = "HTTP_" + text.replace("-", "_")
-        if len(_ENV_KEYS) < 1024:
-            _ENV_KEYS[name] = key
-    return key
-
 
 def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
     """A listening TCP socket (SO_REUSEADDR); port 0 picks a free port."""
@@ -309,43 +286,6 @@ class _Connection:
 
     # --- WSGI -------------------------------------------------------------------------
 
-    def _environ(self, request: http.Request) -> dict[str, Any]:
-        env = self.base.copy()
-        target = request.target
-        if target[:1] == b"/":
-            path, _, query = target.partition(b"?")
-        elif target == b"*":
-            path, query = target, b""
-        else:  # absolute-form (a proxy-style request line)
-            try:
-                url = httptools.parse_url(target)
-            except httptools.HttpParserInvalidURLError:
-                path, query = target, b""
-            else:
-                path, query = url.path or b"/", url.query or b""
-        env["REQUEST_METHOD"] = request.method
-        env["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
-        env["QUERY_STRING"] = query.decode("latin-1")
-        env["RAW_URI"] = target.decode("latin-1")
-        env["SERVER_PROTOCOL"] = "HTTP/1.1" if request.http11 else "HTTP/1.0"
-        for name, value in request.headers:
-            key = _ENV_KEYS.get(name, "")
-            if key == "":
-                key = _env_key(name)
-            if key is None:
-                continue
-            text = value.decode("latin-1")
-            if key in env:
-                text = env[key] + "," + text
-            env[key] = text
-        body = request.body
-        if body or "CONTENT_LENGTH" in env:
-            env["CONTENT_LENGTH"] = str(len(body))
-        env["wsgi.input"] = io.BytesIO(body)
-        env["tafe.arrival"] = request.arrival
-        env["tafe.request_id"] = env.get("HTTP_X_REQUEST_ID") or self.server.request_id()
-        return env
-
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
         if exc_info is not None:
             try:
@@ -429,7 +369,8 @@ class _Connection:
         env: dict[str, Any] = {}
         try:
             try:
-                env = self._environ(request)
+                env = http.wsgi_environ(request, self.base)
+                env["tafe.request_id"] = env.get("HTTP_X_REQUEST_ID") or server.request_id()
                 result = server.app(env, self.start_response)
                 try:
                     if type(result) is list and not self.head_sent:
