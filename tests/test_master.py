@@ -11,6 +11,7 @@ from __future__ import annotations
 import calendar
 import collections
 import http.client
+import json
 import os
 import re
 import signal
@@ -297,3 +298,47 @@ def test_worker_that_cannot_start_stops_the_master():
     finally:
         proc.stop(signal.SIGKILL)
     assert "before it was ready" in proc.output()
+
+
+def test_sighup_rereads_the_config_file(tmp_path: Path):
+    config = tmp_path / "tafe.toml"
+    config.write_text('seat = "before"\n')
+    proc, url, admin = start_master("--config", str(config))
+    try:
+        assert json.loads(bid(url)[2])["seatbid"][0]["seat"] == "before"
+        config.write_text('seat = "after"\n')
+        mark = len(proc.lines)
+        os.kill(proc.pid, signal.SIGHUP)
+        proc.wait_for("rolling restart done", timeout=60, start=mark)
+        seats = {json.loads(bid(url)[2])["seatbid"][0]["seat"] for _ in range(20)}
+        assert seats == {"after"}
+        # A broken file keeps the running workers and says why.
+        config.write_text("seat = \n")
+        mark = len(proc.lines)
+        os.kill(proc.pid, signal.SIGHUP)
+        proc.wait_for("settings not reloaded, workers not restarted", start=mark)
+        assert bid(url)[0] == 200
+    finally:
+        proc.stop()
+
+
+def test_cpu_affinity_pins_each_worker_to_its_own_cpu():
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    proc, url, admin = start_master("--cpu-affinity")
+    try:
+        pinned = [os.sched_getaffinity(pid) for pid in worker_pids(proc)]
+        assert all(len(cpus) == 1 for cpus in pinned) and pinned[0] != pinned[1]
+    finally:
+        proc.stop()
+
+
+def test_up_without_nginx_serves_on_the_public_port():
+    proc = Proc("up", "--workers", "1", "--port", "0", "--admin-port", "-1", "--nginx", "no-such-nginx-binary")
+    try:
+        m = proc.wait_for(r"tafe.master.* listening on (http://[\d.]+:\d+)")
+        assert "serving without Nginx" in proc.output()
+        assert bid(m.group(1))[0] == 200
+        assert proc.stop() == 0
+    finally:
+        proc.stop(signal.SIGKILL)
