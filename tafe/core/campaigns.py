@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tafe.core.types import Creative, Imp, MediaType
 
@@ -55,6 +55,7 @@ class Targeting:
     os: frozenset[str] = frozenset()  # lower case
     channels: frozenset[str] = frozenset()  # "site", "app", "dooh"
     known_users_only: bool = False
+    restricts: bool = False  # any of the four sets above is non-empty (saves checking them per bid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,25 @@ class Campaign:
     creatives: tuple[Creative, ...] = ()
 
 
-Candidate = tuple[Campaign, Creative]
+class Candidate(NamedTuple):
+    """A (campaign, creative) pair with what the bid loop checks, unpacked once at load time."""
+
+    campaign: Campaign
+    creative: Creative
+    media_check: bool  # video/audio: mimes and duration still to check against the imp
+    restricts: bool  # the campaign has targeting
+    secure: bool
+    known_users_only: bool
+    base_cpm_micros: int
+    max_cpm_micros: int
+
+
+def _candidate(campaign: Campaign, creative: Creative) -> Candidate:
+    t = campaign.targeting
+    return Candidate(
+        campaign, creative, creative.format in (MediaType.VIDEO, MediaType.AUDIO), t.restricts, creative.secure,
+        t.known_users_only, campaign.base_cpm_micros, campaign.max_cpm_micros,
+    )
 
 
 def to_micros(value: Any) -> int:
@@ -106,9 +125,9 @@ class Campaigns:
         for campaign in campaigns:
             for creative in campaign.creatives:
                 key = (creative.format, creative.w, creative.h) if creative.format is MediaType.BANNER else (creative.format, None, None)
-                index.setdefault(key, []).append((campaign, creative))
+                index.setdefault(key, []).append(_candidate(campaign, creative))
                 if creative.format is MediaType.BANNER:
-                    banners.append((campaign, creative))
+                    banners.append(_candidate(campaign, creative))
         self._index = {k: tuple(v) for k, v in index.items()}
         self._banners = tuple(banners)
 
@@ -187,6 +206,8 @@ def _campaign(c: Any, where: str) -> Campaign:
     channels = _strings(t, "channel", where + " targeting")
     _need(set(channels) <= {"site", "app", "dooh"}, where, "targeting.channel entries must be site, app or dooh")
     known = t.get("known_users_only", False)
+    countries = frozenset(x.upper() for x in _strings(t, "country", where + " targeting"))
+    os_names = frozenset(x.lower() for x in _strings(t, "os", where + " targeting"))
     _need(isinstance(known, bool), where, "targeting.known_users_only must be true or false")
     base, top = _money(c, "base_cpm", where), _money(c, "max_cpm", where)
     _need(base <= top, where, "base_cpm must not exceed max_cpm")
@@ -200,11 +221,12 @@ def _campaign(c: Any, where: str) -> Campaign:
         base_cpm_micros=base,
         max_cpm_micros=top,
         targeting=Targeting(
-            countries=frozenset(x.upper() for x in _strings(t, "country", where + " targeting")),
+            countries=countries,
             devicetypes=frozenset(devicetypes),
-            os=frozenset(x.lower() for x in _strings(t, "os", where + " targeting")),
+            os=os_names,
             channels=frozenset(channels),
             known_users_only=known,
+            restricts=bool(countries or devicetypes or os_names or channels),
         ),
         bundle=str(c.get("bundle", "")),
         deals=frozenset(_strings(c, "deals", where)),

@@ -112,6 +112,9 @@ def _blocked(campaign: Campaign, request: BidRequest) -> bool:
 
 
 def _lanes(imp: Imp, campaigns: Campaigns) -> list[_Lane]:
+    if not imp.deals and not imp.private_auction:  # the common case: the open auction alone
+        floor = _convert(imp.bidfloor, imp.bidfloorcur, campaigns.fx_micros)
+        return [_Lane("", floor, ())] if floor is not None else []
     lanes = []
     for deal in imp.deals:
         if deal.wseat and campaigns.seat not in deal.wseat:
@@ -153,49 +156,57 @@ def decide(request: BidRequest, models: Scorer, campaigns: Campaigns, now: float
     scored = dataclasses.replace(request, user_keys=()) if request.coppa or (request.gdpr and not request.consent) else request
     shade = campaigns.first_price_shade if request.at == 1 else 1.0
     pivot = campaigns.score_pivot
+    blocks = bool(request.bcat or request.badv or request.bapp)
     bids: list[Bid] = []
     furthest = -1
     score_ns = 0
     for imp in request.imps:
-        stage = 0
         lanes = _lanes(imp, campaigns)
         if not lanes:  # private auction with no deal open to our seat, or a floor in an unknown currency
             furthest = max(furthest, 1 if imp.deals else 0)
             continue
+        stage = 0
         score = None
-        best: tuple[tuple[int, int, int], Campaign, Creative, _Lane, int, int] | None = None
-        for rank, (campaign, creative) in enumerate(campaigns.candidates(imp)):
-            if not _fits(imp, creative) or not _targeted(campaign, request):
+        s = 0.0
+        best: tuple[tuple[int, int, int], Campaign, Creative, _Lane, int] | None = None
+        secure = imp.secure
+        for rank, (campaign, creative, media_check, restricts, creative_secure, known_only, base, top) in enumerate(
+            campaigns.candidates(imp)
+        ):
+            if media_check and not _fits(imp, creative):
                 continue
-            if imp.secure and not creative.secure:
+            if restricts and not _targeted(campaign, request):
                 continue
-            if _blocked(campaign, request):
-                stage = max(stage, 1)
+            if secure and not creative_secure:
+                continue
+            if blocks and _blocked(campaign, request):
+                stage = stage or 1
                 continue
             if score is None:
                 t0 = perf_counter_ns()
                 score = models.score(scored, imp, now)
                 score_ns += perf_counter_ns() - t0
-            if campaign.targeting.known_users_only and not score.known_user:
-                stage = max(stage, 2)
+                s = min(max(float(score.value), 0.0), 1.0)
+            if known_only and not score.known_user:
+                stage = 2
                 continue
             stage = 3
-            s = min(max(float(score.value), 0.0), 1.0)
-            value = min(int(campaign.base_cpm_micros * s / pivot), campaign.max_cpm_micros)
+            value = min(int(base * s / pivot), top)
             for lane in lanes:  # deals first, then the open auction
-                if lane.deal_id and (lane.deal_id not in campaign.deals or (lane.wadomain and not any(d in lane.wadomain for d in campaign.adomain))):
+                deal_id = lane.deal_id
+                if deal_id and (deal_id not in campaign.deals or (lane.wadomain and not any(d in lane.wadomain for d in campaign.adomain))):
                     continue
                 price = _price(value, lane.floor, shade)
                 if price is None:
                     continue
-                key = (1 if lane.deal_id else 0, value, -rank)
+                key = (1 if deal_id else 0, value, -rank)
                 if best is None or key > best[0]:
-                    best = (key, campaign, creative, lane, price, value)
+                    best = (key, campaign, creative, lane, price)
                 break
         if best is None:
             furthest = max(furthest, stage)
             continue
-        _, campaign, creative, lane, price, _value = best
+        _, campaign, creative, lane, price = best
         bids.append(
             Bid(
                 bid_id=_bid_id(request.id, imp.id, now),
@@ -206,7 +217,7 @@ def decide(request: BidRequest, models: Scorer, campaigns: Campaigns, now: float
                 adomain=campaign.adomain,
                 cat=campaign.cat,
                 deal_id=lane.deal_id,
-                cqs=float(score.value),
+                cqs=s,
             )
         )
     total_us = (perf_counter_ns() - t_start) / 1000

@@ -2,8 +2,13 @@
 
 ``parse`` turns bytes into a ``BidRequest`` view holding only what TAFE reads
 (2.5 ``ext`` locations and 2.6 fields already merged); ``decide`` turns that into a
-``Decision``; ``render`` turns a decision into bytes. All are plain, immutable-ish
-data: no sockets, no clocks, no gevent, no prometheus.
+``Decision``; ``render`` turns a decision into bytes. All are plain data: no sockets,
+no clocks, no gevent, no prometheus.
+
+Treat them as read-only. Those built for every request are not ``frozen`` only
+because a frozen dataclass's ``__init__`` costs twice as much (one
+``object.__setattr__`` call per field), which shows on the bid path; ``Creative``,
+built once at start-up, is frozen.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class MediaType(enum.IntEnum):
     NATIVE = 4
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Deal:
     id: str
     bidfloor: float = 0.0
@@ -47,7 +52,7 @@ class Deal:
     wadomain: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Video:
     mimes: tuple[str, ...] = ()
     w: int | None = None
@@ -59,14 +64,14 @@ class Video:
     placement: int | None = None  # 2.6 ``plcmt`` preferred, 2.5 ``placement`` otherwise
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Audio:
     mimes: tuple[str, ...] = ()
     minduration: int | None = None
     maxduration: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Imp:
     id: str
     banner_sizes: tuple[tuple[int, int], ...] = ()  # from banner.format[] or banner.w/h
@@ -84,7 +89,7 @@ class Imp:
     private_auction: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BidRequest:
     id: str
     imps: tuple[Imp, ...]
@@ -134,7 +139,7 @@ class Creative:
     secure: bool = True  # markup is https-safe
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Bid:
     bid_id: str
     imp_id: str
@@ -147,7 +152,7 @@ class Bid:
     cqs: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     request_id: str
     bids: tuple[Bid, ...] = ()

@@ -32,9 +32,9 @@ def test_bundled_demo_set_loads_with_default_settings():
 def test_index_by_format_and_size():
     c = from_dict(DOC)
     imp = parse(b'{"id":"r","imp":[{"id":"1","banner":{"format":[{"w":300,"h":250},{"w":728,"h":90}]}}]}').imps[0]
-    assert [cr.id for _, cr in c.candidates(imp)] == ["c-banner-300x250", "c-banner-728x90"]
+    assert [cand.creative.id for cand in c.candidates(imp)] == ["c-banner-300x250", "c-banner-728x90"]
     imp = parse(b'{"id":"r","imp":[{"id":"1","banner":{"w":1,"h":1},"video":{"mimes":["video/mp4"]}}]}').imps[0]
-    assert {camp.id for camp, _ in c.candidates(imp)} == {"c-video"}
+    assert {cand.campaign.id for cand in c.candidates(imp)} == {"c-video"}
     imp = parse(b'{"id":"r","imp":[{"id":"1","banner":{}}]}').imps[0]
     assert len(c.candidates(imp)) == 5  # no size given: every banner creative
     assert c.candidates(parse(b'{"id":"r","imp":[{"id":"1"}]}').imps[0]) == []
