@@ -58,6 +58,8 @@ class BlockEvent:
     greenlet: str
     blocked: Stack | None  # taken by the watchdog while the loop was still blocked
     yielded: Stack | None  # taken when the greenlet finally switched away
+    blocked_at: float = 0.0  # seconds into the span when ``blocked`` was taken
+    runqueue: float = 0.0  # seconds of the span the thread waited for a CPU (as far as seen)
 
     @property
     def stack(self) -> Stack:
@@ -74,6 +76,8 @@ class BlockEvent:
             "greenlet": self.greenlet,
             "site": format_frame(site) if site else None,
             "captured": "while_blocked" if self.blocked else "at_yield",
+            "blocked_stack_at_ms": round(self.blocked_at * 1000, 3) if self.blocked else None,
+            "runqueue_wait_ms": round(self.runqueue * 1000, 3),
             "yield_site": format_frame(y) if (y := app_frame(self.yielded or ())) else None,
             "blocked_stack": format_stack(self.blocked or ()),
             "yield_stack": format_stack(self.yielded or ()),
@@ -81,12 +85,13 @@ class BlockEvent:
 
 
 class Site:
-    __slots__ = ("frame", "count", "while_blocked", "total", "max", "buckets", "routes", "stacks", "example", "last_seen")
+    __slots__ = ("frame", "count", "while_blocked", "os_stalled", "total", "max", "buckets", "routes", "stacks", "example", "last_seen")
 
     def __init__(self, frame: Frame | None) -> None:
         self.frame = frame
         self.count = 0
         self.while_blocked = 0  # events whose stack the watchdog took during the block
+        self.os_stalled = 0  # events long only because the thread waited for a CPU
         self.total = 0.0
         self.max = 0.0
         self.buckets = LogBuckets()
@@ -104,6 +109,7 @@ class Aggregate:
         self.sites: dict[Frame | str, Site] = {}
         self.events = 0
         self.started = time.time()
+        self.os_stalled = 0
 
     def site_key(self, event: BlockEvent) -> Frame | str:
         frame = app_frame(event.stack)
@@ -112,9 +118,15 @@ class Aggregate:
             return OTHER
         return key
 
-    def add(self, event: BlockEvent) -> str:
-        """Record the event; return the site's name (bounded set: used as a metric label)."""
+    def add(self, event: BlockEvent, threshold: float = 0.0) -> str:
+        """Record the event; return the site's name (bounded set: used as a metric label).
+
+        An event is also counted as *OS-stalled* when, without the time its thread spent
+        waiting for a CPU, it would have stayed under the threshold: on an overloaded
+        host the loop stalls in code that does not block by itself."""
         self.events += 1
+        stalled = event.duration - event.runqueue < threshold
+        self.os_stalled += stalled
         key = self.site_key(event)
         site = self.sites.get(key)
         if site is None:
@@ -122,6 +134,7 @@ class Aggregate:
         d = event.duration
         site.count += 1
         site.while_blocked += event.blocked is not None
+        site.os_stalled += stalled
         site.total += d
         site.buckets.add(d)
         site.last_seen = event.wall_time
@@ -132,7 +145,7 @@ class Aggregate:
         site.routes[route] = site.routes.get(route, 0) + 1
         skey = (route, event.stack)
         if skey not in site.stacks and len(site.stacks) >= self.max_stacks:
-            skey = (route, (("(other stacks)", 0, "(other stacks)"),))
+            skey = (OTHER, (("(other stacks)", 0, "(other stacks)"),))
         entry = site.stacks.setdefault(skey, [0, 0.0])
         entry[0] += 1
         entry[1] += d
@@ -144,11 +157,13 @@ class Aggregate:
             "since": self.started,
             "events": self.events,
             "sites_tracked": len(self.sites),
+            "os_stalled": self.os_stalled,
             "top": [
                 {
                     "site": site_name(key),
                     "count": s.count,
                     "while_blocked": s.while_blocked,
+                    "os_stalled": s.os_stalled,
                     "total_ms": round(s.total * 1000, 3),
                     "p50_ms": round(min(s.buckets.quantile(0.5), s.max) * 1000, 3),
                     "p99_ms": round(min(s.buckets.quantile(0.99), s.max) * 1000, 3),

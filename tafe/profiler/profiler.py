@@ -21,7 +21,7 @@ import greenlet
 
 from .aggregate import OTHER, Aggregate, BlockEvent, RouteSpans
 from .outputs import Metrics, RateLimitedLog
-from .stacks import extract, format_stack
+from .stacks import dominant, extract, format_stack
 from .tracer import Tracer
 from .watchdog import Watchdog
 
@@ -44,6 +44,7 @@ class Profiler:
         max_sites: int = 200,
         max_routes: int = 64,
         log_per_second: float = 5.0,
+        switch_interval_ms: float | None = 1.0,
     ) -> None:
         if not threshold_ms > 0:
             raise ValueError(f"threshold_ms must be > 0, got {threshold_ms!r}")
@@ -52,6 +53,8 @@ class Profiler:
         self.threshold_s = threshold_ms / 1000.0
         self.sample = float(sample)
         self.max_routes = max_routes
+        self.switch_interval_s = None if switch_interval_ms is None else switch_interval_ms / 1000.0
+        self._saved_switch_interval: float | None = None
         self.hub = gevent.get_hub()
         # greenlet -> (environ, route function) of the request it serves, and
         # greenlet -> span durations of the sampled requests: filled by the middleware.
@@ -80,6 +83,10 @@ class Profiler:
     def start(self) -> "Profiler":
         if not self.installed:
             self.tracer.install(self.threshold_s)
+            interval = sys.getswitchinterval()
+            if self.switch_interval_s is not None and self.switch_interval_s < interval:
+                self._saved_switch_interval = interval
+                sys.setswitchinterval(self.switch_interval_s)
             self.watchdog.start()
             self.installed = True
             ref = weakref.ref(self)
@@ -94,7 +101,10 @@ class Profiler:
         self.close_span()
         self.installed = False
         self.tracer.uninstall()
-        self.watchdog.stop()
+        self.watchdog.close()
+        if self._saved_switch_interval is not None:
+            sys.setswitchinterval(self._saved_switch_interval)
+            self._saved_switch_interval = None
         self.sampled.clear()
         self._flush()
         if self.metrics is not None:
@@ -120,7 +130,13 @@ class Profiler:
     def _on_block(self, origin: Any, start: float, span: float, frame: Any = None) -> None:
         try:
             capture = self.watchdog.capture
-            blocked = capture[1] if capture is not None and capture[0] == start else None
+            sample, stalled = None, 0.0
+            if capture is not None and capture[0] == start:
+                sample = dominant(capture[1])
+                waited = self.watchdog.runqueue_wait()
+                if capture[2] is not None and waited is not None:
+                    stalled = (waited - capture[2]) / 1e9
+            blocked, blocked_at = sample if sample is not None else (None, 0.0)
             if frame is None:
                 frame = origin.gr_frame
             yielded = extract(frame) if frame is not None else None
@@ -136,8 +152,8 @@ class Profiler:
             else:
                 route = "greenlet " + greenlet_name(origin)
                 request_id = None
-            event = BlockEvent(span, time.time(), route, request_id, greenlet_name(origin), blocked, yielded)
-            site = self.aggregate.add(event)
+            event = BlockEvent(span, time.time(), route, request_id, greenlet_name(origin), blocked, yielded, blocked_at, stalled)
+            site = self.aggregate.add(event, self.threshold_s)
             for listener in self.listeners:
                 listener(event)
             if (self.log is not None or self.metrics is not None) and len(self._pending) < MAX_PENDING:
@@ -204,6 +220,7 @@ class Profiler:
             sample=self.sample,
             ongoing=self.ongoing(),
             sampled_routes=self.route_spans.report(),
+            watchdog={"wakeups": self.watchdog.wakeups, "realtime": self.watchdog.realtime},
             errors=self.errors,
         )
         return out
@@ -216,7 +233,7 @@ class Profiler:
         age = perf_counter() - start
         if running is self.hub or running is greenlet.getcurrent() or age < self.threshold_s:
             return None
-        stack = capture[1] if capture is not None and capture[0] == start else ()
+        stack = capture[1][-1][0] if capture is not None and capture[0] == start else ()
         return {"age_ms": round(age * 1000, 3), "greenlet": greenlet_name(running), "stack": format_stack(stack)}
 
     def collapsed(self) -> str:
@@ -233,7 +250,7 @@ def greenlet_name(g: Any) -> str:
     if g is None:
         return "?"
     run = getattr(g, "_run", None) or getattr(g, "run", None)
-    if run is None:
+    if run is None or getattr(run, "__self__", None) is g:  # no function: a finished gevent Greenlet
         return "main" if getattr(g, "parent", 0) is None else type(g).__name__
     name = getattr(run, "__qualname__", None) or type(run).__name__
     module = getattr(run, "__module__", None)
@@ -249,12 +266,15 @@ def install(
     max_sites: int = 200,
     max_routes: int = 64,
     log_per_second: float = 5.0,
+    switch_interval_ms: float | None = 1.0,
 ) -> Profiler:
     """Start profiling the calling thread's hub: call after monkey-patching, in each worker.
 
     ``registry``: a prometheus_client CollectorRegistry for the metrics, or None.
     ``log``: the logger for one JSON line per blocking event (default ``tafe.profiler``),
-    or False for none.
+    or False for none. ``switch_interval_ms``: lower the interpreter's GIL switch
+    interval to this while installed (so the watchdog samples pure-Python blockers
+    promptly); None leaves it alone.
     """
     return Profiler(
         threshold_ms,
@@ -264,4 +284,5 @@ def install(
         max_sites=max_sites,
         max_routes=max_routes,
         log_per_second=log_per_second,
+        switch_interval_ms=switch_interval_ms,
     ).start()

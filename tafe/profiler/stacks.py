@@ -67,6 +67,25 @@ def app_frame(stack: Stack) -> Frame | None:
     return stack[-1] if stack else None
 
 
+def dominant(samples: Iterable[tuple[Stack, float]]) -> tuple[Stack, float] | None:
+    """The culprit among the samples of one long span: samples with application code on
+    the stack first (after a handler returns, the server's own code runs on in the same
+    span, and a late sample may land there), then the application frame most samples
+    share, then the later sample."""
+    samples = list(samples)
+    keys = [app_frame(stack) for stack, _ in samples]
+    counts: dict[Frame | None, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+
+    def rank(i: int) -> tuple[bool, int, int]:
+        key = keys[i]
+        return (key is not None and not is_library(key[0]), counts[key], i)
+
+    best = max(range(len(samples)), key=rank, default=None)
+    return None if best is None else samples[best]
+
+
 def format_frame(frame: Frame) -> str:
     filename, lineno, name = frame
     return f"{_short(filename)}:{lineno} {name}"

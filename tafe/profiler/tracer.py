@@ -57,9 +57,11 @@ class Tracer:
                 previous(event, args)
 
         def configure(new_threshold: float, new_previous: Any = None) -> None:
-            nonlocal threshold, previous
+            nonlocal threshold, previous, last
             threshold = new_threshold
             previous = new_previous
+            last = clock()
+            current[0] = (last, greenlet.getcurrent())
 
         return hook, configure
 

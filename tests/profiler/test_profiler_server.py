@@ -86,7 +86,8 @@ def test_each_block_is_caught_with_its_route_and_line(server: Server, path: str)
     assert culprit, f"no site at {filename}:{line} for {route}: {[s['site'] for s in sites]}"
     site = culprit[0]
     # Every request caught, once, on the culprit's line, attributed to its route.
-    assert site["routes"][route] == REQUESTS, site
+    others = [(s["site"], s["count"], s["example"]["captured"], s["example"]["blocked_stack"][-3:]) for s in sites if s is not site]
+    assert site["routes"][route] == REQUESTS, (site, others)
     assert site["while_blocked"] == site["count"], site
     assert 20 <= site["p50_ms"] <= 1000 and site["max_ms"] >= 24, site
     example = site["example"]
@@ -101,7 +102,10 @@ def test_cooperative_workload_reports_nothing(server: Server) -> None:
         done = [pool.submit(server.load, "/coop"), pool.submit(server.load, "/sleep")]
         [f.result() for f in done]
     report = server.report()
-    assert not events_for(report, "GET /coop"), json.dumps(report["top"], indent=1)
+    # On an overloaded host the OS may stall the loop anywhere: such events are told
+    # apart by the thread's run-queue wait (Linux schedstat), and excluded here.
+    blocking = [s for s in events_for(report, "GET /coop") if s["count"] > s["os_stalled"]]
+    assert not blocking, json.dumps(report["top"], indent=1)
 
 
 def test_text_and_collapsed_endpoints(server: Server) -> None:

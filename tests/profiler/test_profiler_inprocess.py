@@ -1,0 +1,201 @@
+"""The profiler in this process: chaining, uninstall, no_blocking, metrics, log, bounds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gevent
+import greenlet
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tafe import profiler
+from tafe.profiler.aggregate import Aggregate, BlockEvent
+from tafe.profiler.stacks import format_frame
+from tafe.profiler.testing import no_blocking_spans  # noqa: F401  (the fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def line_of(marker: str) -> int:
+    return next(n for n, line in enumerate(Path(__file__).read_text().splitlines(), 1) if line.endswith(marker))
+
+
+def blocker(seconds: float) -> None:
+    time.sleep(seconds)  # not monkey-patched here: blocks the loop  # BLOCKER
+
+
+def test_chains_to_gevent_monitor_tracer_and_restores_it() -> None:
+    hub = gevent.get_hub()
+    old = greenlet.gettrace()
+    saved = gevent.config.max_blocking_time
+    gevent.config.monitor_thread = True
+    gevent.config.max_blocking_time = 60  # its thread stays asleep: we query its tracer ourselves
+    try:
+        monitor = hub.start_periodic_monitoring_thread()  # gevent's monitor installs its own tracer
+    finally:
+        gevent.config.monitor_thread = False
+    try:
+        gevent_tracer = greenlet.gettrace()
+        assert gevent_tracer is not None and gevent_tracer is not old
+        prof = profiler.install(threshold_ms=5, log=False)
+        assert greenlet.gettrace() not in (gevent_tracer, None)
+        gevent.sleep(0)
+        gevent_tracer.did_block_hub(hub)  # resets its switch counter
+        assert gevent_tracer.did_block_hub(hub)  # no switch since: "blocked"
+        gevent.sleep(0)
+        assert not gevent_tracer.did_block_hub(hub)  # it saw the switches, through our hook
+        prof.uninstall()
+        assert greenlet.gettrace() is gevent_tracer
+        prof.uninstall()  # idempotent
+        assert greenlet.gettrace() is gevent_tracer
+    finally:
+        monitor.kill()
+        hub.periodic_monitoring_thread = None
+        gevent.config.max_blocking_time = saved
+        greenlet.settrace(old)
+    assert greenlet.gettrace() is old
+
+
+def test_uninstall_under_a_later_tracer_keeps_the_chain() -> None:
+    seen: list[str] = []
+    prof = profiler.install(threshold_ms=15, log=False)
+    ours = greenlet.gettrace()
+
+    def later(event: str, args: tuple) -> None:
+        seen.append(event)
+        ours(event, args)
+
+    greenlet.settrace(later)
+    try:
+        prof.uninstall()  # cannot unhook from under `later`: becomes a pass-through
+        assert greenlet.gettrace() is later
+        gevent.spawn(blocker, 0.03).join()
+        assert seen and prof.aggregate.events == 0, prof.report()
+    finally:
+        greenlet.settrace(None)
+
+
+def test_no_blocking_passes_on_cooperative_code() -> None:
+    with profiler.no_blocking(10):
+        gevent.joinall([gevent.spawn(gevent.sleep, 0.03) for _ in range(5)])
+        gevent.sleep(0.02)
+    assert greenlet.gettrace() is None
+
+
+def test_no_blocking_fails_with_the_stack_taken_while_blocked() -> None:
+    with pytest.raises(profiler.BlockingSpanError) as info:
+        with profiler.no_blocking(10):
+            gevent.spawn(blocker, 0.04).join()
+    message = str(info.value)
+    assert f"test_profiler_inprocess.py:{line_of('# BLOCKER')} blocker" in message
+    assert "stack while blocked" in message
+    assert greenlet.gettrace() is None
+
+
+def test_no_blocking_catches_the_span_still_open_at_exit() -> None:
+    with pytest.raises(profiler.BlockingSpanError, match="blocker"):
+        with profiler.no_blocking(10):
+            blocker(0.03)
+
+
+def test_no_blocking_does_not_hide_the_body_exception() -> None:
+    with pytest.raises(KeyError):
+        with profiler.no_blocking(10):
+            blocker(0.03)
+            raise KeyError("x")
+
+
+def test_fixture_passes(no_blocking_spans) -> None:
+    gevent.sleep(0.02)
+
+
+@pytest.mark.parametrize("conftest, verdict", [
+    ('pytest_plugins = ["tafe.profiler.testing"]\n', "1 failed, 2 passed"),
+    ("from tafe.profiler.testing import no_blocking_spans  # noqa\n", "3 passed, 1 error"),  # fails at teardown
+])
+def test_fixture_fails_a_blocking_test(tmp_path: Path, conftest: str, verdict: str) -> None:
+    (tmp_path / "conftest.py").write_text(conftest)
+    (tmp_path / "test_x.py").write_text(
+        "import time, gevent, pytest\n"
+        "def test_blocks(no_blocking_spans):\n"
+        "    time.sleep(0.03)\n"
+        "@pytest.mark.block_limit_ms(100)\n"
+        "def test_under_limit(no_blocking_spans):\n"
+        "    time.sleep(0.03)\n"
+        "def test_cooperative(no_blocking_spans):\n"
+        "    gevent.sleep(0.03)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestUnknownMarkWarning",
+         str(tmp_path)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert verdict in out.stdout, out.stdout + out.stderr
+    assert "BlockingSpanError" in out.stdout and "test_x.py:3 test_blocks" in out.stdout
+
+
+def test_metrics_log_and_request_attribution(caplog: pytest.LogCaptureFixture) -> None:
+    registry = CollectorRegistry()
+    prof = profiler.install(threshold_ms=10, sample=1.0, registry=registry)
+
+    def app(environ, start_response):
+        gevent.sleep(0.001)
+        blocker(0.025)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped = profiler.middleware(app, prof)
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/bid", "HTTP_X_REQUEST_ID": "req-42"}
+    with caplog.at_level(logging.WARNING, logger="tafe.profiler"):
+        assert gevent.spawn(wrapped, environ, lambda *a: None).get() == [b"ok"]
+        gevent.sleep(0.01)  # lets the profiler's flushing greenlet run
+    site = format_frame((__file__, line_of("# BLOCKER"), "blocker"))
+    value = registry.get_sample_value
+    assert value("tafe_eventloop_blocking_total", {"site": site}) == 1
+    assert value("tafe_eventloop_blocking_seconds_total", {"site": site}) >= 0.024
+    assert value("tafe_eventloop_span_seconds_count", {"route": "POST /bid"}) >= 2
+    assert value("tafe_eventloop_span_seconds_bucket", {"route": "POST /bid", "le": "0.02"}) >= 1
+    prof.uninstall()
+    assert value("tafe_eventloop_blocking_total", {"site": site}) is None  # unregistered
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tafe.profiler"]
+    assert len(lines) == 1, lines
+    assert lines[0]["route"] == "POST /bid" and lines[0]["request_id"] == "req-42" and lines[0]["site"] == site
+    assert lines[0]["duration_ms"] >= 24 and lines[0]["captured"] == "while_blocked"
+    # Metrics are unregistered on uninstall: installing again on the same registry works.
+    profiler.install(registry=registry, log=False).uninstall()
+
+
+def test_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    prof = profiler.install(threshold_ms=1, log_per_second=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tafe.profiler"):
+            gevent.joinall([gevent.spawn(blocker, 0.002) for _ in range(40)])
+            gevent.sleep(0.01)
+    finally:
+        prof.uninstall()
+    assert prof.aggregate.events >= 40
+    assert 1 <= len([r for r in caplog.records if r.name == "tafe.profiler"]) <= prof.log.burst + 1
+    assert prof.log.dropped >= 40 - prof.log.burst - 1
+
+
+def test_memory_is_bounded_with_many_distinct_sites() -> None:
+    agg = Aggregate(max_sites=50, max_routes=4, max_stacks=3)
+    for i in range(20_000):
+        stack = (("app.py", 1, "main"), (f"mod{i % 5000}.py", i % 97, f"f{i}"))
+        agg.add(BlockEvent(0.011 + (i % 50) / 1000, 0.0, f"GET /r{i % 30}", str(i), "g", stack, None))
+    assert agg.events == 20_000
+    assert len(agg.sites) == 51  # 50 sites + "(other)"
+    other = agg.sites["(other)"]
+    assert sum(s.count for s in agg.sites.values()) == 20_000 and other.count > 19_000
+    for site in agg.sites.values():
+        assert len(site.routes) <= 5 and len(site.stacks) <= 4 and len(site.buckets.counts) <= 60
+    report = agg.report(top=10)
+    assert len(report["top"]) == 10 and report["top"][0]["site"] == "(other)"
+    assert 10 <= report["top"][0]["p50_ms"] <= 62 and report["top"][0]["max_ms"] == pytest.approx(60, abs=0.01)
+    assert len(agg.collapsed().splitlines()) <= 51 * 4
