@@ -166,3 +166,21 @@ def test_kill_9_worker_behind_nginx(node):
     assert not {s for s in load.bad() if s not in (502, "errors", "first errors")}, load.bad()
     assert victim not in node.workers() and len(node.workers()) == 2
     assert re.search(rf"\(pid {victim}\) killed by signal 9", node.proc.output())
+
+
+def test_json_logs_carry_the_same_request_id_from_nginx_and_tafe():
+    node = Node("--access-log", "--log-json")
+    try:
+        mark = len(node.proc.lines)
+        assert bid(node.url)[0] == 200
+        line = node.proc.wait_for(r'^\{.*"uri":"/openrtb2/bid".*\}$', start=mark).group(0)
+        from_nginx = json.loads(line)
+        assert from_nginx["status"] == 200 and re.fullmatch(r"[0-9a-f]{32}", from_nginx["request_id"])
+        rid = from_nginx["request_id"]
+        line = node.proc.wait_for(rf'^\{{.*"logger": "tafe.access".*{rid}.*\}}$', start=mark).group(0)
+        from_tafe = json.loads(line)
+        if "request_id" not in from_tafe:  # the access record may travel as the JSON message
+            from_tafe = json.loads(from_tafe["msg"])
+        assert from_tafe["request_id"] == rid and from_tafe["path"] == "/openrtb2/bid" and from_tafe["status"] == 200
+    finally:
+        node.proc.stop()
