@@ -225,6 +225,26 @@ def test_keep_alive_reuses_one_connection(server):
         assert len(ids) == 5
 
 
+def test_wsgi_environ_has_the_standard_keys(server):
+    with server.connect() as sock:
+        sock.sendall(
+            b"POST /a%2Fb/c?x=%20y HTTP/1.1\r\nHost: h.example\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 2\r\n\r\nhi"
+        )
+        env = Reader(sock).response().json()["environ"]
+        assert env["REQUEST_METHOD"] == "POST"
+        assert env["PATH_INFO"] == "/a/b/c" and env["RAW_URI"] == "/a%2Fb/c?x=%20y"
+        assert env["QUERY_STRING"] == "x=%20y" and env["SCRIPT_NAME"] == ""
+        assert env["CONTENT_TYPE"] == "text/plain" and env["CONTENT_LENGTH"] == "2"
+        assert env["SERVER_NAME"] == "127.0.0.1" and env["SERVER_PORT"] == str(server.port)
+        assert env["SERVER_PROTOCOL"] == "HTTP/1.1" and env["HTTP_HOST"] == "h.example"
+        assert env["REMOTE_ADDR"] == "127.0.0.1" and env["REMOTE_PORT"] == str(sock.getsockname()[1])
+        assert env["wsgi.url_scheme"] == "http" and env["wsgi.version"] == [1, 0]
+        assert env["wsgi.multithread"] is False and env["wsgi.multiprocess"] is True
+        assert env["wsgi.run_once"] is False
+        assert "HTTP_CONTENT_TYPE" not in env and "HTTP_CONTENT_LENGTH" not in env
+
+
 def test_pipelining_many_requests_in_one_write_in_order(server):
     raw = b"".join(b"GET /p%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(20))
     responses, closed = exchange(server, raw, count=20)

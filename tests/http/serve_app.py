@@ -58,6 +58,7 @@ def make_app(lifecycle: Lifecycle):
             "pid": os.getpid(),
             "arrival": environ["tafe.arrival"],
             "headers": {k: v for k, v in environ.items() if k.startswith("HTTP_")},
+            "environ": {k: v for k, v in environ.items() if isinstance(v, (str, bool, int, tuple))},
         }
         out = json.dumps(doc).encode()
         start_response("200 OK", [("Content-Type", "application/json")])
