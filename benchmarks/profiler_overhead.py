@@ -1,0 +1,193 @@
+"""Cost of the greenlet profiler on the TAFE bid workload: off, threshold-only, 100% sampled.
+
+    python benchmarks/profiler_overhead.py [--rounds 7] [--duration 5] [--connections 64] [--record]
+
+1. In process: CPU cost of the tracer hook per greenlet switch (greenlet ping-pong,
+   best of 7), with no hook, threshold-only, and with the switching greenlet sampled.
+2. Over HTTP: three ``tafe serve --workers 1`` processes (``tafe.wsgi`` bid app, TAFE's
+   own server) with ``--block-threshold-ms 0`` (off), ``10`` (threshold-only) and
+   ``10 --profile-sample 1`` (every request's spans recorded), all pinned to the server
+   core; ``wrk`` (pinned to the other core) POSTs a ~1.5 KB OpenRTB request to each in
+   turn, interleaved (off, thr, 100%, off, ...) so that outside load spreads over all
+   three. Prints medians, the ratio of medians and the median of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import common  # noqa: E402
+import traffic  # noqa: E402
+from throughput.run import LUA, probe, wrk  # noqa: E402
+
+SECTION = "profiler-overhead"
+MODES = {
+    "off": ["--block-threshold-ms", "0"],
+    "threshold-only": ["--block-threshold-ms", "10", "--profile-sample", "0"],
+    "100% sampled": ["--block-threshold-ms", "10", "--profile-sample", "1"],
+}
+
+
+def switch_cost(switches: int = 200_000, repeats: int = 7) -> dict[str, float]:
+    """Nanoseconds per greenlet switch (best of ``repeats``), per profiler state."""
+    import gevent
+    import greenlet
+
+    from tafe import profiler
+
+    def pingpong() -> float:
+        main = greenlet.getcurrent()
+        peer = greenlet.greenlet(lambda: [main.switch() for _ in iter(int, 1)])
+        peer.switch()
+        t = time.perf_counter()
+        for _ in range(switches // 2):
+            peer.switch()
+        took = time.perf_counter() - t
+        return took / switches * 1e9
+
+    def best() -> float:
+        return min(pingpong() for _ in range(repeats))
+
+    gevent.get_hub()
+    out = {"no hook": best()}
+    prof = profiler.install(threshold_ms=10, log=False)
+    out["threshold-only"] = best()
+    # The main greenlet registered as a sampled request: every span is appended.
+    spans: list[float] = []
+    prof.sampled[greenlet.getcurrent()] = spans
+    out["sampled"] = best()
+    prof.uninstall()
+    return out
+
+
+def start_servers(port_base: dict[str, tuple[int, int]], out: Path, cpus: list[int]) -> dict[str, Any]:
+    procs = {}
+    for mode, args in MODES.items():
+        port, admin = port_base[mode]
+        cmd = [sys.executable, "-m", "tafe", "serve", "--workers", "1", "--port", str(port), "--admin-port", str(admin), *args]
+        log = out / f"server-{mode.split()[0].replace('%', '')}.log"
+        log.unlink(missing_ok=True)
+        procs[mode] = common.start(cmd, log, env={"PYTHONUNBUFFERED": "1"}, cpus=cpus)
+    for mode, proc in procs.items():
+        common.wait_port(port_base[mode][0], timeout=60, proc=proc)
+    return procs
+
+
+def debug_report(admin: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/debug/blocking", timeout=5) as resp:
+            return json.loads(resp.read())
+    except OSError:
+        return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (off, thr, 100%% each)")
+    parser.add_argument("--duration", type=int, default=5, help="measured seconds per mode and round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--record", action="store_true", help="replace this section of benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    if common.ensure_debian({"wrk": "wrk"}):
+        print("profiler_overhead: wrk is missing and could not be installed", file=sys.stderr)
+        return 1
+    command = "python benchmarks/profiler_overhead.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    server_cpus, load_cpus, pinning = common.split_cores()
+    info = common.machine_info(["wrk", "greenlet", "prometheus-client"])
+    print(f"profiler overhead\n{pinning}\n{common.format_machine(info)}", flush=True)
+
+    micro = switch_cost()
+    print("hook cost per greenlet switch: " + ", ".join(f"{k} {v:.0f} ns" for k, v in micro.items()), flush=True)
+
+    out = common.OUT_DIR / "profiler"
+    out.mkdir(parents=True, exist_ok=True)
+    body = traffic.sample_body()
+    script = out / "post.lua"
+    script.write_text(LUA.format(body=body.decode()))
+    ports = {mode: (common.free_port(), common.free_port()) for mode in MODES}
+    rps: dict[str, list[float]] = {m: [] for m in MODES}
+    p99: dict[str, list[float]] = {m: [] for m in MODES}
+    procs = start_servers(ports, out, server_cpus)
+    try:
+        time.sleep(1.0)
+        for mode in MODES:
+            status, answer = probe(ports[mode][0], body)
+            print(f"  {mode}: probe answered {status} ({len(answer)} B)", flush=True)
+            wrk(ports[mode][0], script, args.warmup, args.connections, load_cpus)
+        for rnd in range(args.rounds):
+            order = list(MODES) if rnd % 2 == 0 else list(reversed(MODES))  # no mode always first
+            for mode in order:
+                r = wrk(ports[mode][0], script, args.duration, args.connections, load_cpus)
+                errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+                rps[mode].append(r["rps"])
+                p99[mode].append(r["p99_us"] / 1000)
+                print(f"  round {rnd + 1}/{args.rounds} {mode:>15}: {r['rps']:>8,.0f} req/s  p99 {r['p99_us'] / 1000:.2f} ms  "
+                      f"{errors} errors  load avg {common.os.getloadavg()[0]:.1f}", flush=True)
+        reports = {mode: debug_report(ports[mode][1]) for mode in MODES if mode != "off"}
+    finally:
+        for proc in procs.values():
+            common.stop(proc)
+    text = render(args, command, pinning, info, micro, rps, p99, reports, len(body))
+    print("\n" + text)
+    if args.record:
+        common.record(SECTION, "## Profiler overhead on the bid workload\n\n" + text)
+    return 0
+
+
+def render(args: argparse.Namespace, command: str, pinning: str, info: dict, micro: dict, rps: dict, p99: dict,
+           reports: dict, body_len: int) -> str:
+    base = statistics.median(rps["off"])
+    rows = []
+    for mode in MODES:
+        med = statistics.median(rps[mode])
+        per_round = statistics.median(a / b for a, b in zip(rps[mode], rps["off"]))
+        rows.append([mode, f"{med:,.0f}", f"{med / base:.3f}", f"{per_round:.3f}", f"{(1 - med / base) * 100:+.1f}%".replace("+-", "-"),
+                     f"{statistics.median(p99[mode]):.2f}", " ".join(f"{x:,.0f}" for x in rps[mode])])
+    sampled = (reports.get("100% sampled") or {}).get("sampled_routes", {})
+    spans = next(iter(sampled.values()), None)
+    blocking = {m: (r or {}).get("events") for m, r in reports.items()}
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "```",
+        common.format_machine(info),
+        "```",
+        "",
+        f"Workload: TAFE's bid app (`tafe.wsgi` handlers on TAFE's own server, `tafe serve --workers 1`), "
+        f"wrk 1 thread, {args.connections} keep-alive connections POSTing a {body_len}-byte OpenRTB 2.5 request; "
+        f"{args.rounds} interleaved rounds of {args.duration} s per mode (order alternating), after a {args.warmup} s warm-up each. "
+        f"{pinning.capitalize()}.",
+        "",
+        common.table(["profiler", "median req/s", "vs off (medians)", "vs off (median of per-round ratios)", "overhead",
+                      "median p99 ms", "req/s per round"], rows),
+        "",
+        "Tracer hook, CPU per greenlet switch (in process, best of 7 x 200k switches): "
+        + ", ".join(f"{k} {v:.0f} ns" for k, v in micro.items())
+        + f" (the hook adds {micro['threshold-only'] - micro['no hook']:.0f} ns threshold-only, "
+        f"{micro['sampled'] - micro['no hook']:.0f} ns when the greenlet is sampled).",
+    ]
+    if spans:
+        lines.append(
+            f"Sampled bid requests: {spans['spans_per_request']} spans per request, "
+            f"{spans['loop_ms_per_request']} ms of loop time per request, span p50/p99/max "
+            f"{spans['span_p50_ms']}/{spans['span_p99_ms']}/{spans['span_max_ms']} ms."
+        )
+    lines.append(f"Spans over 10 ms seen during the run (events): {blocking}.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
