@@ -28,6 +28,7 @@ from gevent.queue import Queue  # noqa: E402
 @dataclass
 class Result:
     latencies_ms: list[float] = field(default_factory=list)  # requests sent after the warm-up
+    due_s: list[float] = field(default_factory=list)  # their intended send times, from the start of measuring
     statuses: dict[int, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     sent: int = 0
@@ -125,6 +126,7 @@ def run(
                 result.statuses[status] = result.statuses.get(status, 0) + 1
                 if status:
                     result.latencies_ms.append((done - intended) * 1000.0)
+                    result.due_s.append(intended - measure_from)
         if sock is not None:
             sock.close()
 
