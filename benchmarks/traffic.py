@@ -63,6 +63,7 @@ class Mix:
     users: int = 100_000  # size of the known population
     zipf_s: float = 1.1  # Zipf exponent of user popularity
     user_prefix: str = "u"  # known users are <prefix><rank, 7 digits>, rank 1 the most frequent
+    users_file: str = ""  # or: buyeruids from a file (lines, or events.jsonl of a CQS store), the first the most frequent
     floor: float = 0.70  # share of imps carrying a bidfloor
     floor_median: float = 0.40  # CPM; floors are log-normal around it
     pmp: float = 0.10  # share of imps carrying pmp deals
@@ -88,6 +89,17 @@ def _zipf_cum_weights(users: int, s: float) -> tuple[float, ...]:
     return tuple(itertools.accumulate(1.0 / rank**s for rank in range(1, users + 1)))
 
 
+@functools.lru_cache(maxsize=2)
+def _user_keys(path: str) -> tuple[str, ...]:
+    """Plain lines of keys, or JSON lines with a ``user`` field (``tafe cqs synth``'s events.jsonl)."""
+    with open(path) as fh:
+        lines = (line.strip() for line in fh)
+        keys = tuple(dict.fromkeys(json.loads(x)["user"] if x.startswith("{") else x for x in lines if x))
+    if not keys:
+        raise ValueError(f"{path}: no user keys")
+    return keys
+
+
 @dataclass
 class Generator:
     """Deterministic for a given seed: the same seed replays the same traffic."""
@@ -97,8 +109,10 @@ class Generator:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
-        self._cum = _zipf_cum_weights(self.mix.users, self.mix.zipf_s)
-        self._ranks = range(1, self.mix.users + 1)
+        self._keys = _user_keys(self.mix.users_file) if self.mix.users_file else None
+        population = len(self._keys) if self._keys else self.mix.users
+        self._cum = _zipf_cum_weights(population, self.mix.zipf_s)
+        self._ranks = range(1, population + 1)
         self._fmt_weights = [getattr(self.mix, name) for name in FORMATS]
         self._serial = itertools.count(1)
 
@@ -143,6 +157,8 @@ class Generator:
 
     def user_id(self) -> str:
         rank = self.rng.choices(self._ranks, cum_weights=self._cum)[0]
+        if self._keys:
+            return self._keys[rank - 1]
         return f"{self.mix.user_prefix}{rank:07d}"
 
     def _imp(self, imp_id: str) -> dict[str, Any]:

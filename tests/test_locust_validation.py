@@ -138,3 +138,19 @@ def test_the_benchmark_body_is_about_1500_bytes_and_valid_json():
     body = traffic.sample_body()
     assert 1400 <= len(body) <= 1600
     assert json.loads(body)["imp"][0]["banner"]["w"] == 300
+
+
+def test_known_users_can_come_from_a_file_of_store_keys(tmp_path):
+    keys = tmp_path / "users.txt"
+    keys.write_text("u-aaa\nu-bbb\n\nu-ccc\n")
+    gen = traffic.Generator(traffic.Mix(users_file=str(keys), known_user=1.0), seed=2)
+    seen = Counter(gen.request()["user"]["buyeruid"] for _ in range(600))
+    assert set(seen) == {"u-aaa", "u-bbb", "u-ccc"}
+    assert seen["u-aaa"] > seen["u-ccc"]
+
+
+def test_users_file_may_be_cqs_events_jsonl(tmp_path):
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"user":"u-1","ts":1,"type":"view"}\n{"user":"u-1","ts":2,"type":"cart"}\n{"user":"u-2","ts":3,"type":"view"}\n')
+    gen = traffic.Generator(traffic.Mix(users_file=str(events), known_user=1.0), seed=2)
+    assert {gen.request()["user"]["buyeruid"] for _ in range(200)} == {"u-1", "u-2"}
