@@ -248,6 +248,9 @@ def render(results: list[dict], args: argparse.Namespace, info: dict, pinning: s
         "",
         common.table(["server", "req/s", "vs gunicorn gevent", "p50 ms", "p99 ms", "p99/p50", "answer", "errors", "pinned", "load avg"], rows),
     ]
+    lines += ["", "The Nginx rows answer a fixed body without any backend: the most this machine passes through Nginx "
+                  "to one wrk thread (wrk's own core bounds them too). Closed loop: p99 here is a queue of 64 connections, "
+                  "not a tail at a fixed rate (see the threads-vs-greenlets section for that)."]
     tafe = next((r for r in results if r["name"].startswith("TAFE, 1 worker")), None)
     if tafe and base:
         x = tafe["rps"] / base["rps"]
