@@ -82,3 +82,31 @@ def test_most_fitting_examples_get_a_bid(apps):
     bid_on = [p.stem for p in fitting if post(apps.public, p.read_bytes())[0] == 200]
     assert len(fitting) >= 0.8 * len(EXAMPLES)
     assert len(bid_on) >= 0.8 * len(fitting), sorted(set(p.stem for p in fitting) - set(bid_on))
+
+
+def test_decision_log_is_written_when_configured(tmp_path):
+    log = tmp_path / "decisions.jsonl"
+    apps = build(Settings(decision_log=str(log), decision_log_sample=1.0), registry=CollectorRegistry())
+    body = (EXAMPLES[0].parent / "pbs-ix-multi-imp-5.json").read_bytes()
+    status, out = post(apps.public, body)
+    assert status == 200
+    bids = json.loads(out)["seatbid"][0]["bid"]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(line["bid_id"] for line in lines) == sorted(b["id"] for b in bids)
+    assert all(line["model"] == apps.holder.current.versions["model"] and line["features"] for line in lines)
+
+
+def test_model_versions_follow_a_hot_swap(apps):
+    import dataclasses
+
+    from tafe.cqs import Snapshot
+
+    old = apps.holder.current
+    new = Snapshot(dataclasses.replace(old.model, version="swapped-1"))
+    apps.holder.swap(new)
+    try:
+        status, out = post(apps.public, EXAMPLES[0].read_bytes())
+        assert status == 200 and json.loads(out)["ext"]["cqs"]["model"] == "swapped-1"
+        assert apps.metrics.registry.get_sample_value("tafe_cqs_active_info", {"kind": "model", "version": "swapped-1"}) == 1
+    finally:
+        apps.holder.swap(old)

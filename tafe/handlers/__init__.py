@@ -17,6 +17,9 @@ from prometheus_client import CollectorRegistry
 
 from tafe.core import campaigns as campaigns_mod
 from tafe.core.campaigns import Campaigns
+from tafe.cqs import open_snapshot
+from tafe.cqs.decision_log import DecisionLog
+from tafe.cqs.swap import Holder
 from tafe.handlers.bid import BidHandler
 from tafe.handlers.notices import KINDS, NoticeHandler
 from tafe.lifecycle import Lifecycle
@@ -37,7 +40,7 @@ _TEXT = [("Content-Type", "text/plain; charset=utf-8")]
 class Apps(NamedTuple):
     public: WSGIApp
     admin: WSGIApp
-    holder: Any  # .current: the active CQS snapshot
+    holder: Holder  # .current: the active CQS snapshot
     metrics: Metrics
     campaigns: Campaigns
 
@@ -149,26 +152,6 @@ def make_admin_app(
     return app
 
 
-class _FixedHolder:
-    """Serves one snapshot for the process's life (until hot swap's Holder is available)."""
-
-    __slots__ = ("current",)
-
-    def __init__(self, snapshot: Any) -> None:
-        self.current = snapshot
-
-
-def _holder(settings: Settings) -> Any:
-    from tafe.cqs import open_snapshot
-
-    snapshot = open_snapshot(settings.model, settings.store)
-    try:
-        from tafe.cqs.swap import Holder
-    except ImportError:
-        return _FixedHolder(snapshot)
-    return Holder(snapshot)
-
-
 def _show_versions(metrics: Metrics, old: dict[str, str], new: dict[str, str]) -> None:
     """After a hot swap: the replaced versions read 0, the serving ones 1."""
     for kind, version in old.items():
@@ -178,11 +161,9 @@ def _show_versions(metrics: Metrics, old: dict[str, str], new: dict[str, str]) -
         metrics.model_info.labels(kind, version).set(1)
 
 
-def _decision_log(settings: Settings) -> Any:
+def _decision_log(settings: Settings) -> DecisionLog | None:
     if not settings.decision_log:
         return None
-    from tafe.cqs import DecisionLog
-
     return DecisionLog(settings.decision_log, settings.decision_log_sample)
 
 
@@ -191,11 +172,10 @@ def build(settings: Settings, *, lifecycle: Lifecycle | None = None, registry: C
     lifecycle = lifecycle or Lifecycle()
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     campaigns = campaigns_mod.load(settings.campaigns, seat=settings.seat, currency=settings.currency)
-    holder = _holder(settings)
+    holder = Holder(open_snapshot(settings.model, settings.store))
     for kind, version in holder.current.versions.items():
         metrics.model_info.labels(kind, version).set(1)
-    if hasattr(holder, "on_swap"):
-        holder.on_swap.append(lambda old, new: _show_versions(metrics, old.versions, new.versions))
+    holder.on_swap.append(lambda old, new: _show_versions(metrics, old.versions, new.versions))
     public = make_public_app(
         settings, lifecycle=lifecycle, metrics=metrics, holder=holder, campaigns=campaigns, decision_log=_decision_log(settings)
     )
