@@ -135,6 +135,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class ListenError(OSError):
+    """A listener could not be opened; the message names the address."""
+
+
+def _bind_or_say(host: str, port: int) -> socket.socket:
+    try:
+        return bind(host, port)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 @dataclass(eq=False)
 class Worker:
     slot: int
@@ -192,9 +203,9 @@ class Master:
         """Bind the listeners, empty the metrics directory, start every worker."""
         self.signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD))
         signal.pthread_sigmask(signal.SIG_SETMASK, [])  # nothing inherited may block them
-        self.listener = bind(*self._listen)
+        self.listener = _bind_or_say(*self._listen)
         if self.settings.admin_port >= 0:
-            self.admin_listener = bind(self.settings.admin_host, self.settings.admin_port)
+            self.admin_listener = _bind_or_say(self.settings.admin_host, self.settings.admin_port)
         if self.metrics_dir.exists():
             shutil.rmtree(self.metrics_dir)
         self.metrics_dir.mkdir(parents=True)
@@ -237,7 +248,11 @@ class Master:
     def serve(self) -> int:
         """``tafe serve --workers N``: run until every worker has drained."""
         try:
-            self.open()
+            try:
+                self.open()
+            except ListenError as exc:
+                log.error("%s", exc)
+                return 1
             while not self.finished:
                 for sig in self.step(1.0):
                     if sig == signal.SIGHUP:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from tafe import logs, nginx
-from tafe.master import Master, describe_exit
+from tafe.master import ListenError, Master, describe_exit
 from tafe.settings import DATA_DIR, Settings
 
 log = logging.getLogger("tafe.up")
@@ -100,7 +100,11 @@ class Node:
 
     def run(self) -> int:
         try:
-            self.master.open()
+            try:
+                self.master.open()
+            except ListenError as exc:
+                log.error("%s", exc)
+                return 1
             while not self.master.ready and not self.master.finished:
                 self._handle(self.master.step(0.5))
             if self.master.ready and not self.stopping:
