@@ -23,7 +23,13 @@ import orjson
 
 from tafe.core.types import Audio, BidRequest, Deal, Imp, Video
 
-__all__ = ["BadRequest", "parse"]
+__all__ = ["BadRequest", "MAX_IMPS", "parse"]
+
+# Bounds on what one request may make TAFE do; the body size cap alone allows ~25,000
+# one-line imps. Real exchanges send a few, rarely more than ~50.
+MAX_IMPS = 100
+MAX_DEALS = 100  # per imp: every deal is tried against every fitting campaign
+MAX_USER_KEYS = 8
 
 _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
@@ -138,18 +144,18 @@ def _ext_flag(ext: dict, key: str) -> bool:
 
 
 def _sizes(banner: dict) -> tuple[tuple[int, int], ...]:
-    sizes: list[tuple[int, int]] = []
+    sizes: dict[tuple[int, int], None] = {}  # ordered and deduplicated in O(1) per entry
     for fmt in _list(banner, "format", "imp.banner.format"):
         if type(fmt) is not dict:
             raise _fail_type("imp.banner.format")
         w = _int(fmt, "w", "imp.banner.format.w")
         h = _int(fmt, "h", "imp.banner.format.h")
-        if w and h and (w, h) not in sizes:  # wratio/wmin-only formats carry no size
-            sizes.append((w, h))
+        if w and h:  # wratio/wmin-only formats carry no size
+            sizes[w, h] = None
     w = _int(banner, "w", "imp.banner.w")
     h = _int(banner, "h", "imp.banner.h")
-    if w and h and (w, h) not in sizes:
-        sizes.append((w, h))
+    if w and h:
+        sizes[w, h] = None
     return tuple(sizes)
 
 
@@ -176,8 +182,11 @@ def _audio(a: dict) -> Audio:
 
 
 def _deals(pmp: dict) -> tuple[Deal, ...]:
+    raw = _list(pmp, "deals", "imp.pmp.deals")
+    if len(raw) > MAX_DEALS:
+        raise BadRequest("too_many_deals")
     deals = []
-    for d in _list(pmp, "deals", "imp.pmp.deals"):
+    for d in raw:
         if type(d) is not dict:
             raise _fail_type("imp.pmp.deals")
         deal_id = _str(d, "id", "imp.pmp.deals.id")
@@ -240,12 +249,16 @@ def _imp(i: Any) -> Imp:
 
 
 def _user_keys(user: dict | None, device: dict | None, lmt: bool) -> tuple[str, ...]:
-    """Keys to look the user up by, in preference order: buyeruid, eids, ifa (unless lmt), user.id."""
-    keys: list[str] = []
+    """Keys to look the user up by, in preference order: buyeruid, eids, ifa (unless lmt), user.id.
+
+    Deduplicated, and at most ``MAX_USER_KEYS``: a request carrying thousands of eids
+    must not turn into thousands of store lookups.
+    """
+    keys: dict[str, None] = {}
     if user is not None:
         buyeruid = _str(user, "buyeruid", "user.buyeruid")
         if buyeruid:
-            keys.append(buyeruid)
+            keys[buyeruid] = None
         eids = user.get("eids")
         path = "user.eids"
         if eids is None:
@@ -263,17 +276,17 @@ def _user_keys(user: dict | None, device: dict | None, lmt: bool) -> tuple[str, 
                     continue
                 for uid in eid["uids"]:
                     uid_id = uid.get("id") if type(uid) is dict else None
-                    if type(uid_id) is str and uid_id and uid_id not in keys:
-                        keys.append(uid_id)
+                    if type(uid_id) is str and uid_id:
+                        keys[uid_id] = None
     if device is not None and not lmt:
         ifa = _str(device, "ifa", "device.ifa")
-        if ifa and ifa not in keys:
-            keys.append(ifa)
+        if ifa:
+            keys[ifa] = None
     if user is not None:
         user_id = _str(user, "id", "user.id")
-        if user_id and user_id not in keys:
-            keys.append(user_id)
-    return tuple(keys)
+        if user_id:
+            keys[user_id] = None
+    return tuple(keys)[:MAX_USER_KEYS]
 
 
 def _host(page: str) -> str:
@@ -307,6 +320,8 @@ def parse(body: bytes) -> BidRequest:
         raise BadRequest("missing_imp")
     if type(raw_imps) is not list:
         raise _fail_type("imp")
+    if len(raw_imps) > MAX_IMPS:
+        raise BadRequest("too_many_imps")
     imps = tuple(_imp(i) for i in raw_imps)
     if len({imp.id for imp in imps}) != len(imps):
         raise BadRequest("duplicate_imp_id")

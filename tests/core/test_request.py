@@ -145,3 +145,22 @@ def test_bad_request_reason_attribute():
     with pytest.raises(BadRequest) as info:
         parse(b"{")
     assert info.value.reason == "not_json" and str(info.value) == "not_json"
+
+
+def test_hostile_sizes_stay_linear():
+    """20,000 banner formats (about 400 KB) dedupe in one pass, not 20,000^2 comparisons."""
+    formats = [{"w": 300 + i % 50, "h": 250} for i in range(20_000)]
+    imp = p(imp=[{"id": "1", "banner": {"format": formats}}]).imps[0]
+    assert len(imp.banner_sizes) == 50 and imp.banner_sizes[0] == (300, 250)
+
+
+def test_user_keys_are_bounded():
+    uids = [{"id": f"e{i}"} for i in range(10_000)]
+    r = p(user={"buyeruid": "b", "eids": [{"source": "x", "uids": uids}]}, device={"ifa": "i"})
+    assert r.user_keys == ("b", "e0", "e1", "e2", "e3", "e4", "e5", "e6")
+
+
+def test_imp_count_is_bounded():
+    assert len(p(imp=[{"id": str(i)} for i in range(100)]).imps) == 100
+    with pytest.raises(BadRequest, match="too_many_imps"):
+        p(imp=[{"id": str(i)} for i in range(101)])
