@@ -282,3 +282,24 @@ def test_admin_app():
     assert call(app, "POST", "/metrics")[0] == 405
     lifecycle.start_draining()
     assert call(app, "GET", "/ping")[0] == 503
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "1e3"])
+def test_bad_content_length_is_400(env, length):
+    app, _, _ = env()
+    status, _, body = call(app, body=BANNER, environ={"CONTENT_LENGTH": length})
+    assert (status, body) == (400, b"bad_content_length\n")
+
+
+def test_x_gzip_and_identity_encodings(env):
+    app, _, _ = env()
+    assert call(app, body=gzip.compress(BANNER), headers={"Content-Encoding": "x-gzip"})[0] == 200
+    assert call(app, body=BANNER, headers={"Content-Encoding": "identity"})[0] == 200
+    assert call(app, body=zlib.compress(BANNER), headers={"Content-Encoding": "deflate"})[0] == 415
+
+
+def test_gzip_bomb_within_wire_cap_but_over_inflate_cap_by_one_byte(env):
+    app, _, _ = env(max_inflated_bytes=len(BANNER))
+    assert call(app, body=gzip.compress(BANNER), headers={"Content-Encoding": "gzip"})[0] == 200
+    padded = BANNER + b" "
+    assert call(app, body=gzip.compress(padded), headers={"Content-Encoding": "gzip"})[0] == 413

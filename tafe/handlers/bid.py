@@ -41,7 +41,9 @@ def read_body(environ: dict[str, Any], max_bytes: int) -> bytes:
         try:
             n = int(length)
         except ValueError:
-            raise BadRequest("bad_content_length") from None
+            n = -1
+        if n < 0:
+            raise BadRequest("bad_content_length")
         if n > max_bytes:
             raise TooLarge()
         return stream.read(n) if n else b""
