@@ -110,3 +110,17 @@ def test_model_versions_follow_a_hot_swap(apps):
         assert apps.metrics.registry.get_sample_value("tafe_cqs_active_info", {"kind": "model", "version": "swapped-1"}) == 1
     finally:
         apps.holder.swap(old)
+
+
+def test_tafe_wsgi_application_takes_settings_from_the_environment(monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("TAFE_SEAT", "env-seat")
+    monkeypatch.setenv("TAFE_NOTICE_BASE_URL", "https://notices.example")
+    import tafe.wsgi
+
+    module = importlib.reload(tafe.wsgi)
+    status, out = post(module.application, (EXAMPLES[0].parent / "iab-2.6-simple-banner.json").read_bytes())
+    assert status == 200
+    (seat,) = json.loads(out)["seatbid"]
+    assert seat["seat"] == "env-seat" and seat["bid"][0]["nurl"].startswith("https://notices.example/notice/win?")
