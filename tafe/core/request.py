@@ -109,7 +109,11 @@ def _list(d: dict, key: str, path: str) -> list:
 
 
 def _strs(d: dict, key: str, path: str) -> tuple[str, ...]:
-    v = _list(d, key, path)
+    v = d.get(key)
+    if v is None:  # the usual case, kept to one call
+        return ()
+    if type(v) is not list:
+        raise _fail_type(path)
     for item in v:
         if type(item) is not str:
             raise _fail_type(path)
@@ -122,6 +126,10 @@ def _ints(d: dict, key: str, path: str) -> tuple[int, ...]:
         if type(item) is not int:
             raise _fail_type(path)
     return tuple(v)
+
+
+def _lower(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple([v.lower() for v in values]) if values else ()
 
 
 def _ext(d: dict) -> dict:
@@ -198,7 +206,7 @@ def _deals(pmp: dict) -> tuple[Deal, ...]:
                 bidfloor=_num(d, "bidfloor", "imp.pmp.deals.bidfloor"),
                 bidfloorcur=_str(d, "bidfloorcur", "imp.pmp.deals.bidfloorcur") or "USD",
                 wseat=_strs(d, "wseat", "imp.pmp.deals.wseat"),
-                wadomain=tuple(x.lower() for x in _strs(d, "wadomain", "imp.pmp.deals.wadomain")),
+                wadomain=_lower(_strs(d, "wadomain", "imp.pmp.deals.wadomain")),
             )
         )
     return tuple(deals)
@@ -404,7 +412,7 @@ def parse(body: bytes) -> BidRequest:
         at=at if at in (1, 2) else 2,
         cur=_strs(root, "cur", "cur"),
         bcat=_strs(root, "bcat", "bcat"),
-        badv=tuple(x.lower() for x in _strs(root, "badv", "badv")),
+        badv=_lower(_strs(root, "badv", "badv")),
         bapp=_strs(root, "bapp", "bapp"),
         wseat=_strs(root, "wseat", "wseat"),
         bseat=_strs(root, "bseat", "bseat"),
