@@ -118,7 +118,7 @@ class RequestReader:
 
     __slots__ = (
         "_parser", "_max_head", "_max_body", "_now", "_out", "_url", "_headers", "_body",
-        "_body_len", "_head_len", "_in_head", "_fields",
+        "_body_len", "_head_len", "_in_head", "_fields", "_feed_len", "_begin_len",
         "arrival", "in_progress", "send_continue", "closed", "error",
     )
 
@@ -133,6 +133,8 @@ class RequestReader:
         self._body: list[bytes] = []
         self._body_len = 0
         self._head_len = 0
+        self._feed_len = 0
+        self._begin_len = 0
         self._in_head = False
         self._fields: list[tuple[bytes, bytes]] = []
         self.arrival = 0.0
@@ -147,10 +149,7 @@ class RequestReader:
             return []
         self._now = now
         out = self._out = []
-        # A head already begun before this read: count the raw bytes, so that a head
-        # trickling in (or whitespace llhttp swallows) is bounded as it arrives. The
-        # read where a head begins is bounded by the read size; its exact length is
-        # checked once it is complete.
+        self._feed_len = len(data)
         continued = self._in_head
         try:
             self._parser.feed_data(data)
@@ -164,6 +163,9 @@ class RequestReader:
                 else:
                     self.error = HttpError(400, str(exc) or "malformed request")
         else:
+            # A head begun in an earlier read and still incomplete (nothing completed
+            # in between, so it is the same head): count the raw bytes, so that a head
+            # trickling in (or whitespace llhttp swallows) is refused as it arrives.
             if continued and self._in_head and not out:
                 self._head_len += len(data)
                 if self._head_len > self._max_head:
@@ -186,6 +188,7 @@ class RequestReader:
         self._body = []
         self._body_len = 0
         self._head_len = 0
+        self._begin_len = self._feed_len
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
@@ -197,20 +200,25 @@ class RequestReader:
         self._in_head = False
         headers = self._fields = self._headers
         self._headers = []  # chunked trailers land here and are ignored
-        size = sum(map(len, chain.from_iterable(headers))) + sum(map(len, self._url))
-        if size + _LINE_OVERHEAD + _HEADER_OVERHEAD * len(headers) > self._max_head:
-            raise HttpError(431, "request head too large")
+        # The head lies within the reads it spans; measure it only if they are big.
+        if self._begin_len + self._head_len + self._feed_len > self._max_head:
+            size = sum(map(len, chain.from_iterable(headers))) + sum(map(len, self._url))
+            if size + _LINE_OVERHEAD + _HEADER_OVERHEAD * len(headers) > self._max_head:
+                raise HttpError(431, "request head too large")
         length = -1
         expect = False
-        for i, (name, value) in enumerate(headers):
-            if value[-1:] in _OWS:
-                value = value.rstrip(b" \t")
-                headers[i] = (name, value)
+        padded = False
+        for name, value in headers:
+            padded = padded or value.endswith(_OWS)  # llhttp keeps trailing whitespace
             n = len(name)
-            if n == 14 and name.lower() == b"content-length":
-                length = int(value)  # llhttp has checked it is digits
-            elif n == 6 and name.lower() == b"expect":
-                expect = value.lower() == b"100-continue"
+            if n == 14 or n == 6:
+                name = name.lower()
+                if name == b"content-length":
+                    length = int(value)  # llhttp has checked it is digits
+                elif name == b"expect":
+                    expect = value.lower().rstrip(b" \t") == b"100-continue"
+        if padded:
+            headers[:] = [(name, value.rstrip(b" \t")) for name, value in headers]
         if length > self._max_body:
             raise HttpError(413, "request body too large")
         # With no body, on_message_complete follows at once and clears the flag again.

@@ -211,6 +211,13 @@ class _Connection:
         except OSError:
             pass
 
+    def sendall(self, data: bytes) -> None:
+        """``socket.sendall`` without gevent's per-call SO_SNDBUF lookup and chunking:
+        one ``send`` nearly always takes a whole response."""
+        sent = self.sock.send(data)
+        if sent < len(data):
+            self.sock.sendall(memoryview(data)[sent:])
+
     def _settimeout(self, timeout: float) -> None:
         if timeout != self.timeout:
             self.sock.settimeout(timeout)
@@ -263,7 +270,7 @@ class _Connection:
                 return
             if reader.send_continue:
                 reader.send_continue = False
-                self.sock.sendall(http.CONTINUE)
+                self.sendall(http.CONTINUE)
 
     def _refuse(self, error: http.HttpError) -> None:
         server = self.server
@@ -321,7 +328,7 @@ class _Connection:
         head = b"" if self.head_sent else self._head(None)
         if self.is_head:
             if head:
-                self.sock.sendall(head)
+                self.sendall(head)
             return
         remaining = self.remaining
         if remaining == http.CHUNKED:
@@ -331,15 +338,15 @@ class _Connection:
                 data = data[:remaining]
             self.remaining = remaining - len(data)
         self.bytes_out += len(data)
-        self.sock.sendall(head + data if head else data)
+        self.sendall(head + data if head else data)
 
     def _finish_stream(self) -> None:
         if not self.head_sent:
-            self.sock.sendall(self._head(0))
+            self.sendall(self._head(0))
         elif self.is_head:
             return
         elif self.remaining == http.CHUNKED:
-            self.sock.sendall(http.LAST_CHUNK)
+            self.sendall(http.LAST_CHUNK)
         elif self.remaining > 0:
             self.keep_alive = False  # the app promised more than it sent
 
@@ -347,13 +354,13 @@ class _Connection:
         head = self._head(len(body))
         remaining = self.remaining
         if self.is_head or remaining == 0:
-            self.sock.sendall(head)
+            self.sendall(head)
             return
         if remaining >= 0 and remaining != len(body):
             self.keep_alive = False  # the app's Content-Length is wrong: do not reuse
             body = body[:remaining]
         self.bytes_out = len(body)
-        self.sock.sendall(head + body)
+        self.sendall(head + body)
 
     def _respond(self, request: http.Request) -> bool:
         """Run the app for one request and send its answer; False closes the connection."""
