@@ -3,7 +3,7 @@
 A worked example (also how the bundled demo model is made, see ``tafe.cqs.model``)::
 
     tafe cqs synth --out /tmp/cqs --users 20000 --requests 200000 --seed 7
-    tafe cqs build-store /tmp/cqs/events.jsonl --out /tmp/cqs/users.store
+    tafe cqs build-store /tmp/cqs/events.jsonl --out /tmp/cqs/users.store --as-of 1767225600
     tafe cqs train /tmp/cqs/decisions.jsonl --out /tmp/cqs/model.cqsm
     tafe cqs evaluate /tmp/cqs/model.cqsm /tmp/cqs/decisions.jsonl
     tafe cqs inspect /tmp/cqs/model.cqsm

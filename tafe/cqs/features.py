@@ -137,8 +137,9 @@ def index_of(name: str, dims: int) -> int:
 class Extractor:
     """Fast path: the indices of ``names()`` for a model with ``dims`` weights.
 
-    ``request_part`` is computed once per request (the scorer caches it across the
-    request's imps); ``imp_part`` once per imp.
+    Three parts, so a scorer can memoize each by what it depends on: ``context``
+    (inventory, device, geo, clock), ``user`` (a known user's history) and
+    ``imp_part`` (the slot).
     """
 
     def __init__(self, dims: int) -> None:
@@ -171,17 +172,19 @@ class Extractor:
         self.b_dt = [f"|{d}".encode() for d in range(8)]
         self.b_fmt = [f"|{f}".encode() for f in range(16)]
         # user tables: [field][raw value, capped] -> index
-        self.t_counts = [[h(f"{n}={COUNT_BUCKET[v]}") for v in range(_COUNT_CAP + 1)] for n in COUNT_FIELDS]
-        self.t_rec = [[h(f"{n}={b}") for b in range(RECENCY_NEVER + 1)] for n in RECENCY_FIELDS]
+        self.t_counts = tuple(tuple(h(f"{n}={COUNT_BUCKET[v]}") for v in range(_COUNT_CAP + 1)) for n in COUNT_FIELDS)
+        self.t_rec = tuple(tuple(h(f"{n}={b}") for b in range(RECENCY_NEVER + 1)) for n in RECENCY_FIELDS)
         self.t_cartab = [h(f"cartab={b}") for b in range(RECENCY_NEVER + 2)]
         self.t_ctr = [h(f"ctr={b}") for b in range(7)]
         self.t_rvdt = [[h(f"rv*dt={b}|{d}") for d in range(8)] for b in range(RECENCY_NEVER + 1)]
 
-    def request_part(self, request: BidRequest, state: UserState | None, now: float, as_of: float) -> tuple[list[int], int, bytes]:
-        """Request-level indices, plus the device code and inventory bytes imps need."""
+    def context(self, request: BidRequest, hr: int, dow: int) -> tuple[list[int], int, bytes]:
+        """Request-level indices but ``known``, plus the device code and inventory bytes imps need.
+
+        A function of the request's inventory, device, geo and clock only, so callers
+        may memoize it by those fields (``tafe.cqs.Snapshot`` does).
+        """
         crc, m = zlib.crc32, self.mask
-        days, secs = divmod(int(now), 86400)
-        hr, dow = secs // 3600, (days + 3) % 7
         dt = request.devicetype
         if dt is None or not 1 <= dt <= 7:
             dt = 0
@@ -197,28 +200,31 @@ class Extractor:
             crc(b"/" + request.region.encode(), crc(geo, self.s_reg)) & m, self.t_hr[hr], self.t_dow[dow],
             self.t_priv[request.lmt | request.dnt << 1 | request.gdpr << 2], self.t_dthr[dt][hr],
             crc(self.b_dt[dt], crc(os_b, self.s_osdt)) & m, crc(geo, self.s_chgeo[ch]) & m,
-            self.t_known[state is not None],
         ]
         s_cat = self.s_cat
         for c in request.inventory_cats[:MAX_CATS]:
             out.append(crc(c.encode(), s_cat) & m)
-        if state is not None:
-            self._user(out, state, dt, max(0, int((now - as_of) // 3600)))
         return out, dt, inv
 
-    def _user(self, out: list[int], state: UserState, dt: int, age: int) -> None:
-        cap = _COUNT_CAP
-        for table, v in zip(self.t_counts, state[:11]):
-            out.append(table[v if v < cap else cap])
-        rec = []
-        for table, hours in zip(self.t_rec, state[11:15]):
-            b = RECENCY_NEVER if hours >= NEVER else RECENCY_BUCKET[min(hours + age, _RECENCY_CAP)]
-            rec.append(b)
-            out.append(table[b])
-        abandoned = state[12] < state[13]  # hours_since_cart < hours_since_purchase
-        out.append(self.t_cartab[rec[1] if abandoned else 12])
-        out.append(self.t_ctr[_ctr_bucket(state[9], state[8])])
-        out.append(self.t_rvdt[rec[0]][dt])
+    def user(self, state: UserState, dt: int, age: int) -> list[int]:
+        """A known user's history indices (``known=1`` included); ``age``: hours since ``as_of``."""
+        v1, v7, v30, c7, c30, p30, p365, s1, s7, k7, k30, hv, hc, hp, hk = state
+        t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10 = self.t_counts
+        cap, rcap, never, rb = _COUNT_CAP, _RECENCY_CAP, NEVER, RECENCY_BUCKET
+        rv = 11 if hv >= never else rb[hv + age if hv + age < rcap else rcap]
+        rc = 11 if hc >= never else rb[hc + age if hc + age < rcap else rcap]
+        rp = 11 if hp >= never else rb[hp + age if hp + age < rcap else rcap]
+        rk = 11 if hk >= never else rb[hk + age if hk + age < rcap else rcap]
+        tv, tc, tp, tk = self.t_rec
+        return [
+            self.t_known[1],
+            t0[v1 if v1 < cap else cap], t1[v7 if v7 < cap else cap], t2[v30 if v30 < cap else cap],
+            t3[c7 if c7 < cap else cap], t4[c30 if c30 < cap else cap], t5[p30 if p30 < cap else cap],
+            t6[p365 if p365 < cap else cap], t7[s1 if s1 < cap else cap], t8[s7 if s7 < cap else cap],
+            t9[k7 if k7 < cap else cap], t10[k30 if k30 < cap else cap],
+            tv[rv], tc[rc], tp[rp], tk[rk],
+            self.t_cartab[rc if hc < hp else 12], self.t_ctr[_ctr_bucket(k7, s7)], self.t_rvdt[rv][dt],
+        ]
 
     def imp_part(self, imp: Imp, dt: int, inv: bytes) -> list[int]:
         crc, m = zlib.crc32, self.mask
@@ -233,7 +239,13 @@ class Extractor:
         return out
 
     def indices(self, request: BidRequest, imp: Imp, state: UserState | None, now: float, as_of: float = 0.0) -> list[int]:
-        out, dt, inv = self.request_part(request, state, now, as_of)
+        """Every index of one imp, unmemoized: the same multiset as hashing ``names()``."""
+        hr, dow = clock(now)
+        out, dt, inv = self.context(request, hr, dow)
+        if state is None:
+            out.append(self.t_known[0])
+        else:
+            out += self.user(state, dt, age_hours(now, as_of))
         return out + self.imp_part(imp, dt, inv)
 
 

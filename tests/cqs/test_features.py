@@ -98,3 +98,37 @@ def test_snapshot_scores_like_the_reference_and_reuses_request_part() -> None:
         assert score.value == pytest.approx(expected, rel=1e-9) and not score.known_user
     assert snap.predict(request, request.imps[0], NOW)["visit"] == pytest.approx(snap.score(request, request.imps[0], NOW).value)
     assert SPEC == snap.model.feature_spec
+
+
+class _DictStore:
+    def __init__(self, states: dict, as_of: float) -> None:
+        self.states, self.as_of, self.version = states, as_of, "dict-1"
+
+    def lookup(self, keys):  # type: ignore[no-untyped-def]
+        return next((self.states[k] for k in keys if k in self.states), None)
+
+
+def test_memoized_scores_equal_reference_on_a_synthetic_stream(tmp_path: Path) -> None:
+    from tafe.cqs import synth
+
+    population, _ = synth.simulate(users=400, requests=0, unknown=0.3, seed=9, as_of=AS_OF)
+    synth.write(str(tmp_path), users=400, requests=600, unknown=0.3, seed=9, as_of=AS_OF)
+    store = _DictStore({u.key: u.state for u in population if u.state is not None}, AS_OF)
+    heads = (model_mod.Head("visit", -0.7, model_mod.array("f", [((i * 37) % 23 - 11) / 30 for i in range(1 << 14)])),)
+
+    class Small(Snapshot):
+        __slots__ = ()
+        MEMO_MAX = 16  # forces the memos to fill and clear many times
+
+    snap = Small(model_mod.Model("m", 1 << 14, heads), store)
+    requests = [parse(line) for line in (tmp_path / "requests.jsonl").read_bytes().splitlines()]
+    known = 0
+    for n, request in enumerate(requests * 2):
+        now = AS_OF + (n % 50) * 3571.0
+        state = store.lookup(request.user_keys)
+        expected = model_mod.sigmoid(snap.model.logit(hash_names(names(request, request.imps[0], state, now, AS_OF), 1 << 14)))
+        score = snap.score(request, request.imps[0], now)
+        assert score.value == pytest.approx(expected, rel=1e-6, abs=1e-9)
+        assert score.known_user == (state is not None)
+        known += score.known_user
+    assert 0.5 * len(requests) < known < 1.8 * len(requests)
