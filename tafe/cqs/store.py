@@ -63,7 +63,7 @@ HEADER_SIZE = 128
 RECORD = struct.Struct("<" + "H" * len(UserState._fields))
 LAYOUT_CRC = zlib.crc32((RECORD.format + ":" + ",".join(UserState._fields)).encode())
 MAX_BUCKET_BITS = 24
-CHUNK = 8 << 20  # bytes checksummed per call; zlib releases the GIL for each
+CHUNK = 8 << 20  # bytes checksummed per call while writing
 
 DAY = 86400.0
 # (field, event type, window seconds) for every count in UserState
@@ -254,8 +254,9 @@ def run(args: "argparse.Namespace") -> int:  # noqa: F821
 class UserStore:
     """A read-only view of one store file; see the module docstring for the format."""
 
-    def __init__(self, path: str, mm: mmap.mmap, version: str, as_of: float, users: int, bits: int) -> None:
+    def __init__(self, path: str, mm: mmap.mmap, version: str, as_of: float, users: int, bits: int, crc: int) -> None:
         self.path = path
+        self._crc = crc
         self.version = version
         self.as_of = as_of
         self.users = users
@@ -282,7 +283,21 @@ class UserStore:
                 return tuple.__new__(UserState, self._unpack(self._mm, self._records + i * RECORD.size))
         return None
 
-    def release_pages(self, step: int = 32 << 20) -> Iterator[None]:
+    def verify(self) -> None:
+        """Check the data checksum (reading every page); raises StoreError on a mismatch.
+
+        One zlib call over the whole mapping: the GIL is released for all of it, so a
+        pool thread doing this takes the GIL back once and never holds up the loop.
+        """
+        mm = self._mm
+        if mm is None:
+            raise StoreError(f"store {self.path}: closed")
+        with memoryview(mm) as view:
+            crc = zlib.crc32(view[HEADER_SIZE:])
+        if crc != self._crc:
+            raise StoreError(f"store {self.path}: corrupt data (checksum mismatch)")
+
+    def release_pages(self, step: int = 16 << 20) -> Iterator[None]:
         """Drop this process's page mappings a slice at a time (yielding between slices).
 
         Unmapping hundreds of MB at once stalls the caller for milliseconds; dropping
@@ -320,8 +335,8 @@ class UserStore:
 def open_store(path: str, *, verify: bool = True) -> UserStore:
     """Map and validate a store file; raises StoreError naming the file and the fault.
 
-    ``verify`` checks the data checksum too: it reads the whole file (GIL released per
-    chunk, so a thread doing it does not hold up the event loop) and warms the pages.
+    Without ``verify`` only the header and the size are checked (microseconds); call
+    ``UserStore.verify`` to check the data, e.g. in a thread pool.
     """
     if sys.byteorder != "little":  # pragma: no cover
         raise StoreError(f"store {path}: the store format is little-endian; this machine is not")
@@ -334,13 +349,20 @@ def open_store(path: str, *, verify: bool = True) -> UserStore:
     except OSError as exc:
         raise StoreError(f"store {path}: cannot open: {exc.strerror or exc}") from None
     try:
-        return _validate(path, mm, size, verify)
+        store = _validate(path, mm, size)
     except BaseException:
         mm.close()
         raise
+    if verify:
+        try:
+            store.verify()
+        except BaseException:
+            store.close()
+            raise
+    return store
 
 
-def _validate(path: str, mm: mmap.mmap, size: int, verify: bool) -> UserStore:
+def _validate(path: str, mm: mmap.mmap, size: int) -> UserStore:
     magic, fmt, bits, rsize, users, as_of, raw_version, layout, data_crc, _, head_crc = HEADER.unpack_from(mm, 0)
     if magic != MAGIC:
         raise StoreError(f"store {path}: not a TAFE user store (bad magic {magic!r})")
@@ -356,15 +378,5 @@ def _validate(path: str, mm: mmap.mmap, size: int, verify: bool) -> UserStore:
     if size != expected:
         fault = "truncated" if size < expected else "trailing bytes"
         raise StoreError(f"store {path}: {fault}: {size} bytes, header says {expected}")
-    if verify:
-        crc = 0
-        view = memoryview(mm)
-        try:
-            for i in range(HEADER_SIZE, size, CHUNK):
-                crc = zlib.crc32(view[i : min(i + CHUNK, size)], crc)
-        finally:
-            view.release()
-        if crc != data_crc:
-            raise StoreError(f"store {path}: corrupt data (checksum mismatch)")
     version = raw_version.rstrip(b"\0").decode("utf-8", "replace")
-    return UserStore(path, mm, version, as_of, users, bits)
+    return UserStore(path, mm, version, as_of, users, bits, data_crc)
