@@ -84,3 +84,20 @@ def test_threads_vs_greenlets_runs_end_to_end_on_the_gevent_servers(tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         if cells[0].startswith(("TAFE", "gunicorn")):
             assert cells[8] == "0", row  # no failed requests
+
+
+def test_throughput_runs_wrk_against_tafe_and_gunicorn_side_by_side(tmp_path):
+    """wrk (installed by .ci/run) drives TAFE and gunicorn -k gevent; the ratio row is printed."""
+    cmd = [sys.executable, str(BENCH / "throughput" / "run.py"), "--duration", "1", "--warmup", "1", "--rounds", "1"]
+    cmd += ["--connections", "8", "--only", "TAFE, 1 worker direct", "--only", "gunicorn"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| server")}
+    assert set(rows) == {"TAFE, 1 worker direct", "gunicorn -k gevent, 1 worker"}, out.stdout
+    for cells in rows.values():
+        assert int(cells[1].replace(",", "")) > 0  # some requests per second
+        assert cells[6].startswith("200 ")  # the ~1.5 KB request gets a bid
+        assert cells[7] == "0"  # no wrk errors (connect, read, write, non-2xx, timeout)
+    assert rows["gunicorn -k gevent, 1 worker"][2] == "1.00x"
+    assert "Goals, one worker direct vs `gunicorn -k gevent`" in out.stdout

@@ -81,17 +81,22 @@ http {{
 """
 
 
-def setup() -> dict[str, bool]:
-    """Install what the benchmark needs; say what is there."""
-    missing = common.ensure_debian({"wrk": "wrk", "nginx": "nginx", "/usr/include/ev.h": "libev-dev"})
-    try:
-        import bjoern  # noqa: F401
-    except ImportError:
-        if Path("/usr/include/ev.h").exists():
+def setup(nginx: bool, bjoern: bool) -> dict[str, bool]:
+    """Install what the chosen rows need; say what is there."""
+    needs = {"wrk": "wrk"}
+    if nginx:
+        needs["nginx"] = "nginx"
+    if bjoern:
+        needs["/usr/include/ev.h"] = "libev-dev"
+    missing = common.ensure_debian(needs)
+    has_bjoern = False
+    if bjoern:
+        check = [sys.executable, "-c", "import bjoern"]
+        if subprocess.run(check, capture_output=True).returncode != 0 and Path("/usr/include/ev.h").exists():
             print("setup: pip install bjoern", flush=True)
             subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "bjoern"], check=False)
-    has_bjoern = subprocess.run([sys.executable, "-c", "import bjoern"], capture_output=True).returncode == 0
-    return {"wrk": "wrk" not in missing, "nginx": "nginx" not in missing, "bjoern": has_bjoern}
+        has_bjoern = subprocess.run(check, capture_output=True).returncode == 0
+    return {"wrk": "wrk" not in missing, "nginx": nginx and "nginx" not in missing, "bjoern": has_bjoern}
 
 
 def probe(port: int, body: bytes) -> tuple[int, bytes]:
@@ -185,7 +190,9 @@ def main() -> int:
     parser.add_argument("--record", action="store_true", help="replace this section of benchmarks/RESULTS.md")
     args = parser.parse_args()
 
-    have = setup()
+    chosen = lambda name: not args.only or any(o.lower() in name.lower() for o in args.only)  # noqa: E731
+    nginx_rows = ("TAFE via Nginx, 1 worker", "TAFE via Nginx, all cores", "Nginx fixed body (ceiling), 1 worker, all cores")
+    have = setup(nginx=any(map(chosen, nginx_rows)), bjoern=chosen("bjoern (C), 1 worker"))
     if not have["wrk"]:
         print("throughput: wrk is missing and could not be installed", file=sys.stderr)
         return 1
@@ -202,7 +209,7 @@ def main() -> int:
     best: dict[str, dict] = {}
     port = common.free_port()
     with tempfile.TemporaryDirectory(prefix="tafe-tput-") as tmp:
-        rows = [r for r in configs(args, port, Path(tmp), have, body) if not args.only or any(o.lower() in r["name"].lower() for o in args.only)]
+        rows = [r for r in configs(args, port, Path(tmp), have, body) if chosen(r["name"])]
         # Rounds interleave the rows so that a burst of outside load does not land on one row only;
         # each row keeps its best round (the one least disturbed).
         for rnd in range(args.rounds):
