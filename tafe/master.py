@@ -23,7 +23,8 @@ restart runs new code with freshly read config.
   master, which then drains them in order) and get SIGTERM if the master itself dies.
 
 Metrics: Prometheus multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` under the run
-directory, emptied at start, ``mark_process_dead`` for every worker that exits). One
+directory, emptied at start; every worker that exits is retired: its live gauges
+dropped, its counts folded into an archive, ``tafe.metrics.retire_worker``). One
 scrape target per machine whatever the number of workers, and counters keep counting
 across restarts (with per-worker endpoints every rolling restart would reset them and
 Prometheus would need to discover worker ports). See ``tafe.metrics.exposition``.
@@ -414,9 +415,9 @@ class Master:
             self._on_exit(w, code)
 
     def _forget_metrics(self, pid: int) -> None:
-        from prometheus_client import multiprocess
+        from tafe import metrics
 
-        multiprocess.mark_process_dead(pid, str(self.metrics_dir))
+        metrics.retire_worker(str(self.metrics_dir), pid)
 
     def _on_exit(self, w: Worker, code: int) -> None:
         how = describe_exit(code)

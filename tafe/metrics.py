@@ -5,17 +5,20 @@ Names follow Prometheus conventions (``tafe_`` prefix, base units, ``_total`` fo
 counters). Latency buckets are fit for a 100 ms bid deadline.
 
 Pre-forked workers (``tafe.master``) run in Prometheus multiprocess mode: the master
-sets ``PROMETHEUS_MULTIPROC_DIR`` for them (emptied at start, ``mark_process_dead``
-when one exits), every value lives in a per-process mmap file, and ``exposition``
-merges them so one scrape of the admin listener shows the whole machine. Gauges say
-how they combine across workers (``multiprocess_mode``); ``live*`` modes drop dead
-workers' values.
+sets ``PROMETHEUS_MULTIPROC_DIR`` for them (emptied at start, ``retire_worker`` when
+one exits), every value lives in a per-process mmap file, and ``exposition`` merges
+them so one scrape of the admin listener shows the whole machine. Gauges say how they
+combine across workers (``multiprocess_mode``); ``live*`` modes drop dead workers'
+values.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import sys
+from typing import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -69,11 +72,11 @@ def worker_restarts(registry: CollectorRegistry | None) -> Counter:
 def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
     """The text a scrape gets: this process's registry, or all workers' when pre-forked.
 
-    Merging reads one mmap file per worker, dead ones included (so counters never go
-    back): ~4 ms for two live workers here, growing with every worker that has died
-    since the master started. Under gevent it runs in a native thread of the hub's
-    pool, so the event loop keeps serving bids meanwhile (it gets the GIL back at least
-    every switch interval, 5 ms) instead of stalling for the whole merge.
+    Merging reads one mmap file per live worker plus the archive of dead ones (see
+    ``retire_worker``): ~4-8 ms for two workers here. Under gevent it runs in a native
+    thread of the hub's pool, so the event loop keeps serving bids meanwhile (it gets
+    the GIL back at least every switch interval, 5 ms) instead of stalling for the
+    whole merge (benchmarks/RESULTS.md, "Pre-forked node").
     """
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not path:
@@ -91,4 +94,42 @@ def _merged(path: str) -> bytes:
 
     merged = CollectorRegistry()
     multiprocess.MultiProcessCollector(merged, path)
-    return generate_latest(merged)
+    with _dir_lock(path, fcntl.LOCK_SH):  # never half-way through a retire_worker
+        return generate_latest(merged)
+
+
+def retire_worker(path: str, pid: int) -> None:
+    """Forget a dead worker: drop its live gauges, fold its counts into the archive.
+
+    Without the fold every restarted worker would leave its counter and histogram
+    files behind for good (they must keep counting: totals never go back), and each
+    scrape would read more files. Folding is done under an exclusive lock that
+    scrapes share, so no scrape sees the dead worker counted twice or not at all.
+    """
+    from prometheus_client import multiprocess
+    from prometheus_client.mmap_dict import MmapedDict
+
+    multiprocess.mark_process_dead(pid, path)
+    with _dir_lock(path, fcntl.LOCK_EX):
+        for kind in ("counter", "histogram"):
+            dead = os.path.join(path, f"{kind}_{pid}.db")
+            if not os.path.exists(dead):
+                continue
+            archive = MmapedDict(os.path.join(path, f"{kind}_archive.db"))
+            try:
+                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(dead):
+                    total, _ = archive.read_value(key)
+                    archive.write_value(key, total + value, timestamp)
+            finally:
+                archive.close()
+            os.unlink(dead)
+
+
+@contextlib.contextmanager
+def _dir_lock(path: str, how: int) -> Iterator[None]:
+    with open(os.path.join(path, "lock"), "a") as f:
+        fcntl.flock(f, how)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
