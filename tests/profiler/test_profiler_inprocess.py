@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from tafe import profiler
 from tafe.profiler.aggregate import Aggregate, BlockEvent
 from tafe.profiler.stacks import format_frame
+from tafe.profiler.testing import no_blocking_spans  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 
