@@ -252,6 +252,28 @@ def test_pipelining_many_requests_in_one_write_in_order(server):
     assert not closed
 
 
+def test_pipelined_connections_take_turns():
+    """Four connections each queue ten requests behind a gate they all pass at once:
+    the server must interleave them, not serve one connection's queue to the end."""
+    proc = ServerProcess()
+    try:
+        socks = [proc.connect() for _ in range(4)]
+        batch = b"GET /gate?4 HTTP/1.1\r\nHost: x\r\n\r\n" + b"GET /seq HTTP/1.1\r\nHost: x\r\n\r\n" * 10
+        for sock in socks:
+            sock.sendall(batch)
+        orders = []
+        for sock in socks:
+            reader = Reader(sock)
+            assert reader.response().body == b"open"
+            orders.append([int(reader.response().body) for _ in range(10)])
+            sock.close()
+        assert sorted(n for order in orders for n in order) == list(range(40))
+        for order in orders:
+            assert max(order) - min(order) > 20, orders  # served one after another: 9
+    finally:
+        proc.stop()
+
+
 def test_expect_100_continue(server):
     with server.connect() as sock:
         sock.sendall(b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")

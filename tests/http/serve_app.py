@@ -7,20 +7,35 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.event  # noqa: E402
 
 from tafe import server, settings  # noqa: E402
 from tafe.lifecycle import Lifecycle  # noqa: E402
 
 
 def make_app(lifecycle: Lifecycle):
+    sequence = itertools.count()
+    gate = {"waiting": 0, "open": gevent.event.Event()}
+
     def app(environ, start_response):
         path = environ["PATH_INFO"]
+        if path == "/gate":  # hold each caller until N of them are here
+            gate["waiting"] += 1
+            if gate["waiting"] >= int(environ["QUERY_STRING"]):
+                gate["open"].set()
+            gate["open"].wait(10)
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"open"]
+        if path == "/seq":  # the order in which the server ran requests
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [str(next(sequence)).encode()]
         if path == "/ping":
             if lifecycle.draining:
                 start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
