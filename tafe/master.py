@@ -72,22 +72,19 @@ def child_preexec(sig: int) -> Callable[[], None]:
     return preexec
 
 
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal_{signum}"
+
+
 def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
+    return f"killed by signal {-code} ({_signame(-code)})" if code < 0 else f"exited with code {code}"
 
 
 def _cause_label(code: int) -> str:
-    if code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            return f"signal_{-code}"
-    return f"exit_{code}"
+    return _signame(-code) if code < 0 else f"exit_{code}"
 
 
 class SignalQueue:
@@ -104,10 +101,7 @@ class SignalQueue:
 
     def wait(self, timeout: float, fds: Iterable[int] = ()) -> tuple[list[int], list[int]]:
         """Wait up to ``timeout`` for a signal or a readable fd: (signals, readable fds)."""
-        try:
-            readable, _, _ = select.select([self._r, *fds], [], [], max(0.0, timeout))
-        except InterruptedError:  # pragma: no cover (PEP 475 retries; kept for safety)
-            readable = [self._r]
+        readable, _, _ = select.select([self._r, *fds], [], [], max(0.0, timeout))
         signums: list[int] = []
         if self._r in readable:
             readable.remove(self._r)
@@ -126,25 +120,21 @@ class SignalQueue:
         os.close(self._w)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The shared listening socket (what ``tafe.server.bind`` does, without importing gevent)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(socket.SOMAXCONN)
-    return sock
-
-
 class ListenError(OSError):
     """A listener could not be opened; the message names the address."""
 
 
-def _bind_or_say(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> socket.socket:
+    """The shared listening socket (what ``tafe.server.bind`` does, without importing gevent)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        return bind(host, port)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
     except OSError as exc:
+        sock.close()
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 @dataclass(eq=False)
@@ -204,9 +194,9 @@ class Master:
         """Bind the listeners, empty the metrics directory, start every worker."""
         self.signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD))
         signal.pthread_sigmask(signal.SIG_SETMASK, [])  # nothing inherited may block them
-        self.listener = _bind_or_say(*self._listen)
+        self.listener = bind(*self._listen)
         if self.settings.admin_port >= 0:
-            self.admin_listener = _bind_or_say(self.settings.admin_host, self.settings.admin_port)
+            self.admin_listener = bind(self.settings.admin_host, self.settings.admin_port)
         if self.metrics_dir.exists():
             shutil.rmtree(self.metrics_dir)
         self.metrics_dir.mkdir(parents=True)
@@ -224,9 +214,6 @@ class Master:
     @property
     def finished(self) -> bool:
         return self.stopping and not self.workers
-
-    def pids(self) -> list[int]:
-        return [w.pid for w in self.workers]
 
     def serving_pids(self) -> list[int]:
         return [w.pid for w in self.slots.values() if w is not None]
@@ -496,30 +483,25 @@ def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int
     unpatched interpreter (same PID, same terminal) that re-reads the same command line.
     """
     if _gevent_patched():
+        if sys.argv[1:2] != ["serve"]:
+            raise RuntimeError("the pre-fork master must run in a process gevent has not patched")
         sys.stdout.flush()
         sys.stderr.flush()
-        if sys.argv[1:2] == ["serve"]:
-            os.execv(sys.executable, [sys.executable, "-m", "tafe.master", *sys.argv[1:]])
-        os.execv(sys.executable, [sys.executable, "-m", "tafe.master", "--settings", json.dumps(dataclasses.asdict(settings))])
+        os.execv(sys.executable, [sys.executable, "-m", "tafe.master", *sys.argv[1:]])
     return Master(settings, reload=reload).serve()
 
 
 def _main(argv: list[str]) -> int:
-    from tafe import logs, settings as settings_mod
+    """``python -m tafe.master serve ...``: the same command line, unpatched."""
+    from tafe import cli, logs
 
-    if argv[:1] == ["--settings"]:
-        settings = settings_mod.load(environ={}, overrides=json.loads(argv[1]))
-        reload = None
-    else:
-        from tafe import cli
-
-        args = cli.build_parser(only=argv[0]).parse_args(argv)
-        settings = cli.settings_from_args(args)
-
-        def reload() -> Settings:
-            return cli.settings_from_args(args)
-
+    args = cli.build_parser(only="serve").parse_args(argv)
+    settings = cli.settings_from_args(args)
     logs.configure(settings)
+
+    def reload() -> Settings:
+        return cli.settings_from_args(args)
+
     try:
         return run(settings, reload)
     except KeyboardInterrupt:
