@@ -59,7 +59,7 @@ class Settings:
     network_margin_ms: int = _opt(10, "time kept back from tmax for the network round trip")
     min_budget_ms: int = _opt(5, "no-bid (nbr 15) when less than this remains of the budget at arrival")
     nbr_in_response: bool = _opt(False, "answer no-bids as 200 {id, nbr} instead of an empty 204")
-    notice_base_url: str = _opt("", "base URL put in nurl/burl/lurl; empty: http://<host>:<port>")
+    notice_base_url: str = _opt("", "base URL put in nurl/burl/lurl; empty: the scheme and Host header each bid request came in by")
     seat: str = _opt("tafe", "seat id in seatbid[].seat")
 
     # --- learning ---------------------------------------------------------------------

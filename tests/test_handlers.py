@@ -67,7 +67,7 @@ def env():
     """(app, metrics, lifecycle) over the test campaigns and a stand-in scorer, factory with settings overrides."""
 
     def make(scorer=None, **overrides):
-        settings = Settings().with_overrides(notice_base_url="https://bid.test", **overrides)
+        settings = Settings().with_overrides(**{"notice_base_url": "https://bid.test", **overrides})
         metrics = Metrics(CollectorRegistry())
         lifecycle = Lifecycle()
         app = make_public_app(
@@ -303,3 +303,15 @@ def test_gzip_bomb_within_wire_cap_but_over_inflate_cap_by_one_byte(env):
     assert call(app, body=gzip.compress(BANNER), headers={"Content-Encoding": "gzip"})[0] == 200
     padded = BANNER + b" "
     assert call(app, body=gzip.compress(padded), headers={"Content-Encoding": "gzip"})[0] == 413
+
+
+def test_notice_urls_default_to_the_host_the_exchange_used(env):
+    app, _, _ = env(notice_base_url="")
+    bid = json.loads(call(app, body=BANNER, headers={"Host": "bidder.example:8443"})[2])["seatbid"][0]["bid"][0]
+    assert bid["nurl"].startswith("http://bidder.example:8443/notice/win?")
+    odd = {"Host": "evil.example/<script>"}
+    server = {"SERVER_NAME": "10.0.0.5", "SERVER_PORT": "8080", "wsgi.url_scheme": "https"}
+    bid = json.loads(call(app, body=BANNER, headers=odd, environ=server)[2])["seatbid"][0]["bid"][0]
+    assert bid["nurl"].startswith("https://10.0.0.5:8080/notice/win?")
+    bid = json.loads(call(app, body=BANNER, headers={"Host": "[::1]:9000"})[2])["seatbid"][0]["bid"][0]
+    assert bid["burl"].startswith("http://[::1]:9000/notice/bill?")

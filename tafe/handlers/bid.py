@@ -8,6 +8,7 @@ causes a 5xx: a malformed request is a 400 with a short reason, counted by reaso
 from __future__ import annotations
 
 import logging
+import re
 import time
 import zlib
 from typing import Any, Callable
@@ -27,6 +28,7 @@ Response = tuple[str, list[tuple[str, str]], bytes]
 _JSON = ("Content-Type", "application/json")
 _TEXT = ("Content-Type", "text/plain; charset=utf-8")
 _SPOKEN = ("2.5", "2.6")
+_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?").fullmatch
 
 
 class TooLarge(Exception):
@@ -92,11 +94,28 @@ class BidHandler:
         self.min_budget = settings.min_budget_ms / 1000
         self.nbr = settings.nbr_in_response
         self.seat = settings.seat
-        self.notice_base = (settings.notice_base_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+        self.notice_base = settings.notice_base_url.rstrip("/")  # empty: from each request's Host
+        self._bases: dict[str, str] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
         self._bids: dict[str, Any] = {}  # prometheus children per exchange, bound once
         self._no_bids = {r: metrics.no_bids.labels(r.label) for r in NoBidReason}
         self._bad: dict[str, Any] = {}
+
+    def _base_of(self, environ: dict[str, Any]) -> str:
+        """``scheme://host[:port]`` the exchange reached us by (Nginx passes the Host through).
+
+        Used when no notice base URL is configured: the listening port is not known
+        before binding (port 0) and the public one is Nginx's anyway.
+        """
+        host = environ.get("HTTP_HOST", "")
+        base = self._bases.get(host)
+        if base is None:
+            if not _HOST(host):
+                host = f"{environ.get('SERVER_NAME', '127.0.0.1')}:{environ.get('SERVER_PORT', '80')}"
+            base = f"{environ.get('wsgi.url_scheme', 'http')}://{host}"
+            if len(self._bases) < 64:  # a few real hosts; a client inventing Host values is not cached
+                self._bases[environ.get("HTTP_HOST", "")] = base
+        return base
 
     def _bad_request(self, reason: str) -> Response:
         counter = self._bad.get(reason)
@@ -150,7 +169,7 @@ class BidHandler:
             self.decision_log.record(request, decision, snapshot, now)
         if not decision.bids:
             return self._no_bid(request.id, decision.no_bid or NoBidReason.NO_ELIGIBLE_CAMPAIGN, exchange, headers)
-        out = render(decision, seat=self.seat, notice_base=self.notice_base)
+        out = render(decision, seat=self.seat, notice_base=self.notice_base or self._base_of(environ))
         if time.monotonic() > deadline:
             self.metrics.over_deadline.inc()
             return self._no_bid(request.id, NoBidReason.DEADLINE, exchange, headers)
