@@ -286,6 +286,8 @@ def wsgi_environ(request: Request, base: dict[str, Any]) -> dict[str, Any]:
     ``tafe.arrival``. Repeated headers are joined with ","."""
     env = base.copy()
     target = request.target
+    if b"#" in target:  # a fragment is the client's business; llhttp lets it through
+        target = target.partition(b"#")[0]
     if target[:1] == b"/":
         path, _, query = target.partition(b"?")
     elif target == b"*":
