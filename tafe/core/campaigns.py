@@ -39,6 +39,8 @@ from typing import Any, NamedTuple
 from tafe.core.types import Creative, Imp, MediaType
 
 MICROS = 1_000_000
+# An interstitial banner that states no size is full screen: phone and tablet portrait/landscape.
+INTERSTITIAL_SIZES = ((320, 480), (480, 320), (768, 1024), (1024, 768))
 # Ids go into notice URLs unquoted: keep them URL-safe.
 _ID = re.compile(r"[A-Za-z0-9._~-]{1,64}")
 _FORMATS = {"banner": MediaType.BANNER, "video": MediaType.VIDEO, "audio": MediaType.AUDIO, "native": MediaType.NATIVE}
@@ -139,10 +141,10 @@ class Campaigns:
         out: list[Candidate] = []
         index = self._index
         if imp.has_banner:
-            if imp.banner_sizes:
-                for w, h in imp.banner_sizes:
-                    out.extend(index.get((MediaType.BANNER, w, h), ()))
-            else:
+            sizes = imp.banner_sizes or (INTERSTITIAL_SIZES if imp.instl else ())
+            for w, h in sizes:
+                out.extend(index.get((MediaType.BANNER, w, h), ()))
+            if not imp.banner_sizes and not out:
                 out.extend(self._banners)  # no size given (e.g. ``banner: {}``): any size, stated in w/h
         if imp.video is not None:
             out.extend(index.get((MediaType.VIDEO, None, None), ()))
