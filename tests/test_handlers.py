@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import json
 import time
 import zlib
@@ -315,3 +316,25 @@ def test_notice_urls_default_to_the_host_the_exchange_used(env):
     assert bid["nurl"].startswith("https://10.0.0.5:8080/notice/win?")
     bid = json.loads(call(app, body=BANNER, headers={"Host": "[::1]:9000"})[2])["seatbid"][0]["bid"][0]
     assert bid["burl"].startswith("http://[::1]:9000/notice/bill?")
+
+
+def test_no_bid_reasons_logged_at_debug_only(env, caplog):
+    app, _, _ = env()
+    with caplog.at_level(logging.DEBUG, logger="tafe.bid"):
+        call(app, body=NO_FIT)
+    assert not [r for r in caplog.records if r.name == "tafe.bid"]  # the level is read once, when the app is built
+    with caplog.at_level(logging.DEBUG, logger="tafe.bid"):
+        app, _, _ = env()
+        call(app, path="/openrtb2/bid/adx", body=NO_FIT)
+        call(app, body=b"{")
+    messages = [(r.getMessage(), getattr(r, "fields", {})) for r in caplog.records if r.name == "tafe.bid"]
+    assert ("no bid: no_eligible_campaign", {"request": "req-2", "exchange": "adx"}) in messages
+    assert ("bad request: not_json", {}) in messages
+
+
+def test_unexpected_error_is_logged_with_its_traceback(env, caplog):
+    app, _, _ = env(scorer=Exploding())
+    with caplog.at_level(logging.ERROR):
+        call(app, body=BANNER)
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.exc_info and "model bug" in str(record.exc_info[1])
