@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,9 @@ def echo():
 @needs_nginx
 def test_nginx_run_proxies_reloads_and_stops(tmp_path: Path, echo: str):
     port = free_port()
-    proc = Proc("nginx", "run", "--port", str(port), "--upstream", echo, "--run-dir", str(tmp_path), "--max-body-bytes", "1000")
+    config = tmp_path / "tafe.toml"
+    config.write_text("max_body_bytes = 1000\n")
+    proc = Proc("nginx", "run", "--port", str(port), "--upstream", echo, "--run-dir", str(tmp_path), "--config", str(config))
     try:
         proc.wait_for(r"nginx listening on http://127\.0\.0\.1:\d+", timeout=30)
         url = f"http://127.0.0.1:{port}"
@@ -153,6 +156,15 @@ def test_nginx_run_proxies_reloads_and_stops(tmp_path: Path, echo: str):
         proc.proc.send_signal(signal.SIGHUP)
         proc.wait_for("config unchanged", start=mark)
         assert request(url)[0] == 200
+        # SIGHUP after an edit: re-rendered and reloaded, the new limit applies.
+        config.write_text("max_body_bytes = 400\n")
+        mark = len(proc.lines)
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for("nginx reloading its config", start=mark)
+        deadline = time.monotonic() + 10
+        while request(url, "POST", "/openrtb2/bid", b"x" * 500)[0] != 413:
+            assert time.monotonic() < deadline, "the reloaded limit never applied"
+            time.sleep(0.1)
         tree = {nginx_pid} | children(nginx_pid)
         assert len(tree) >= 2
         assert proc.stop(signal.SIGTERM) == 0
