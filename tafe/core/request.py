@@ -30,6 +30,7 @@ __all__ = ["BadRequest", "MAX_IMPS", "parse"]
 MAX_IMPS = 100
 MAX_DEALS = 100  # per imp: every deal is tried against every fitting campaign
 MAX_USER_KEYS = 8
+MAX_ID_CHARS = 256  # request and imp ids are echoed in the response and in three notice URLs per bid
 
 _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
@@ -220,6 +221,8 @@ def _imp(i: Any) -> Imp:
         raise BadRequest("imp_missing_id")
     if type(imp_id) is not str:
         raise _fail_type("imp.id")
+    if len(imp_id) > MAX_ID_CHARS:
+        raise BadRequest("imp_id_too_long")
     banner = _obj(i, "banner", "imp.banner")
     video = _obj(i, "video", "imp.video")
     audio = _obj(i, "audio", "imp.audio")
@@ -323,6 +326,8 @@ def parse(body: bytes) -> BidRequest:
         raise BadRequest("missing_id")
     if type(req_id) is not str:
         raise _fail_type("id")
+    if len(req_id) > MAX_ID_CHARS:
+        raise BadRequest("id_too_long")
     raw_imps = root.get("imp")
     if raw_imps is None or raw_imps == []:
         raise BadRequest("missing_imp")
