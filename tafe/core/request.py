@@ -30,7 +30,7 @@ __all__ = ["BadRequest", "MAX_IMPS", "parse"]
 MAX_IMPS = 100
 MAX_DEALS = 100  # per imp: every deal is tried against every fitting campaign
 MAX_USER_KEYS = 8
-MAX_ID_CHARS = 256  # request and imp ids are echoed in the response and in three notice URLs per bid
+MAX_ID_CHARS = 256  # request, imp and deal ids are echoed in the response and in three notice URLs per bid
 
 _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
@@ -201,6 +201,8 @@ def _deals(pmp: dict) -> tuple[Deal, ...]:
         deal_id = _str(d, "id", "imp.pmp.deals.id")
         if not deal_id:
             raise BadRequest("deal_missing_id")
+        if len(deal_id) > MAX_ID_CHARS:
+            raise BadRequest("deal_id_too_long")
         deals.append(
             Deal(
                 id=deal_id,
