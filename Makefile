@@ -48,6 +48,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/threads_vs_greenlets/run.py --record $(TVG_ARGS)
 	$(BIN)/python benchmarks/throughput/run.py --record $(THROUGHPUT_ARGS)
 	$(BIN)/python benchmarks/loadtest.py --record $(LOADTEST_ARGS)
+	$(BIN)/python benchmarks/json_parse.py --record --rounds 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info
