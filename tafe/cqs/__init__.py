@@ -59,7 +59,7 @@ class Snapshot:
         # last request scored: its other imps reuse them (one store lookup per request).
         # Replaced whole, never mutated, so interleaving greenlets or threads stay correct.
         self._last: tuple = (None, None, 0.0, False, 0, b"")
-        self._ctx_memo: dict[tuple, tuple[float, int, bytes]] = {}
+        self._ctx_memo: dict[tuple, tuple[float, int, bytes, int]] = {}
         self._imp_memo: dict[tuple, float] = {}
 
     def lookup(self, request: BidRequest) -> UserState | None:
@@ -79,16 +79,16 @@ class Snapshot:
                    request.region, request.inventory_cats, request.devicetype, request.lmt, request.dnt, request.gdpr, hr, dow)
             ctx = self._ctx_memo.get(key)
             if ctx is None:
-                idx, dt, inv = self._x.context(request, hr, dow)
-                ctx = (sum([w[i] for i in idx]), dt, inv)
+                idx, dt, inv, chc = self._x.context(request, hr, dow)
+                ctx = (sum([w[i] for i in idx]), dt, inv, chc)
                 if len(self._ctx_memo) >= self.MEMO_MAX:
                     self._ctx_memo.clear()
                 self._ctx_memo[key] = ctx
-            z, dt, inv = ctx
+            z, dt, inv, chc = ctx
             state = self.lookup(request)
             known = state is not None
             if known:
-                z += sum([w[i] for i in self._x.user(state, dt, max(0, int((now - self._as_of) // 3600)))])
+                z += sum([w[i] for i in self._x.user(state, dt, chc, hr, max(0, int((now - self._as_of) // 3600)))])
             else:
                 z += self._w_unknown
             self._last = (request, now, z, known, dt, inv)

@@ -15,16 +15,19 @@ Spec ``tafe-cqs-features/1``:
   ``cat`` up to 4 inventory categories, ``dt`` device type (0 = unknown or other),
   ``os``, ``geo`` country, ``reg`` country/region, ``hr`` hour and ``dow`` day (UTC,
   from ``now``), ``priv`` lmt + 2*dnt + 4*gdpr, crosses ``dt*hr``, ``os*dt``,
-  ``ch*geo``, and ``known`` (1 when the store knows the user, else 0);
+  ``ch*geo``, ``geo*hr`` (local time of day), and ``known`` (1 when the store knows
+  the user, else 0);
 - imp: ``fmt`` bit set (1 banner, 2 video, 4 audio, 8 native), ``sz`` up to 3
   banner sizes, ``slot`` instl + 2*rewarded, ``floor`` bucket, ``tag``, crosses
   ``fmt*dt`` and ``inv*fmt``;
 - user (known users only): 11 window counts as log2 buckets, 4 recencies aged by
   ``now - as_of`` as hour buckets (11 = never), ``cartab`` (cart newer than the
-  last purchase, by cart recency), ``ctr`` (clicks_7d / shown_7d bucket) and ``rv*dt``.
+  last purchase, by cart recency), ``ctr`` (clicks_7d / shown_7d bucket), and crosses
+  with the context: ``rv*dt``, ``rc*dt``, ``rk*ch``, ``v30d*ch``, ``s1d*q`` (ads shown
+  today by quarter of the UTC day).
 
 An unknown user is scored on the request alone plus ``known=0``: about 25 features;
-a known user about 45.
+a known user about 50.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ RECENCY_NEVER = 11
 _FLOOR_EDGES = (0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 _CTR_EDGES = (0.02, 0.05, 0.1, 0.25)  # bucket 0: no click, 1..5 by ratio; 6: nothing shown
 _CHANNELS = {"site": 1, "app": 2, "dooh": 3}
+_CH_CODE = {"": 0, **_CHANNELS}
 
 
 def _floor_bucket(price: float) -> int:
@@ -112,7 +116,7 @@ def names(request: BidRequest, imp: Imp, state: UserState | None, now: float, as
         f"ch={ch}", f"inv={inv}", f"pub={request.publisher_id}", f"dt={dt}", f"os={request.os}",
         f"geo={request.country}", f"reg={request.country}/{request.region}", f"hr={hr}", f"dow={dow}",
         f"priv={_priv(request)}", f"dt*hr={dt}|{hr}", f"os*dt={request.os}|{dt}", f"ch*geo={ch}|{request.country}",
-        f"known={int(state is not None)}",
+        f"geo*hr={request.country}|{hr}", f"known={int(state is not None)}",
     ]
     out += [f"cat={c}" for c in request.inventory_cats[:MAX_CATS]]
     fmt = _fmt(imp)
@@ -125,8 +129,11 @@ def names(request: BidRequest, imp: Imp, state: UserState | None, now: float, as
         rec = [_recency(h, age) for h in state[11:15]]
         out += [f"{n}={r}" for n, r in zip(RECENCY_FIELDS, rec)]
         abandoned = state.hours_since_cart < state.hours_since_purchase
+        chc = _CH_CODE[ch]
         out += [f"cartab={rec[1] if abandoned else 12}", f"ctr={_ctr_bucket(state.clicks_7d, state.shown_7d)}",
-                f"rv*dt={rec[0]}|{dt}"]
+                f"rv*dt={rec[0]}|{dt}", f"rc*dt={rec[1]}|{dt}", f"rk*ch={rec[3]}|{chc}",
+                f"v30d*ch={COUNT_BUCKET[min(state.views_30d, _COUNT_CAP)]}|{chc}",
+                f"s1d*q={COUNT_BUCKET[min(state.shown_1d, _COUNT_CAP)]}|{hr // 6}"]
     return out
 
 
@@ -156,7 +163,7 @@ class Extractor:
 
         self.s_inv, self.s_pub, self.s_os, self.s_geo = seed("inv="), seed("pub="), seed("os="), seed("geo=")
         self.s_reg, self.s_cat, self.s_tag, self.s_sz = seed("reg="), seed("cat="), seed("tag="), seed("sz=")
-        self.s_osdt, self.s_invfmt = seed("os*dt="), seed("inv*fmt=")
+        self.s_osdt, self.s_invfmt, self.s_geohr = seed("os*dt="), seed("inv*fmt="), seed("geo*hr=")
         self.s_chgeo = {c: seed(f"ch*geo={c}|") for c in ("", *_CHANNELS)}
         self.t_ch = {c: h(f"ch={c}") for c in ("", *_CHANNELS)}
         self.t_dt = [h(f"dt={d}") for d in range(8)]
@@ -170,6 +177,7 @@ class Extractor:
         self.t_floor = [h(f"floor={x}") for x in range(len(_FLOOR_EDGES) + 1)]
         self.t_fmtdt = [[h(f"fmt*dt={f}|{d}") for d in range(8)] for f in range(16)]
         self.b_dt = [f"|{d}".encode() for d in range(8)]
+        self.b_hr = [f"|{x}".encode() for x in range(24)]
         self.b_fmt = [f"|{f}".encode() for f in range(16)]
         # user tables: [field][raw value, capped] -> index
         self.t_counts = tuple(tuple(h(f"{n}={COUNT_BUCKET[v]}") for v in range(_COUNT_CAP + 1)) for n in COUNT_FIELDS)
@@ -177,9 +185,14 @@ class Extractor:
         self.t_cartab = [h(f"cartab={b}") for b in range(RECENCY_NEVER + 2)]
         self.t_ctr = [h(f"ctr={b}") for b in range(7)]
         self.t_rvdt = [[h(f"rv*dt={b}|{d}") for d in range(8)] for b in range(RECENCY_NEVER + 1)]
+        self.t_rcdt = [[h(f"rc*dt={b}|{d}") for d in range(8)] for b in range(RECENCY_NEVER + 1)]
+        self.t_rkch = [[h(f"rk*ch={b}|{c}") for c in range(4)] for b in range(RECENCY_NEVER + 1)]
+        self.t_v30dch = [[h(f"v30d*ch={COUNT_BUCKET[v]}|{c}") for c in range(4)] for v in range(_COUNT_CAP + 1)]
+        self.t_s1dq = [[h(f"s1d*q={COUNT_BUCKET[v]}|{q}") for q in range(4)] for v in range(_COUNT_CAP + 1)]
 
-    def context(self, request: BidRequest, hr: int, dow: int) -> tuple[list[int], int, bytes]:
-        """Request-level indices but ``known``, plus the device code and inventory bytes imps need.
+    def context(self, request: BidRequest, hr: int, dow: int) -> tuple[list[int], int, bytes, int]:
+        """Request-level indices but ``known``, plus what the other parts need: device
+        code, inventory bytes, channel code.
 
         A function of the request's inventory, device, geo and clock only, so callers
         may memoize it by those fields (``tafe.cqs.Snapshot`` does).
@@ -200,13 +213,14 @@ class Extractor:
             crc(b"/" + request.region.encode(), crc(geo, self.s_reg)) & m, self.t_hr[hr], self.t_dow[dow],
             self.t_priv[request.lmt | request.dnt << 1 | request.gdpr << 2], self.t_dthr[dt][hr],
             crc(self.b_dt[dt], crc(os_b, self.s_osdt)) & m, crc(geo, self.s_chgeo[ch]) & m,
+            crc(self.b_hr[hr], crc(geo, self.s_geohr)) & m,
         ]
         s_cat = self.s_cat
         for c in request.inventory_cats[:MAX_CATS]:
             out.append(crc(c.encode(), s_cat) & m)
-        return out, dt, inv
+        return out, dt, inv, _CH_CODE[ch]
 
-    def user(self, state: UserState, dt: int, age: int) -> list[int]:
+    def user(self, state: UserState, dt: int, chc: int, hr: int, age: int) -> list[int]:
         """A known user's history indices (``known=1`` included); ``age``: hours since ``as_of``."""
         v1, v7, v30, c7, c30, p30, p365, s1, s7, k7, k30, hv, hc, hp, hk = state
         t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10 = self.t_counts
@@ -224,6 +238,8 @@ class Extractor:
             t9[k7 if k7 < cap else cap], t10[k30 if k30 < cap else cap],
             tv[rv], tc[rc], tp[rp], tk[rk],
             self.t_cartab[rc if hc < hp else 12], self.t_ctr[_ctr_bucket(k7, s7)], self.t_rvdt[rv][dt],
+            self.t_rcdt[rc][dt], self.t_rkch[rk][chc], self.t_v30dch[v30 if v30 < cap else cap][chc],
+            self.t_s1dq[s1 if s1 < cap else cap][hr // 6],
         ]
 
     def imp_part(self, imp: Imp, dt: int, inv: bytes) -> list[int]:
@@ -241,11 +257,11 @@ class Extractor:
     def indices(self, request: BidRequest, imp: Imp, state: UserState | None, now: float, as_of: float = 0.0) -> list[int]:
         """Every index of one imp, unmemoized: the same multiset as hashing ``names()``."""
         hr, dow = clock(now)
-        out, dt, inv = self.context(request, hr, dow)
+        out, dt, inv, chc = self.context(request, hr, dow)
         if state is None:
             out.append(self.t_known[0])
         else:
-            out += self.user(state, dt, age_hours(now, as_of))
+            out += self.user(state, dt, chc, hr, age_hours(now, as_of))
         return out + self.imp_part(imp, dt, inv)
 
 

@@ -27,9 +27,9 @@ request alone; engaged known users up to ~0.95.
 
 Regenerate the demo model (deterministic)::
 
-    tafe cqs synth --out /tmp/cqs-demo --users 20000 --requests 200000 --seed 7
+    tafe cqs synth --out /tmp/cqs-demo --users 20000 --requests 200000 --seed 2
     tafe cqs train /tmp/cqs-demo/decisions.jsonl --out tafe/data/model.cqsm \\
-        --dims 65536 --version demo-1 --seed 7
+        --dims 65536 --version demo-1 --seed 2
 """
 
 from __future__ import annotations

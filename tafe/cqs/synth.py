@@ -41,14 +41,14 @@ from tafe.cqs.state import NEVER, UserState
 
 DAY = 86400.0
 HEADS = ("visit", "click", "purchase")
-BIAS = {"visit": -1.4, "click": -3.9, "purchase": -6.0}
+BIAS = {"visit": -0.8, "click": -3.9, "purchase": -6.0}
 REQUESTS_JSON_MAX = 10_000
 
 # Standard deviation of the random effect of each context feature, per head.
 SIGMA = {
     "ch": 0.2, "inv": 0.25, "pub": 0.1, "cat": 0.2, "dt": 0.25, "os": 0.2, "geo": 0.3, "reg": 0.1, "hr": 0.15,
     "dow": 0.05, "priv": 0.1, "dt*hr": 0.03, "os*dt": 0.1, "ch*geo": 0.1, "fmt": 0.3, "slot": 0.2, "floor": 0.15,
-    "tag": 0.03, "fmt*dt": 0.1, "sz": 0.25,
+    "tag": 0.03, "fmt*dt": 0.1, "sz": 0.25, "geo*hr": 0.1, "rc*dt": 0.1, "rk*ch": 0.1, "v30d*ch": 0.1, "s1d*q": 0.1,
 }
 # Monotone history effects per head: feature -> list of weights by bucket.
 _REC = [2.2, 1.9, 1.6, 1.3, 1.0, 0.7, 0.4, 0.2, 0.0, -0.2, -0.4, -0.6]  # by recency bucket, 11 = never
