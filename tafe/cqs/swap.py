@@ -11,8 +11,9 @@ under such a name and rename into place: ``tafe cqs build-store --out`` and mode
 saves already do); the newest of each kind wins, else ``settings.model`` /
 ``settings.store``. A changed file is loaded and validated in the hub's thread pool
 (the store's checksum pass releases the GIL, so the event loop keeps serving),
-then swapped in. A bad file is refused with one log line and the old snapshot keeps
-serving; SIGHUP retries refused files. An unchanged store is reused, never re-read.
+then swapped in. A bad file is refused with one log line and skipped from then on
+(SIGHUP retries it): the old snapshot keeps serving, or the next newest good file
+takes its place. An unchanged store is reused, never re-read.
 
 A replaced store is unmapped only after ``grace_s`` (longer than any request's
 deadline), a slice at a time, so neither a request still holding the old snapshot
@@ -93,53 +94,59 @@ class Watcher:
         self._greenlet: gevent.Greenlet | None = None
 
     def wanted(self, kind: str) -> FileId | None:
-        """The newest ``*.cqsm``/``*.cqss`` in the watched directory, else the configured file."""
-        best: FileId | None = None
-        directory = self.settings.watch_dir
-        if directory:
+        """The newest ``*.cqsm``/``*.cqss`` of the watched directory not refused, else the configured file."""
+        found: list[FileId] = []
+        if self.settings.watch_dir:
             try:
-                names = os.listdir(directory)
+                names = os.listdir(self.settings.watch_dir)
             except OSError:
                 names = []
             for name in names:
-                if name.startswith(".") or not name.endswith(SUFFIXES[kind]):
-                    continue
-                fid = file_id(os.path.join(directory, name))
-                if fid is not None and (best is None or (fid.mtime_ns, fid.path) > (best.mtime_ns, best.path)):
-                    best = fid
-        if best is None:
-            best = file_id(self.settings.model if kind == "model" else self.settings.store)
-        return best
+                if not name.startswith(".") and name.endswith(SUFFIXES[kind]):
+                    fid = file_id(os.path.join(self.settings.watch_dir, name))
+                    if fid is not None and fid not in self.refused:
+                        found.append(fid)
+        if found:
+            return max(found, key=lambda f: (f.mtime_ns, f.path))
+        configured = file_id(self.settings.model if kind == "model" else self.settings.store)
+        return configured if configured not in self.refused else None
 
     def check(self) -> bool:
-        """Load whatever changed and swap it in; True if a swap happened."""
-        changes = {}
-        for kind in ("model", "store"):
-            fid = self.wanted(kind)
-            if fid is not None and fid != self.loaded[kind] and fid not in self.refused:
-                changes[kind] = fid
-        if not changes:
-            return False
-        old = self.holder.current
-        # While the pool thread runs Python (model parsing), the loop waits up to a
-        # switch interval for the GIL: make that 1 ms, not 5, meanwhile.
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, 0.001))
-        try:
-            new = _load(old, changes.get("model"), changes.get("store"))
-        except Exception as exc:  # CqsError, or anything unforeseen: never swap in a doubtful file
-            self.refused.update(changes.values())
-            self.log.error("cqs: refused %s, still serving %s: %s", _names(changes), old.versions, exc)
-            return False
-        finally:
-            sys.setswitchinterval(interval)
-        self.holder.swap(new)
-        self.loaded.update(changes)
-        self.swaps += 1
-        self.log.info("cqs: swapped in %s: now serving %s (was %s)", _names(changes), new.versions, old.versions)
-        if old.store is not None and old.store is not new.store:
-            gevent.spawn_later(self.grace_s, _retire, old.store)
-        return True
+        """Load whatever changed and swap it in; True if a swap happened.
+
+        A refused file is skipped from then on, so the next newest (or the configured
+        file) gets its chance at once: a worker started after a bad drop still finds
+        the last good file, as its siblings did.
+        """
+        swapped = False
+        while True:
+            changes = {}
+            for kind in ("model", "store"):
+                fid = self.wanted(kind)
+                if fid is not None and fid != self.loaded[kind]:
+                    changes[kind] = fid
+            if not changes:
+                return swapped
+            old = self.holder.current
+            # While the pool thread runs Python (model parsing), the loop waits up to a
+            # switch interval for the GIL: make that 1 ms, not 5, meanwhile.
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(interval, 0.001))
+            try:
+                new = _load(old, changes.get("model"), changes.get("store"))
+            except Refused as exc:
+                self.refused.add(exc.file)
+                self.log.error("cqs: refused %s %s, still serving %s: %s", exc.kind, exc.file.path, old.versions, exc.reason)
+                continue
+            finally:
+                sys.setswitchinterval(interval)
+            self.holder.swap(new)
+            self.loaded.update(changes)
+            self.swaps += 1
+            swapped = True
+            self.log.info("cqs: swapped in %s: now serving %s (was %s)", _names(changes), new.versions, old.versions)
+            if old.store is not None and old.store is not new.store:
+                gevent.spawn_later(self.grace_s, _retire, old.store)
 
     def hangup(self) -> None:
         """SIGHUP: look now, and give refused files another chance."""
@@ -170,29 +177,53 @@ def _names(changes: dict[str, FileId]) -> str:
     return ", ".join(f"{kind} {fid.path}" for kind, fid in changes.items())
 
 
+class Refused(Exception):
+    """One file could not be used; ``reason`` says why (CqsError, or anything unforeseen)."""
+
+    def __init__(self, kind: str, file: FileId, reason: BaseException) -> None:
+        super().__init__(kind, file, reason)
+        self.kind, self.file, self.reason = kind, file, reason
+
+
 def _load(old: Snapshot, model_file: FileId | None, store_file: FileId | None) -> Snapshot:
-    """Read and validate what changed, reuse what did not.
+    """Read and validate what changed, reuse what did not; raises Refused naming the bad file.
 
     The whole-file work (the store's checksum pass, parsing a model) runs in the hub's
     thread pool; the rest (header checks, mapping, the snapshot) takes microseconds
     here. Keeping Python out of the pool thread matters on a busy machine: a thread
     descheduled while it holds the GIL stalls the loop for as long as it is off-CPU.
     """
-    store = open_store(store_file.path, verify=False) if store_file else old.store
+    store = old.store
+    if store_file:
+        try:
+            store = open_store(store_file.path, verify=False)
+        except Exception as exc:
+            raise Refused("store", store_file, exc) from None
     try:
-        model = gevent.get_hub().threadpool.apply(_read, (model_file, store if store_file else None))
-        return Snapshot(model or old.model, store)
+        model = gevent.get_hub().threadpool.apply(_read, (model_file, store_file, store))
+        try:
+            return Snapshot(model or old.model, store)
+        except Exception as exc:
+            raise Refused("model" if model_file else "store", model_file or store_file, exc) from None  # type: ignore[arg-type]
     except BaseException:
         if store_file and store is not None:
             store.close()
         raise
 
 
-def _read(model_file: FileId | None, store: Any) -> Any:
+def _read(model_file: FileId | None, store_file: FileId | None, store: Any) -> Any:
     """In a pool thread: verify a new store (GIL released throughout) and parse a new model."""
-    if store is not None:
-        store.verify()
-    return model_mod.load(model_file.path) if model_file else None
+    if store_file:
+        try:
+            store.verify()
+        except Exception as exc:
+            raise Refused("store", store_file, exc) from None
+    if model_file:
+        try:
+            return model_mod.load(model_file.path)
+        except Exception as exc:
+            raise Refused("model", model_file, exc) from None
+    return None
 
 
 def _retire(store: Any) -> None:
@@ -204,7 +235,12 @@ def _retire(store: Any) -> None:
 
 def watch(holder: Holder, settings: Settings, log: logging.Logger | logging.LoggerAdapter, *, poll_s: float = 1.0) -> Watcher:
     """Start hot swap for this process: poll ``settings.watch_dir`` and reload on SIGHUP."""
-    watcher = Watcher(holder, settings, log, poll_s=poll_s).start()
+    watcher = Watcher(holder, settings, log, poll_s=poll_s)
+    try:
+        watcher.check()  # before the first request: a new worker serves what its siblings serve
+    except Exception:  # noqa: BLE001 - the loop below retries
+        log.exception("cqs: hot-swap check failed; will retry")
+    watcher.start()
     try:
         gevent.signal_handler(signal.SIGHUP, watcher.hangup)
     except ValueError:  # not the main thread (tests): polling still works

@@ -117,6 +117,10 @@ def test_swaps_under_concurrent_greenlets_lose_no_request(setup):
     assert holder.current.lookup(REQUEST).views_1d == 6
 
 
+def errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+
+
 def test_bad_files_are_refused_and_the_old_snapshot_keeps_serving(setup, caplog):
     settings, holder, log, watch_dir, tmp_path = setup
     watcher = Watcher(holder, settings, log, grace_s=0.01)
@@ -127,34 +131,56 @@ def test_bad_files_are_refused_and_the_old_snapshot_keeps_serving(setup, caplog)
     bad = drop(watch_dir, "truncated.cqss", good[:-7])
     assert watcher.check() is False
     assert holder.current is before
-    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert "refused" in record.getMessage() and bad in record.getMessage() and "truncated" in record.getMessage()
+    (message,) = errors(caplog)
+    assert "refused store" in message and bad in message and "truncated" in message and "'s0'" in message
 
     assert watcher.check() is False  # refused once, not retried (or re-logged) every poll
-    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+    assert len(errors(caplog)) == 1
     watcher.hangup()  # SIGHUP retries it
     assert watcher.check() is False
-    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 2
+    assert len(errors(caplog)) == 2
 
     corrupt = bytearray(good)
     corrupt[-1] ^= 1
-    os.utime(bad, ns=(1, 1))  # older than the next drop
     bad2 = drop(watch_dir, "corrupt.cqss", bytes(corrupt))
     assert watcher.check() is False
-    assert "corrupt data" in caplog.records[-1].getMessage() and bad2 in caplog.records[-1].getMessage()
+    assert len(errors(caplog)) == 3 and "corrupt data" in errors(caplog)[-1] and bad2 in errors(caplog)[-1]
 
     model_bytes = open(settings.model, "rb").read()
     drop(watch_dir, "m9.cqsm", model_bytes[: len(model_bytes) // 2])
     assert watcher.check() is False
-    assert "m9.cqsm" in caplog.records[-1].getMessage()
+    assert "refused model" in errors(caplog)[-1] and "m9.cqsm" in errors(caplog)[-1]
     assert holder.current is before and holder.current.lookup(REQUEST).views_1d == 1
 
-    os.utime(bad2, ns=(1, 1))
     drop(watch_dir, "s1.cqss", good)
     assert watcher.check() is True
     assert holder.current.versions == {"model": "m0", "store": "s1"}
     assert "swapped in store" in caplog.records[-1].getMessage()
     assert watcher.check() is False  # nothing new
+    assert len(errors(caplog)) == 4
+
+
+def test_a_fresh_watcher_skips_a_bad_newest_file_for_the_last_good_one(setup, caplog):
+    """A worker (re)started after a bad drop serves what its siblings serve."""
+    settings, holder, log, watch_dir, tmp_path = setup
+    good = make_store(str(watch_dir / "s1.cqss"), "s1", views=2)
+    os.utime(good, ns=(10**18, 10**18))
+    drop(watch_dir, "s2.cqss", b"TAFEUSR\0 and then nothing useful")
+    os.utime(watch_dir / "s2.cqss", ns=(2 * 10**18, 2 * 10**18))  # the newest
+    caplog.set_level(logging.INFO, logger="test.cqs.swap")
+    assert Watcher(holder, settings, log).check() is True
+    assert holder.current.versions["store"] == "s1"
+    assert len(errors(caplog)) == 1 and "s2.cqss" in errors(caplog)[0]
+
+
+def test_a_good_model_is_swapped_in_even_if_the_store_beside_it_is_bad(setup, caplog):
+    settings, holder, log, watch_dir, tmp_path = setup
+    make_model(str(watch_dir / "m1.cqsm"), "m1")
+    drop(watch_dir, "s1.cqss", b"garbage")
+    caplog.set_level(logging.INFO, logger="test.cqs.swap")
+    assert Watcher(holder, settings, log).check() is True
+    assert holder.current.versions == {"model": "m1", "store": "s0"}
+    assert len(errors(caplog)) == 1 and "refused store" in errors(caplog)[0]
 
 
 def test_a_model_swap_reuses_the_open_store(setup):

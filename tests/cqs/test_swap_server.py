@@ -74,11 +74,14 @@ def wait_output(server, text: str, count: int = 1, timeout: float = 20.0) -> Non
 
 
 @pytest.mark.slow
-def test_stores_swapped_while_serving_lose_no_request(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stores_swapped_while_serving_lose_no_request(tmp_path, workers):
+    """With 2 workers SIGHUP goes to the master, a rolling restart: the new workers
+    must come up on the last good store (s1), not the configured one (s0)."""
     watch_dir = tmp_path / "watch"
     watch_dir.mkdir()
     make_store(tmp_path / "s0.cqss", "s0")
-    server = start_tafe("--store", str(tmp_path / "s0.cqss"), "--watch-dir", str(watch_dir))
+    server = start_tafe("--store", str(tmp_path / "s0.cqss"), "--watch-dir", str(watch_dir), "--workers", str(workers))
     clients = [Client(server.url) for _ in range(4)]
     try:
         for c in clients:
@@ -92,10 +95,10 @@ def test_stores_swapped_while_serving_lose_no_request(tmp_path):
         # a truncated store dropped in is refused; s1 keeps serving
         (watch_dir / ".s2.tmp").write_bytes(good[: len(good) // 2])
         (watch_dir / ".s2.tmp").rename(watch_dir / "s2.cqss")
-        wait_output(server, "refused store")
+        wait_output(server, "refused store", count=workers)  # each worker refuses it
         assert "truncated" in server.output() and str(watch_dir / "s2.cqss") in server.output()
-        server.proc.send_signal(signal.SIGHUP)  # retries it, refuses it again
-        wait_output(server, "refused store", count=2)
+        server.proc.send_signal(signal.SIGHUP)  # retries it (in new workers if pre-forked), refuses it again
+        wait_output(server, "refused store", count=2 * workers)
         n = len(clients[0].versions)
         while len(clients[0].versions) < n + 20:
             time.sleep(0.02)
