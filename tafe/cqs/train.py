@@ -46,6 +46,7 @@ class Data:
     p_true: dict[str, np.ndarray]  # head -> probabilities, when the logs carry them
     heldout: np.ndarray  # bool: in the evaluation split
     skipped: int
+    known: np.ndarray  # bool: the store knew the user
 
     @property
     def rows(self) -> int:
@@ -56,7 +57,7 @@ class Data:
         take, lengths = _gather(self.indptr, rows)
         indptr = np.concatenate([[0], np.cumsum(lengths)])
         return Data(self.indices[take], indptr, {h: v[rows] for h, v in self.labels.items()},
-                    {h: v[rows] for h, v in self.p_true.items()}, self.heldout[rows], 0)
+                    {h: v[rows] for h, v in self.p_true.items()}, self.heldout[rows], 0, self.known[rows])
 
 
 def _gather(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +81,7 @@ def read(paths: Sequence[str], dims: int, heads: Sequence[str], holdout: float) 
     p_true: dict[str, list[float]] = {h: [] for h in heads}
     has_truth = True
     heldout: list[bool] = []
+    known: list[bool] = []
     skipped = 0
     for path in paths:
         try:
@@ -113,12 +115,14 @@ def read(paths: Sequence[str], dims: int, heads: Sequence[str], holdout: float) 
                         p_true[h].append(float(truth[h]))
                 else:
                     has_truth = False
+                flag = rec.get("known")
+                known.append(flag if isinstance(flag, bool) else "known=1" in feats)
                 heldout.append(is_heldout(str(rec.get("request_id", lineno)), str(rec.get("imp_id", "")), holdout))
     return Data(
         np.asarray(indices, dtype=np.int32), np.asarray(indptr, dtype=np.int64),
         {h: np.asarray(v, dtype=np.float64) for h, v in labels.items()},
         {h: np.asarray(v, dtype=np.float64) for h, v in p_true.items()} if has_truth else {},
-        np.asarray(heldout, dtype=bool), skipped,
+        np.asarray(heldout, dtype=bool), skipped, np.asarray(known, dtype=bool),
     )
 
 
@@ -215,6 +219,9 @@ def evaluate(model: Model, data: Data, bins: int = 10) -> dict:
             continue
         p = predict(np.frombuffer(h.weights, dtype=np.float32).astype(np.float64), h.bias, data)
         m = metrics(p, data.labels[h.name], bins)
+        for seg, mask in (("known", data.known), ("unknown", ~data.known)):
+            m[f"{seg}_users"] = int(mask.sum())
+            m[f"{seg}_auc"] = auc(p[mask], data.labels[h.name][mask]) if mask.any() else float("nan")
         if h.name in data.p_true:
             truth = data.p_true[h.name]
             m["truth_auc"] = auc(truth, data.labels[h.name])
@@ -268,6 +275,7 @@ def format_report(report: dict) -> str:
         truth = f"   hidden model: AUC {m['truth_auc']:.4f}, log loss {m['truth_log_loss']:.4f}" if "truth_auc" in m else ""
         lines.append(f"\nhead {name}: AUC {m['auc']:.4f}  log loss {m['log_loss']:.4f}  ECE {m['ece']:.4f}"
                      f"  rate {m['observed_rate']:.4f} (predicted {m['mean_predicted']:.4f}){truth}")
+        lines.append(f"  known users: AUC {m['known_auc']:.4f} ({m['known_users']}); unknown users: AUC {m['unknown_auc']:.4f} ({m['unknown_users']})")
         lines.append(f"  {'bin':>3} {'n':>8} {'p range':>17} {'predicted':>10} {'observed':>10}")
         for i, r in enumerate(m["calibration"]):
             lines.append(f"  {i:>3} {r['n']:>8} {r['p_lo']:>8.4f}-{r['p_hi']:<8.4f} {r['predicted']:>10.4f} {r['observed']:>10.4f}")

@@ -34,6 +34,7 @@ def test_trained_auc_close_to_hidden_model(world: Path, trained: Path) -> None:
     report = train.evaluate_files(model, [str(world / "decisions.jsonl")], holdout=0.2)
     visit = report["heads"]["visit"]
     assert 7000 < report["records"] < 9000  # the held-out fifth only
+    assert visit["known_users"] + visit["unknown_users"] == report["records"] and visit["unknown_users"] > 1000
     assert visit["truth_auc"] > 0.65  # the world is learnable at all
     assert visit["auc"] >= visit["truth_auc"] - 0.02, visit
     assert visit["ece"] < 0.03  # calibrated: mean predicted tracks observed per bin
@@ -46,6 +47,7 @@ def test_evaluate_prints_report(world: Path, trained: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "head visit: AUC 0." in proc.stdout and "hidden model: AUC" in proc.stdout
+    assert "known users: AUC 0." in proc.stdout and "unknown users: AUC 0." in proc.stdout
     assert proc.stdout.count("\n  ") >= 3 * 11  # a calibration table of 10 bins (+ header) per head
     proc = subprocess.run([sys.executable, "-m", "tafe", "cqs", "evaluate", "--json", str(trained), str(world / "decisions.jsonl")],
                           capture_output=True, text=True, timeout=120)
