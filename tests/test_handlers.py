@@ -338,3 +338,12 @@ def test_unexpected_error_is_logged_with_its_traceback(env, caplog):
         call(app, body=BANNER)
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert record.exc_info and "model bug" in str(record.exc_info[1])
+
+
+def test_dedupe_forgets_the_oldest_first():
+    from tafe.handlers.notices import Dedupe
+
+    d = Dedupe(2)
+    assert d.first(("a",)) and d.first(("b",)) and not d.first(("a",))  # "a" refreshed
+    assert d.first(("c",))  # evicts "b", the least recently seen
+    assert d.first(("b",)) and not d.first(("c",))

@@ -11,6 +11,7 @@ encrypted by the exchange: a price that is not a number is kept as text, not ref
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from typing import Any
 from urllib.parse import parse_qsl
@@ -26,22 +27,27 @@ _MAX_QUERY = 4096
 
 
 class Dedupe:
-    """A bounded set remembering the most recent keys (oldest forgotten first)."""
+    """A bounded set remembering the most recent keys (oldest forgotten first).
+
+    Locked so that threaded WSGI servers may share it too (a gevent lock once patched).
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._seen: OrderedDict[tuple, None] = OrderedDict()
+        self._lock = threading.Lock()
 
     def first(self, key: tuple) -> bool:
         """True the first time a key is seen (while remembered)."""
-        seen = self._seen
-        if key in seen:
-            seen.move_to_end(key)
-            return False
-        seen[key] = None
-        if len(seen) > self.size:
-            seen.popitem(last=False)
-        return True
+        with self._lock:
+            seen = self._seen
+            if key in seen:
+                seen.move_to_end(key)
+                return False
+            seen[key] = None
+            if len(seen) > self.size:
+                seen.popitem(last=False)
+            return True
 
 
 def _price(text: str) -> float | None:
