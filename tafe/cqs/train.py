@@ -19,6 +19,7 @@ import json
 import math
 import time
 import zlib
+from array import array
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -75,13 +76,14 @@ def read(paths: Sequence[str], dims: int, heads: Sequence[str], holdout: float) 
     """Read decision logs, hashing every feature string into ``dims`` (a power of two)."""
     mask = dims - 1
     cache: dict[str, int] = {}
-    indices: list[int] = []
-    indptr = [0]
-    labels: dict[str, list[int]] = {h: [] for h in heads}
-    p_true: dict[str, list[float]] = {h: [] for h in heads}
+    # compact arrays, not lists of Python ints: millions of records stay in memory
+    indices = array("i")
+    indptr = array("q", [0])
+    labels = {h: bytearray() for h in heads}
+    p_true = {h: array("d") for h in heads}
     has_truth = True
-    heldout: list[bool] = []
-    known: list[bool] = []
+    heldout = bytearray()
+    known = bytearray()
     skipped = 0
     for path in paths:
         try:
@@ -119,10 +121,10 @@ def read(paths: Sequence[str], dims: int, heads: Sequence[str], holdout: float) 
                 known.append(flag if isinstance(flag, bool) else "known=1" in feats)
                 heldout.append(is_heldout(str(rec.get("request_id", lineno)), str(rec.get("imp_id", "")), holdout))
     return Data(
-        np.asarray(indices, dtype=np.int32), np.asarray(indptr, dtype=np.int64),
-        {h: np.asarray(v, dtype=np.float64) for h, v in labels.items()},
-        {h: np.asarray(v, dtype=np.float64) for h, v in p_true.items()} if has_truth else {},
-        np.asarray(heldout, dtype=bool), skipped, np.asarray(known, dtype=bool),
+        np.frombuffer(indices, dtype=np.int32).copy(), np.frombuffer(indptr, dtype=np.int64).copy(),
+        {h: np.frombuffer(v, dtype=np.uint8).astype(np.float64) for h, v in labels.items()},
+        {h: np.frombuffer(v, dtype=np.float64).copy() for h, v in p_true.items()} if has_truth else {},
+        np.frombuffer(heldout, dtype=np.uint8).astype(bool), skipped, np.frombuffer(known, dtype=np.uint8).astype(bool),
     )
 
 
@@ -252,9 +254,7 @@ def train_files(paths: Sequence[str], dims: int = 1 << 18, heads: Sequence[str] 
     return model, report
 
 
-def _f32(x: np.ndarray):
-    from array import array
-
+def _f32(x: np.ndarray) -> array:
     out = array("f")
     out.frombytes(x.astype("<f4").tobytes())
     return out
