@@ -93,3 +93,32 @@ def test_joined_log_trains(tmp_path: Path, snapshot: Snapshot) -> None:
             f.write(json.dumps(x) + "\n")
     model, report = train.train_files([str(joined)], dims=1024, heads=["visit", "click"], version="j-1", holdout=0.25, epochs=5)
     assert report["records"] == 400 and report["heldout"]["visit"]["auc"] == 1.0
+
+
+def test_workers_sharing_one_file_never_interleave(tmp_path: Path) -> None:
+    """Pre-forked workers append to one log: every line stays whole."""
+    import os
+
+    path = tmp_path / "decisions.jsonl"
+    pids = []
+    for worker in range(3):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                snap = Snapshot(model_mod.constant("w", {"visit": 0.0}))
+                log = DecisionLog(str(path), sample=1.0)
+                for n in range(300):
+                    request = dataclasses.replace(REQUEST, id=f"w{worker}-{n}", inventory_cats=("IAB1",) * 4)
+                    log.record(request, _decision(request), snap, NOW)
+                log.close()
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    lines = _lines(path)
+    assert len(lines) == 3 * 300 * 2
+    assert {x["request_id"] for x in lines} == {f"w{w}-{n}" for w in range(3) for n in range(300)}
