@@ -119,7 +119,7 @@ class RequestReader:
     __slots__ = (
         "_parser", "_max_head", "_max_body", "_now", "_out", "_url", "_headers", "_body",
         "_body_len", "_head_len", "_in_head", "_fields", "_feed_len", "_begin_len",
-        "arrival", "in_progress", "send_continue", "closed", "error",
+        "arrival", "in_progress", "send_continue", "closed", "discarded", "error",
     )
 
     def __init__(self, max_head_bytes: int, max_body_bytes: int) -> None:
@@ -141,11 +141,13 @@ class RequestReader:
         self.in_progress = False  # a request has begun and is not complete yet
         self.send_continue = False
         self.closed = False  # no more requests will be read on this connection
+        self.discarded = False  # bytes came after the last request and were ignored
         self.error: HttpError | None = None
 
     def feed(self, data: bytes, now: float) -> list[Request]:
         """Parse ``data`` read at clock ``now``; return the requests it completed."""
         if self.closed or self.error is not None:
+            self.discarded = self.discarded or bool(data)
             return []
         self._now = now
         out = self._out = []
@@ -153,10 +155,13 @@ class RequestReader:
         continued = self._in_head
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
             self._close_after_last()
+            self.discarded = exc.args[0] < len(data)  # the other protocol's bytes
         except httptools.HttpParserError as exc:
-            if not self.closed and self.error is None:
+            if self.closed:
+                self.discarded = True  # bytes after the last request, ignored
+            elif self.error is None:
                 cause = exc.__context__
                 if isinstance(cause, HttpError):
                     self.error = cause

@@ -261,6 +261,8 @@ class _Connection:
                 self._settimeout(read_timeout)
             for request in requests:
                 if not self._respond(request):
+                    if reader.discarded or reader.in_progress or request is not requests[-1]:
+                        self._linger()  # the client sent more than we will answer
                     return
                 # Fair turns: a connection whose next request is already there would be
                 # served again at once while others wait (p99 ~15x p50 under wrk). So
@@ -277,18 +279,28 @@ class _Connection:
                 return
             if reader.send_continue:
                 reader.send_continue = False
-                self.sendall(http.CONTINUE)
+                try:
+                    self.sendall(http.CONTINUE)
+                except OSError:
+                    return
 
     def _refuse(self, error: http.HttpError) -> None:
         server = self.server
         server.count_refused(error.status)
         log.debug("%s: %d %s (from %s)", server.name, error.status, error.reason, self.base["REMOTE_ADDR"])
+        try:
+            self.sock.sendall(http.error_response(error.status, error.reason, _time()))
+        except OSError:
+            return
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close gently a connection whose client may still be sending (a refused body,
+        requests pipelined after the last one served): closing with its bytes unread
+        would send a reset that can destroy our answer before the client reads it. So
+        stop writing, read and drop what comes for a bounded time, as Nginx does."""
         sock = self.sock
         try:
-            sock.sendall(http.error_response(error.status, error.reason, _time()))
-            # Lingering close: a client still sending (a body we refused) would get a
-            # reset, not our answer, if we closed with its bytes unread. Read and drop
-            # them for a bounded time, as Nginx's lingering_close does.
             sock.shutdown(socket.SHUT_WR)
             deadline = _monotonic() + _LINGER_S
             while (left := deadline - _monotonic()) > 0:

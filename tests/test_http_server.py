@@ -308,6 +308,12 @@ def test_connection_close_is_honoured(server):
     assert closed
 
 
+def test_answer_survives_requests_pipelined_after_connection_close(server):
+    more = b"GET /ignored HTTP/1.1\r\nHost: x\r\n\r\n" * 20000
+    responses, closed = exchange(server, b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" + more)
+    assert responses[0].body == b"pong" and closed
+
+
 def test_http10_keep_alive_only_when_asked(server):
     responses, closed = exchange(server, b"GET /ping HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     assert responses[0].headers["connection"] == "keep-alive" and not closed
