@@ -5,6 +5,12 @@ instead of drowning), serving any WSGI app. The HTTP rules live in ``tafe.http``
 this module only moves bytes and speaks WSGI. It assumes the process has already been
 monkey-patched (``tafe.cli`` does it first thing).
 
+Per connection: an idle keep-alive connection closes after ``keepalive_timeout_s``; a
+request, once its first byte is in, must be whole within ``read_timeout_s`` (else 408);
+a refused request (400/408/413/431) is answered, counted and the connection closed
+gently (lingering close). On drain, answers say ``Connection: close``, the listener
+closes, idle connections are closed once no request is in flight.
+
 Why not ``gevent.pywsgi``: it writes headers and body separately (a 40 ms
 Nagle/delayed-ACK stall per keep-alive request without ``TCP_NODELAY``), parses in
 Python, and serves greenlets unfairly (p99 ~5x p50). Here a response is one ``sendall``,
