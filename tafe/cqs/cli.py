@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     p = subs.add_parser("inspect", help="validate a model file and print its header and heaviest features")
     p.add_argument("model", help="model file")
     p.add_argument("--top", type=int, default=10, help="largest weights to list per head (default 10)")
+    p.add_argument("--names", metavar="LOG", help="decision log whose feature strings name the listed weights")
 
     p = subs.add_parser("build-store", help="build the memory-mapped user-state store from event files")
     try:
@@ -100,7 +101,11 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "inspect":
         from tafe.cqs import model as model_mod
 
-        print(model_mod.describe(model_mod.load(args.model), top=args.top))
+        from tafe.cqs import train
+
+        model = model_mod.load(args.model)
+        names = train.feature_names([args.names], model.dims) if args.names else None
+        print(model_mod.describe(model, top=args.top, names=names))
         return 0
     if cmd == "build-store":
         if getattr(args, "_store_missing", False):

@@ -191,8 +191,12 @@ def constant(version: str, biases: dict[str, float], dims: int = 1024) -> Model:
     return Model(version, dims, tuple(Head(n, b, array("f", bytes(4 * dims))) for n, b in biases.items()))
 
 
-def describe(model: Model, top: int = 10) -> str:
-    """Human-readable summary for ``tafe cqs inspect``: header, sizes, largest weights."""
+def describe(model: Model, top: int = 10, names: dict[int, list[str]] | None = None) -> str:
+    """Human-readable summary for ``tafe cqs inspect``: header, sizes, largest weights.
+
+    The file keeps only hashed indices; ``names`` (index -> feature strings seen in
+    some decision log) puts words on them.
+    """
     lines = [
         f"version       {model.version}",
         f"feature spec  {model.feature_spec}",
@@ -203,7 +207,8 @@ def describe(model: Model, top: int = 10) -> str:
         nonzero = sum(1 for x in h.weights if x)
         lines.append(f"head {h.name}: bias {h.bias:+.4f} (p {sigmoid(h.bias):.4f}), {nonzero} non-zero weights")
         ranked = sorted(range(model.dims), key=lambda i: -abs(h.weights[i]))[:top] if top > 0 else []
-        lines += [f"    [{i:>8}] {h.weights[i]:+.4f}" for i in ranked if h.weights[i]]
+        lines += [f"    [{i:>8}] {h.weights[i]:+.4f}  {' | '.join((names or {}).get(i, []))}".rstrip()
+                  for i in ranked if h.weights[i]]
     if model.meta:
         lines.append("meta          " + json.dumps(model.meta, sort_keys=True))
     return "\n".join(lines)

@@ -128,6 +128,32 @@ def read(paths: Sequence[str], dims: int, heads: Sequence[str], holdout: float) 
     )
 
 
+def feature_names(paths: Sequence[str], dims: int, limit: int = 100_000) -> dict[int, list[str]]:
+    """Index -> the distinct feature strings hashed there, from the first ``limit`` records."""
+    out: dict[int, list[str]] = {}
+    seen: set[str] = set()
+    n = 0
+    for path in paths:
+        try:
+            f = open(path, "rb")
+        except OSError as exc:
+            raise CqsError(f"decision log {path}: cannot read ({exc.strerror or exc})") from None
+        with f:
+            for line in f:
+                if n >= limit:
+                    return out
+                try:
+                    feats = _loads(line).get("features") or []
+                except (ValueError, AttributeError):
+                    continue
+                n += 1
+                for name in feats:
+                    if name not in seen:
+                        seen.add(name)
+                        out.setdefault(zlib.crc32(str(name).encode()) & (dims - 1), []).append(name)
+    return out
+
+
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # stable for any z
 

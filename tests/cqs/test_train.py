@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,9 @@ def test_evaluate_prints_report(world: Path, trained: Path) -> None:
 def test_inspect_and_bad_model_exit_code(tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["cqs", "inspect", str(trained)]) == 0
     assert "version       t-1" in capsys.readouterr().out
+    assert main(["cqs", "inspect", "--top", "5", "--names", str(trained.parent / "decisions.jsonl"), str(trained)]) == 0
+    out = capsys.readouterr().out
+    assert "head click:" in out and re.search(r"\]\s+[+-]\d\.\d{4}\s+\S+=", out)  # weights named by feature
     bad = tmp_path / "bad.cqsm"
     bad.write_bytes(trained.read_bytes()[:1000])
     assert main(["cqs", "inspect", str(bad)]) == 1
