@@ -26,6 +26,10 @@ heads: ``click`` and ``purchase``). On the synthetic stream it learnt from, unkn
 users score 0.08-0.78 (median 0.39) from the request alone, known users 0.04-0.93
 (median 0.42); unknown users on the shared OpenRTB examples score 0.29-0.64.
 
+In memory each head is an ``array('f')``: summing ~50 weights by index from it costs
+about half what numpy fancy indexing does at this size (the index list must first
+become an array), and the bid path then needs no numpy at all.
+
 Regenerate the demo model (deterministic)::
 
     tafe cqs synth --out /tmp/cqs-demo --users 20000 --requests 200000 --seed 2
