@@ -14,9 +14,9 @@ One run, side by side:
    ``/proc/PID/smaps_rollup`` (RSS counts a shared page once per process, PSS splits
    it between them), the private part, and a Python dict's cost per user for scale.
 4. Hot swap while serving: greenlets look users up while a second 10 M-user store is
-   loaded in the thread pool and swapped in, then the old one retired in slices; a
+   loaded in the thread pool and swapped in, then the old one unmapped; a
    greenlet sleeping 1 ms in a loop records the event loop's longest stall. Loading
-   on the loop and unmapping at once are measured too, for comparison.
+   on the loop is measured too, for comparison.
 
     .venv/bin/python benchmarks/cqs_store.py [--users 10000000] [--record]
 
@@ -310,7 +310,7 @@ def hot_swap(path_a: str, path_b: str, users: int, tmp: str, rounds: int) -> dic
             gevent.sleep(0.01)
             stalls.phase = "serving the new store"
             gevent.sleep(0.2)
-            stalls.phase = "retire the old store in slices"
+            stalls.phase = "retire (unmap) the old store"
             gevent.sleep(0.5)  # the 0.3 s grace ends and the old store is unmapped in this window
         # for comparison: the same work done in one piece on the event loop
         stalls.phase = "naive: open + verify on the loop"
@@ -319,10 +319,7 @@ def hot_swap(path_a: str, path_b: str, users: int, tmp: str, rounds: int) -> dic
         extra = store_mod.open_store(files[(rounds - 1) % 2])
         out["naive_open_s"] = time.perf_counter() - t0
         gevent.sleep(0.05)
-        stalls.phase = "naive: unmap at once on the loop"
-        gevent.sleep(0.01)
         extra.close()
-        gevent.sleep(0.05)
         stalls.phase = "idle"
     finally:
         stop[0] = True
@@ -367,7 +364,7 @@ def main() -> int:
 
     size_mb = built["bytes"] / MB
     naive = swap["stalls"]["naive: open + verify on the loop"]["own_max"]
-    swap_phases = ("load in the thread pool + swap", "retire the old store in slices")
+    swap_phases = ("load in the thread pool + swap", "retire (unmap) the old store")
     swap_own = max(swap["stalls"][p]["own_max"] for p in swap_phases)
     swap_raw = max(swap["stalls"][p]["max"] for p in swap_phases)
     floor_raw = swap["stalls"]["serving, no swap (noise floor)"]["max"]
@@ -420,7 +417,7 @@ def main() -> int:
         "",
         f"**Hot swap while serving**: 8 greenlets look users up (20 every millisecond) while a {built['users']:,}-user store"
         f" is renamed into the watched directory, validated in the thread pool and swapped in, then the old one is"
-        f" retired (0.3 s grace, unmapped in 16 MB slices); {swap['swaps']} swaps back and forth. Load + swap took"
+        f" retired (unmapped after a 0.3 s grace); {swap['swaps']} swaps back and forth. Load + swap took"
         f" {' / '.join(f'{s * 1000:.0f}' for s in swap['swap_s'])} ms, serving"
         f" {' / '.join(f'{n:,}' for n in swap['served_during_swap'])} lookups meanwhile; {swap['served']:,} lookups in"
         f" all, {swap['errors']} failed or unknown. Event-loop stalls (lateness of a 1 ms sleep, ms) by phase, the first"

@@ -48,7 +48,7 @@ import sys
 import time
 import zlib
 from bisect import bisect_left
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import orjson
 from xxhash import xxh3_64_intdigest
@@ -296,20 +296,6 @@ class UserStore:
             crc = zlib.crc32(view[HEADER_SIZE:])
         if crc != self._crc:
             raise StoreError(f"store {self.path}: corrupt data (checksum mismatch)")
-
-    def release_pages(self, step: int = 16 << 20) -> Iterator[None]:
-        """Drop this process's page mappings a slice at a time (yielding between slices).
-
-        Unmapping hundreds of MB at once stalls the caller for milliseconds; dropping
-        the mappings in slices first makes the final ``close`` cheap. The data stays
-        in the page cache for other processes, and a late lookup just faults back in.
-        """
-        mm = self._mm
-        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        for start in range(0, len(mm), step):
-            mm.madvise(mmap.MADV_DONTNEED, start, min(step, len(mm) - start))
-            yield
 
     def close(self) -> None:
         """Unmap the file; any later lookup answers "unknown user"."""

@@ -218,12 +218,10 @@ def test_key_hash_is_stable():
     assert key_hash("abc") == 8696274497037089104
 
 
-def test_closed_store_answers_unknown_and_released_pages_fault_back(built):
+def test_closed_store_answers_unknown(built):
     events, out, _ = built
     key, state = next(iter(reference(events, AS_OF).items()))
     store = open_store(out)
-    for _ in store.release_pages(step=4096):
-        pass
     assert store.lookup([key]) == state
     store.close()
     assert store.lookup([key]) is None

@@ -41,6 +41,7 @@ class Client(threading.Thread):
         self.statuses: dict[int, int] = {}
         self.versions: list[str] = []
         self.errors: list[str] = []
+        self.no_bids: list[int] = []
 
     def run(self) -> None:
         conn = http.client.HTTPConnection(self.address, timeout=5)
@@ -55,8 +56,11 @@ class Client(threading.Thread):
                 conn = http.client.HTTPConnection(self.address, timeout=5)
                 continue
             self.statuses[resp.status] = self.statuses.get(resp.status, 0) + 1
-            if resp.status == 200:
-                self.versions.append(json.loads(body)["ext"]["cqs"]["store"])
+            answer = json.loads(body) if resp.status == 200 else {}
+            if "nbr" in answer:  # a no-bid (--nbr-in-response): only a missed deadline is acceptable
+                self.no_bids.append(answer["nbr"])
+            elif resp.status == 200:
+                self.versions.append(answer["ext"]["cqs"]["store"])
         conn.close()
 
     def wait_version(self, version: str, timeout: float = 20.0) -> None:
@@ -81,7 +85,8 @@ def test_stores_swapped_while_serving_lose_no_request(tmp_path, workers):
     watch_dir = tmp_path / "watch"
     watch_dir.mkdir()
     make_store(tmp_path / "s0.cqss", "s0")
-    server = start_tafe("--store", str(tmp_path / "s0.cqss"), "--watch-dir", str(watch_dir), "--workers", str(workers))
+    server = start_tafe("--store", str(tmp_path / "s0.cqss"), "--watch-dir", str(watch_dir), "--workers", str(workers),
+                        "--nbr-in-response")
     clients = [Client(server.url) for _ in range(4)]
     try:
         for c in clients:
@@ -121,6 +126,9 @@ def test_stores_swapped_while_serving_lose_no_request(tmp_path, workers):
     for c in clients:
         assert not c.errors, c.errors[:3]
         assert set(c.statuses) == {200}, c.statuses
+        # on this shared 2-core machine a request may miss its 100 ms deadline (nbr 15);
+        # any other no-bid would mean a swap broke scoring
+        assert set(c.no_bids) <= {15} and len(c.no_bids) < sum(c.statuses.values()) / 100, c.no_bids
         assert sum(c.statuses.values()) > 20
         seen = [v for i, v in enumerate(c.versions) if i == 0 or c.versions[i - 1] != v]
         assert seen == ["s0", "s1", "s3"], seen  # in order, never back
