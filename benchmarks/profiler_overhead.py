@@ -3,7 +3,9 @@
     python benchmarks/profiler_overhead.py [--rounds 7] [--duration 5] [--connections 64] [--record]
 
 1. In process: CPU cost of the tracer hook per greenlet switch (greenlet ping-pong,
-   best of 7), with no hook, threshold-only, and with the switching greenlet sampled.
+   best of 7), with no hook, threshold-only, and with the switching greenlet sampled;
+   then CPU per bid request of ``tafe.wsgi:application`` driven by 64 greenlets, per
+   mode, interleaved rounds (hub thread plus watchdog thread CPU).
 2. Over HTTP: three ``tafe serve --workers 1`` processes (``tafe.wsgi`` bid app, TAFE's
    own server) with ``--block-threshold-ms 0`` (off), ``10`` (threshold-only) and
    ``10 --profile-sample 1`` (every request's spans recorded), all pinned to the server
@@ -41,7 +43,7 @@ MODES = {
 
 
 def switch_cost(switches: int = 200_000, repeats: int = 7) -> dict[str, float]:
-    """Nanoseconds per greenlet switch (best of ``repeats``), per profiler state."""
+    """CPU nanoseconds per greenlet switch (best of ``repeats``), per profiler state."""
     import gevent
     import greenlet
 
@@ -51,10 +53,10 @@ def switch_cost(switches: int = 200_000, repeats: int = 7) -> dict[str, float]:
         main = greenlet.getcurrent()
         peer = greenlet.greenlet(lambda: [main.switch() for _ in iter(int, 1)])
         peer.switch()
-        t = time.perf_counter()
+        t = time.thread_time()  # this thread's CPU: other load on the host stays out of it
         for _ in range(switches // 2):
             peer.switch()
-        took = time.perf_counter() - t
+        took = time.thread_time() - t
         return took / switches * 1e9
 
     def best() -> float:
@@ -72,6 +74,59 @@ def switch_cost(switches: int = 200_000, repeats: int = 7) -> dict[str, float]:
     return out
 
 
+def bid_cpu_in_process(rounds: int, requests: int, body: bytes) -> dict[str, list[float]]:
+    """CPU microseconds per bid request, in this process, per mode, interleaved rounds.
+
+    64 greenlets each loop: yield to the hub (``gevent.sleep(0)``: the two switches a
+    keep-alive request costs in a gevent server), then call ``tafe.wsgi:application``
+    (wrapped in the profiler's middleware when on) on a ~1.5 KB OpenRTB body. CPU is the
+    hub thread's (``time.thread_time``) plus the watchdog thread's (its schedstat), so
+    neither the network stack nor other processes on the host enter the figure.
+    """
+    import io
+
+    import gevent
+
+    from tafe import profiler
+    from tafe.wsgi import application
+
+    def environ() -> dict:
+        return {"REQUEST_METHOD": "POST", "PATH_INFO": "/openrtb2/bid", "QUERY_STRING": "", "CONTENT_TYPE": "application/json",
+                "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body), "SERVER_PROTOCOL": "HTTP/1.1",
+                "HTTP_X_OPENRTB_VERSION": "2.5", "wsgi.url_scheme": "http", "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8080"}
+
+    def start_response(status: str, headers: list, exc_info: object = None) -> None:
+        assert status[:3] in ("200", "204"), status
+
+    def run(app: object, n: int) -> None:
+        left = [n]
+
+        def conn() -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                gevent.sleep(0)
+                b"".join(app(environ(), start_response))
+
+        gevent.joinall([gevent.spawn(conn) for _ in range(64)])
+
+    out: dict[str, list[float]] = {m: [] for m in MODES}
+    settings = {"off": None, "threshold-only": 0.0, "100% sampled": 1.0}
+    run(application, 2000)  # warm-up
+    for rnd in range(rounds):
+        order = list(MODES) if rnd % 2 == 0 else list(reversed(MODES))
+        for mode in order:
+            prof = None if settings[mode] is None else profiler.install(threshold_ms=10, sample=settings[mode], log=False)
+            app = application if prof is None else profiler.middleware(application, prof)
+            wd0 = prof.watchdog.cpu_seconds() or 0.0 if prof else 0.0
+            t0 = time.thread_time()
+            run(app, requests)
+            cpu = time.thread_time() - t0 + ((prof.watchdog.cpu_seconds() or 0.0) - wd0 if prof else 0.0)
+            if prof:
+                prof.uninstall()
+            out[mode].append(cpu / requests * 1e6)
+    return out
+
+
 def start_servers(port_base: dict[str, tuple[int, int]], out: Path, cpus: list[int]) -> dict[str, Any]:
     procs = {}
     for mode, args in MODES.items():
@@ -83,6 +138,24 @@ def start_servers(port_base: dict[str, tuple[int, int]], out: Path, cpus: list[i
     for mode, proc in procs.items():
         common.wait_port(port_base[mode][0], timeout=60, proc=proc)
     return procs
+
+
+def group_cpu_ns(pgid: int) -> int:
+    """On-CPU nanoseconds of every thread of every process in the group (Linux schedstat):
+    the server's CPU cost, far less disturbed by other load on the host than req/s."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for task in (proc / "task").iterdir():
+                total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 def debug_report(admin: int) -> dict | None:
@@ -99,6 +172,7 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5, help="measured seconds per mode and round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--inproc-requests", type=int, default=20000, help="bid requests per mode and round, in process")
     parser.add_argument("--record", action="store_true", help="replace this section of benchmarks/RESULTS.md")
     args = parser.parse_args()
     if common.ensure_debian({"wrk": "wrk"}):
@@ -111,15 +185,19 @@ def main() -> int:
 
     micro = switch_cost()
     print("hook cost per greenlet switch: " + ", ".join(f"{k} {v:.0f} ns" for k, v in micro.items()), flush=True)
+    body = traffic.sample_body()
+    inproc = bid_cpu_in_process(args.rounds, args.inproc_requests, body)
+    print("in-process bid CPU per request (median): " + ", ".join(f"{m} {statistics.median(v):.2f} us" for m, v in inproc.items()),
+          flush=True)
 
     out = common.OUT_DIR / "profiler"
     out.mkdir(parents=True, exist_ok=True)
-    body = traffic.sample_body()
     script = out / "post.lua"
     script.write_text(LUA.format(body=body.decode()))
     ports = {mode: (common.free_port(), common.free_port()) for mode in MODES}
     rps: dict[str, list[float]] = {m: [] for m in MODES}
     p99: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}  # server CPU microseconds per request
     procs = start_servers(ports, out, server_cpus)
     try:
         time.sleep(1.0)
@@ -130,35 +208,45 @@ def main() -> int:
         for rnd in range(args.rounds):
             order = list(MODES) if rnd % 2 == 0 else list(reversed(MODES))  # no mode always first
             for mode in order:
+                before = group_cpu_ns(procs[mode].pid)
                 r = wrk(ports[mode][0], script, args.duration, args.connections, load_cpus)
+                cpu[mode].append((group_cpu_ns(procs[mode].pid) - before) / 1000 / max(r["requests"], 1))
                 errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
                 rps[mode].append(r["rps"])
                 p99[mode].append(r["p99_us"] / 1000)
-                print(f"  round {rnd + 1}/{args.rounds} {mode:>15}: {r['rps']:>8,.0f} req/s  p99 {r['p99_us'] / 1000:.2f} ms  "
+                print(f"  round {rnd + 1}/{args.rounds} {mode:>15}: {r['rps']:>8,.0f} req/s  {cpu[mode][-1]:.1f} us CPU/req  "
+                      f"p99 {r['p99_us'] / 1000:.2f} ms  "
                       f"{errors} errors  load avg {common.os.getloadavg()[0]:.1f}", flush=True)
         reports = {mode: debug_report(ports[mode][1]) for mode in MODES if mode != "off"}
     finally:
         for proc in procs.values():
             common.stop(proc)
-    text = render(args, command, pinning, info, micro, rps, p99, reports, len(body))
+    text = render(args, command, pinning, info, micro, inproc, rps, p99, cpu, reports, len(body))
     print("\n" + text)
     if args.record:
         common.record(SECTION, "## Profiler overhead on the bid workload\n\n" + text)
     return 0
 
 
-def render(args: argparse.Namespace, command: str, pinning: str, info: dict, micro: dict, rps: dict, p99: dict,
-           reports: dict, body_len: int) -> str:
+def render(args: argparse.Namespace, command: str, pinning: str, info: dict, micro: dict, inproc: dict, rps: dict,
+           p99: dict, cpu: dict, reports: dict, body_len: int) -> str:
     base = statistics.median(rps["off"])
+    base_cpu = statistics.median(cpu["off"])
     rows = []
     for mode in MODES:
         med = statistics.median(rps[mode])
         per_round = statistics.median(a / b for a, b in zip(rps[mode], rps["off"]))
-        rows.append([mode, f"{med:,.0f}", f"{med / base:.3f}", f"{per_round:.3f}", f"{(1 - med / base) * 100:+.1f}%".replace("+-", "-"),
-                     f"{statistics.median(p99[mode]):.2f}", " ".join(f"{x:,.0f}" for x in rps[mode])])
+        med_cpu = statistics.median(cpu[mode])
+        rows.append([mode, f"{med:,.0f}", f"{med / base:.3f}", f"{per_round:.3f}", f"{med_cpu:.1f}",
+                     f"{(med_cpu / base_cpu - 1) * 100:+.1f}%", f"{statistics.median(p99[mode]):.2f}",
+                     " ".join(f"{x:,.0f}" for x in rps[mode])])
     sampled = (reports.get("100% sampled") or {}).get("sampled_routes", {})
     spans = next(iter(sampled.values()), None)
     blocking = {m: (r or {}).get("events") for m, r in reports.items()}
+    base_in = statistics.median(inproc["off"])
+    inproc_rows = [[m, f"{statistics.median(v):.2f}", f"{min(v):.2f}", f"{statistics.median(v) / base_in:.3f}",
+                    f"{(statistics.median(v) / base_in - 1) * 100:+.2f}%", " ".join(f"{x:.1f}" for x in v)]
+                   for m, v in inproc.items()]
     lines = [
         f"Command: `{command}`",
         "",
@@ -166,18 +254,27 @@ def render(args: argparse.Namespace, command: str, pinning: str, info: dict, mic
         common.format_machine(info),
         "```",
         "",
-        f"Workload: TAFE's bid app (`tafe.wsgi` handlers on TAFE's own server, `tafe serve --workers 1`), "
-        f"wrk 1 thread, {args.connections} keep-alive connections POSTing a {body_len}-byte OpenRTB 2.5 request; "
-        f"{args.rounds} interleaved rounds of {args.duration} s per mode (order alternating), after a {args.warmup} s warm-up each. "
-        f"{pinning.capitalize()}.",
+        f"**In process** (the cost itself): {args.inproc_requests:,} bid requests per mode and round, {args.rounds} interleaved "
+        "rounds (order alternating). `tafe.wsgi:application` (wrapped in the profiler's middleware when on) is called by 64 "
+        "greenlets that each yield to the hub between requests (the two greenlet switches a keep-alive request costs in a "
+        f"gevent server), on the same {body_len}-byte OpenRTB 2.5 request. CPU = the hub thread's (`time.thread_time`) plus the "
+        "watchdog thread's (its schedstat), per request: no network, no other process in the figure.",
         "",
-        common.table(["profiler", "median req/s", "vs off (medians)", "vs off (median of per-round ratios)", "overhead",
-                      "median p99 ms", "req/s per round"], rows),
+        common.table(["profiler", "CPU us/request (median)", "best round", "vs off (medians)", "overhead", "per round"], inproc_rows),
         "",
-        "Tracer hook, CPU per greenlet switch (in process, best of 7 x 200k switches): "
+        "Tracer hook alone, hub-thread CPU per greenlet switch (greenlet ping-pong, best of 7 x 200k switches): "
         + ", ".join(f"{k} {v:.0f} ns" for k, v in micro.items())
-        + f" (the hook adds {micro['threshold-only'] - micro['no hook']:.0f} ns threshold-only, "
-        f"{micro['sampled'] - micro['no hook']:.0f} ns when the greenlet is sampled).",
+        + f", i.e. the hook adds {micro['threshold-only'] - micro['no hook']:.0f} ns per switch threshold-only and "
+        f"{micro['sampled'] - micro['no hook']:.0f} ns when the switching greenlet is sampled.",
+        "",
+        f"**Over HTTP** (TAFE's own server, `tafe serve --workers 1`, one process per mode, all three up at once): wrk 1 thread, "
+        f"{args.connections} keep-alive connections POSTing the same request; {args.rounds} interleaved rounds of "
+        f"{args.duration} s per mode (order alternating), after a {args.warmup} s warm-up each. {pinning.capitalize()}. "
+        "Server CPU/request is the on-CPU time of every thread of the server's processes (Linux schedstat, the watchdog "
+        "included) over the requests completed in the round.",
+        "",
+        common.table(["profiler", "median req/s", "req/s vs off (medians)", "req/s vs off (median of per-round ratios)",
+                      "server CPU us/request (median)", "CPU/request vs off", "median p99 ms", "req/s per round"], rows),
     ]
     if spans:
         lines.append(

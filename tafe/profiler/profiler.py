@@ -119,7 +119,7 @@ class Profiler:
             self.pid = os.getpid()
             self._pending.clear()
             self._flusher = None
-            self.watchdog.start()
+            self.watchdog.after_fork()
 
     def close_span(self) -> None:
         """Treat the span in progress as ended now (it has no switch to end it yet)."""
@@ -225,7 +225,11 @@ class Profiler:
             sample=self.sample,
             ongoing=self.ongoing(),
             sampled_routes=self.route_spans.report(),
-            watchdog={"wakeups": self.watchdog.wakeups, "realtime": self.watchdog.realtime},
+            watchdog={
+                "wakeups": self.watchdog.wakeups,
+                "realtime": self.watchdog.realtime,
+                "cpu_s": self.watchdog.cpu_seconds(),
+            },
             errors=self.errors,
         )
         return out

@@ -33,7 +33,7 @@ class Tracer:
 
     def _make_hook(
         self, hub: Any, threshold: float, on_block: OnBlock, sampled: dict[Any, list[float]]
-    ) -> tuple[Callable[[str, tuple[Any, Any]], None], Callable[[float], None]]:
+    ) -> tuple[Callable[[str, tuple[Any, Any]], None], Callable[..., None]]:
         clock = perf_counter
         current = self.current
         last = current[0][0]
@@ -64,10 +64,6 @@ class Tracer:
             current[0] = (last, greenlet.getcurrent())
 
         return hook, configure
-
-    @property
-    def hook_code(self) -> Any:
-        return self._hook.__code__
 
     def install(self, threshold_s: float) -> None:
         previous = greenlet.gettrace()

@@ -57,12 +57,10 @@ class Watchdog:
         # (span start, ((stack, seconds into the span), ...), run-queue wait (ns) at the
         # first sample): the samples of the latest long span.
         self.capture: tuple[float, Samples, int | None] | None = None
-        try:
-            self._schedstat: int | None = os.open(f"/proc/self/task/{_get_native_id()}/schedstat", os.O_RDONLY)
-        except OSError:
-            self._schedstat = None
+        self._schedstat = _open_schedstat()
         self.wakeups = 0
         self.realtime = False
+        self.native_id: int | None = None  # the watchdog thread's, for its CPU time
         self.reading: tuple[float, int | None] = (0.0, None)  # (time, run-queue wait) at the last wake-up
         self._generation = 0
 
@@ -77,6 +75,22 @@ class Watchdog:
 
     def stop(self) -> None:
         self._generation += 1  # the running thread sees it changed and ends
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the watchdog thread has used (Linux), to show what it costs."""
+        try:
+            with open(f"/proc/self/task/{self.native_id}/schedstat", "rb") as f:
+                return int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def after_fork(self) -> None:
+        """In a forked child: the thread is gone and the schedstat file is the parent's."""
+        if self._schedstat is not None:
+            os.close(self._schedstat)
+        self._schedstat = _open_schedstat()
+        self.capture, self.reading = None, (0.0, None)
+        self.start()
 
     def runqueue_wait(self) -> int | None:
         """Nanoseconds the hub's thread has spent runnable but not running, if known."""
@@ -95,6 +109,7 @@ class Watchdog:
 
     def _run(self, generation: int, running: Any) -> None:
         self.realtime = _prioritize()
+        self.native_id = _get_native_id()
         running.release()
         current, hub, period, tid = self.current, self.hub, self.period, self.thread_id
         sampled_start, samples, interval, baseline = 0.0, (), period, None
@@ -127,6 +142,14 @@ class Watchdog:
                 samples += ((stack, age),)
                 self.capture = (start, samples, baseline)
             _sleep(interval if start == sampled_start else period)
+
+
+def _open_schedstat() -> int | None:
+    """The calling thread's /proc schedstat file (Linux), kept open: one pread per reading."""
+    try:
+        return os.open(f"/proc/self/task/{_get_native_id()}/schedstat", os.O_RDONLY)
+    except OSError:
+        return None
 
 
 def _prioritize() -> bool:
