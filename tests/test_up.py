@@ -75,6 +75,10 @@ def _answer(status: int, body: bytes) -> tuple[int, dict]:
 def test_bid_through_nginx_is_the_workers_answer_and_admin_is_not_public(node):
     direct = _answer(*bid(node.worker_url)[::2])
     proxied = _answer(*bid(node.url)[::2])
+    # The notice URLs point at the address each was asked on: the public one through Nginx.
+    public, internal = node.url.removeprefix("http://"), node.worker_url.removeprefix("http://")
+    assert public in json.dumps(proxied) and internal not in json.dumps(proxied)
+    proxied = tuple(json.loads(json.dumps(proxied).replace(public, internal)))
     assert proxied == direct and direct[0] == 200 and direct[1]["seatbid"]
     assert request(node.url)[0] == 200  # /ping passes through
     for path in ("/metrics", "/debug/blocking", "/debug/"):
