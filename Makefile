@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# One worker per core by default (RUN_ARGS="--workers 1" for one).
+RUN_ARGS ?= --workers 0
+
 run: $(STAMP)
 	$(BIN)/tafe up $(RUN_ARGS)
 
