@@ -58,7 +58,7 @@ class Exchange(FastHttpUser):
         with self.client.post(BID_PATH, data=body, headers=headers, name="bid", catch_response=True) as resp:
             outcome = traffic.validate(req, resp.status_code, resp.content or b"")
             if not outcome.ok:
-                resp.failure(outcome.reason)
+                resp.failure(outcome.reason + _error(resp))
                 return
             resp.success()
         COUNTS["answers"] += 1
@@ -80,7 +80,12 @@ class Exchange(FastHttpUser):
                 resp.success()
                 COUNTS["wins"] += 1
             else:
-                resp.failure(f"win notice answered HTTP {resp.status_code}")
+                resp.failure(f"win notice answered HTTP {resp.status_code}{_error(resp)}")
+
+
+def _error(resp) -> str:
+    """The client-side error (connection refused, timeout...) behind a status 0, if any."""
+    return f" ({type(resp.error).__name__}: {resp.error})" if resp.status_code == 0 and resp.error else ""
 
 
 @events.report_to_master.add_listener

@@ -198,7 +198,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, action="append", help="offered requests/s, the same for every server "
                         "(repeat for a sweep; default 200, 400 and 600)")
-    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per server and rate, split across the rounds")
+    parser.add_argument("--duration", type=float, default=16.0, help="measured seconds per server and rate, split across the rounds")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each server once per round)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring, each round")
     parser.add_argument("--connections", type=int, default=64, help="client keep-alive connections")

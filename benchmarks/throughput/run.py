@@ -181,7 +181,7 @@ def measure(row: dict, port: int, script: Path, body: bytes, args: argparse.Name
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=8, help="measured seconds per row and round (after a short warm-up)")
+    parser.add_argument("--duration", type=int, default=6, help="measured seconds per row and round (after a short warm-up)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each row keeps its best")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
