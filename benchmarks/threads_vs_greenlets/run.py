@@ -107,10 +107,12 @@ def measure(name: str, cmd: list[str], port: int, rate: float, args: argparse.Na
         probe = openloop.run(port, request, rate=50, duration_s=1.0, warmup_s=0.0, connections=4)
         if probe.statuses.get(200, 0) == 0:
             raise RuntimeError(f"{name} does not bid: {probe.statuses} {probe.errors}; see {log}")
+        cpu0 = common.group_cpu_seconds(proc.pid)
         result = openloop.run(port, request, rate, args.duration / args.rounds, warmup_s=args.warmup, connections=args.connections)
+        cpu = common.group_cpu_seconds(proc.pid) - cpu0
     finally:
         common.stop(proc)
-    return {"result": result, "loadavg": os.getloadavg()[0]}
+    return {"result": result, "loadavg": os.getloadavg()[0], "cpu_s": cpu}
 
 
 def merge(name: str, command: str, rounds: list[dict]) -> dict:
@@ -135,6 +137,8 @@ def merge(name: str, command: str, rounds: list[dict]) -> dict:
         "achieved_rps": round(len(latencies) / seconds, 1) if seconds else 0.0,
         "client_lag_ms": round(max(r["result"].max_dispatch_lag_ms for r in rounds), 2),
         "loadavg": " ".join(f"{r['loadavg']:.1f}" for r in rounds),
+        # CPU per request barely depends on what else runs: the steadiest figure on a busy machine
+        "cpu_us": 1e6 * sum(r["cpu_s"] for r in rounds) / max(1, sum(r["result"].sent for r in rounds)),
         "latencies_ms": latencies,
     }
 
@@ -272,16 +276,18 @@ def render(by_rate: dict[float, list[dict]], args: argparse.Namespace, info: dic
         base = next((r for r in results if r["name"].startswith("TAFE")), results[0])
         rows = [
             [r["name"], *(f"{r[k]:.2f}" for k in ("p50", "p90", "p99", "p99.9", "max")), common.ratio(r["p99"], base["p99"]),
-             r["achieved_rps"], r["failed"], r["client_lag_ms"], r["loadavg"]]
+             f"{r['cpu_us']:.0f}", r["achieved_rps"], r["failed"], r["client_lag_ms"], r["loadavg"]]
             for r in results
         ]
-        headers = ["server", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "p99 vs TAFE", "req/s", "failed", "client lag ms", "load avg"]
+        headers = ["server", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "p99 vs TAFE", "CPU us/req", "req/s", "failed", "client lag ms", "load avg"]
         lines += ["", f"### {rate:g} requests/s offered", "", common.table(headers, rows)]
         apache_r = next((r for r in results if r["name"].startswith("Apache")), None)
         if apache_r and base["name"].startswith("TAFE"):
             goals.append((rate, base["p99"] / apache_r["p99"], base["p99"]))
-    lines += ["", "client lag: the longest the load generator itself was late releasing a request (counted in the latencies). "
-                  "load avg: the 1-minute load average after each round; above the core count, other work competed."]
+    lines += ["", "CPU us/req: CPU time of the server's processes (all of them, e.g. Apache's and mod_wsgi's) per request, "
+                  "warm-up included. client lag: the longest the load generator itself was late releasing a request "
+                  "(counted in the latencies). load avg: the 1-minute load average after each round; above the core count, "
+                  "other work competed for the cores."]
     if goals:
         lines += ["", "Goal: TAFE p99 <= 0.25x Apache/mod_wsgi's p99 at a rate where TAFE's p99 < 20 ms."]
         for rate, share, p99 in goals:
