@@ -199,7 +199,10 @@ class _Connection:
             base["REMOTE_ADDR"] = ""
         settings = server.settings
         self.reader = http.RequestReader(settings.max_header_bytes, settings.max_body_bytes)
-        self.idle = True
+        # A new connection is not idle: it was opened to carry a request, maybe already
+        # on its way. Closing it unread during a drain would fail that request (behind
+        # Nginx: a 502 on a POST it may not retry), so it is read once even when closing.
+        self.idle = False
         self.timeout = -1.0
         self.status: str | None = None
         self.headers: list[tuple[str, str]] = []
@@ -238,6 +241,7 @@ class _Connection:
         read_timeout = settings.read_timeout_s
         loop = gevent.get_hub().loop
         turn = -1
+        fresh = True
         while True:
             if reader.in_progress:
                 left = reader.arrival + read_timeout - _monotonic()
@@ -245,6 +249,9 @@ class _Connection:
                     self._refuse(http.HttpError(408, "request not received in time"))
                     return
                 self._settimeout(left)
+            elif fresh:
+                fresh = False  # its first request is read even when closing (see __init__)
+                self._settimeout(keepalive_timeout)
             else:
                 self.idle = True
                 if server.closing:
