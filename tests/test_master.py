@@ -136,12 +136,14 @@ class Load:
     """A bounded closed loop of bid requests: ``concurrency`` keep-alive connections.
 
     Each answer's status is counted; a request that gets no answer (connection reset or
-    closed, timeout) is counted as an error, with what happened.
+    closed, timeout) is counted as an error, with what happened. ``fresh`` opens a new
+    connection per request instead (the connections a drain must not close unread).
     """
 
-    def __init__(self, url: str, concurrency: int = 8) -> None:
+    def __init__(self, url: str, concurrency: int = 8, fresh: bool = False) -> None:
         self.url = url
         self.concurrency = concurrency
+        self.fresh = fresh  # a new connection per request (Connection: close)
         self.statuses: collections.Counter[int] = collections.Counter()
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -182,7 +184,7 @@ class Load:
     def _loop(self) -> None:
         parts = urlsplit(self.url)
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=15)
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **({"Connection": "close"} if self.fresh else {})}
         statuses: collections.Counter[int] = collections.Counter()
         while not self._stop.is_set():
             try:
@@ -279,12 +281,13 @@ def test_sighup_rolls_workers_without_failing_a_request(master):
     proc, url, admin = master
     old = worker_pids(proc)
     mark = len(proc.lines)
-    with Load(url, concurrency=8) as load:
+    with Load(url, concurrency=6) as load, Load(url, concurrency=6, fresh=True) as fresh:
         time.sleep(1.0)
         os.kill(proc.pid, signal.SIGHUP)
         proc.wait_for("rolling restart done", timeout=60, start=mark)
         time.sleep(1.0)
     assert not load.bad(), load.bad()
+    assert not fresh.bad(), fresh.bad()
     new = worker_pids(proc)
     assert len(new) == 2 and not (new & old)
     status, _, _ = bid(url)
