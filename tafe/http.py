@@ -18,7 +18,8 @@ Rules, on the way in (``RequestReader``):
   After an error the reader is dead (``error`` is set): the shell answers it and closes.
 - Keep-alive follows llhttp: HTTP/1.1 unless ``Connection: close``; HTTP/1.0 only with
   ``Connection: keep-alive``. After a request that does not keep the connection alive
-  (or an ``Upgrade``/``CONNECT``, which TAFE does not speak), later bytes are ignored.
+  (or an ``Upgrade``/``CONNECT``, which TAFE does not speak), later bytes are ignored
+  and flagged (``discarded``), so that the shell closes gently.
 - ``Expect: 100-continue`` on a request whose body has not arrived yet sets
   ``send_continue``: the shell writes ``CONTINUE`` after answering every request
   completed before it (interim answers must not overtake earlier responses), then
@@ -27,8 +28,9 @@ Rules, on the way in (``RequestReader``):
   delivered its first byte (the bid deadline is measured from it).
 
 The WSGI view (``wsgi_environ``): ``PATH_INFO`` is percent-decoded then read as
-latin-1 (PEP 3333); header names containing "_" are dropped (they would alias their
-"-" twins); ``CONTENT_LENGTH`` is the length of the body read, whatever its framing.
+latin-1 (PEP 3333), without any ``#fragment``; header names containing "_" are dropped
+(they would alias their "-" twins); ``CONTENT_LENGTH`` is the length of the body read,
+whatever its framing.
 
 Rules, on the way out (``response_head``):
 
@@ -36,7 +38,8 @@ Rules, on the way out (``response_head``):
 - A finite body always gets ``Content-Length``; 1xx, 204 and 304 get no body and no
   length. A streamed body of unknown length is chunked on HTTP/1.1 and delimited by
   closing the connection on HTTP/1.0. A ``Content-Length`` given by the app is kept.
-- The app's own ``Connection`` header is dropped (hop-by-hop headers are the server's);
+- The app's own ``Connection`` and ``Transfer-Encoding`` headers are dropped (framing
+  and hop-by-hop headers are the server's);
   ``Connection: close`` from the app closes the connection after the answer.
 - ``Date`` is formatted once per second.
 """
