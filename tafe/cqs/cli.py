@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--heads", default="visit,click,purchase", help="outcomes to learn, the first is the CQS (default visit,click,purchase)")
     p.add_argument("--version", default="", help="model version string (default: derived from the data and time)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training split (default 3)")
-    p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty per example (default 0.001)")
+    p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty, applied per example to the weights it touches (default 0.001)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of records kept out for evaluation (default 0.2)")
     p.add_argument("--seed", type=int, default=1, help="shuffle seed (default 1)")
 
