@@ -42,13 +42,14 @@ class Tracer:
         def hook(event: str, args: tuple[Any, Any]) -> None:
             nonlocal last
             now = clock()
-            span = now - last
+            start = last  # exactly the value the watchdog saw in current[0]
             last = now
+            span = now - start
             origin, target = args
             current[0] = (now, target)
             if origin is not hub:
                 if span >= threshold:
-                    on_block(origin, now - span, span)
+                    on_block(origin, start, span)
                 if sampled:
                     spans = sampled.get(origin)
                     if spans is not None:

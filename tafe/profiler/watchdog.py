@@ -59,10 +59,13 @@ class Watchdog:
         self.capture: tuple[float, Samples, int | None] | None = None
         self._schedstat = _open_schedstat()
         self.wakeups = 0
+        self.errors = 0
         self.realtime = False
         self.native_id: int | None = None  # the watchdog thread's, for its CPU time
         self.reading: tuple[float, int | None] = (0.0, None)  # (time, run-queue wait) at the last wake-up
         self._generation = 0
+        self._span, self._interval, self._baseline = 0.0, self.period, None
+        self._samples: Samples = ()
 
     def start(self) -> None:
         """Start the thread and wait (at most a second) until it runs: a span that blocks
@@ -111,37 +114,42 @@ class Watchdog:
         self.realtime = _prioritize()
         self.native_id = _get_native_id()
         running.release()
-        current, hub, period, tid = self.current, self.hub, self.period, self.thread_id
-        sampled_start, samples, interval, baseline = 0.0, (), period, None
-        # Run-queue readings of this wake-up and the previous one: the baseline of a span
-        # is the last reading taken before it started (or the first one taken in it).
-        reading = previous = (0.0, None)
+        # The span being sampled (owned by this thread): its start, samples, sampling
+        # interval and run-queue baseline.
+        self._span, self._samples, self._interval, self._baseline = 0.0, (), self.period, None
         while generation == self._generation:
             self.wakeups += 1
-            start, greenlet = current[0]
-            previous, reading = reading, (perf_counter(), self.runqueue_wait())
-            self.reading = reading
-            if greenlet is hub:
-                _sleep(period)
-                continue
-            age = reading[0] - start
-            if age < period:
-                _sleep(period - age + 0.0001)
-                continue
-            frame = sys._current_frames().get(tid)
-            stack = extract(frame)
-            del frame
-            # Keep it only if that span is still the one running and we did not catch the
-            # thread inside the tracer hook (which runs in the *next* greenlet).
-            if current[0][0] == start and stack and not is_profiler(stack[-1][0]):
-                if start != sampled_start:
-                    baseline = previous[1] if previous[0] <= start else reading[1]
-                    sampled_start, samples, interval = start, (), period
-                elif len(samples) >= MAX_SAMPLES:
-                    samples, interval = samples[1::2], interval * 2
-                samples += ((stack, age),)
-                self.capture = (start, samples, baseline)
-            _sleep(interval if start == sampled_start else period)
+            try:
+                _sleep(self._wake())
+            except Exception:  # keep watching; count it
+                self.errors += 1
+                _sleep(self.period)
+
+    def _wake(self) -> float:
+        """Look at the span in progress, sample it if long enough; return how long to sleep."""
+        start, greenlet = self.current[0]
+        # The run-queue baseline of a span is the last reading taken before it started.
+        previous, self.reading = self.reading, (perf_counter(), self.runqueue_wait())
+        if greenlet is self.hub:
+            return self.period
+        age = self.reading[0] - start
+        if age < self.period:
+            return self.period - age + 0.0001
+        frame = sys._current_frames().get(self.thread_id)
+        stack = extract(frame)
+        del frame
+        # Keep it only if that span is still the one running and we did not catch the
+        # thread inside the tracer hook (which runs in the *next* greenlet).
+        if self.current[0][0] != start or not stack or is_profiler(stack[-1][0]):
+            return self.period
+        if start != self._span:
+            self._baseline = previous[1] if previous[0] <= start else self.reading[1]
+            self._span, self._samples, self._interval = start, (), self.period
+        elif len(self._samples) >= MAX_SAMPLES:
+            self._samples, self._interval = self._samples[1::2], self._interval * 2
+        self._samples += ((stack, age),)
+        self.capture = (start, self._samples, self._baseline)
+        return self._interval
 
 
 def _open_schedstat() -> int | None:

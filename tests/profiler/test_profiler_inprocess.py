@@ -99,13 +99,16 @@ def test_no_blocking_passes_on_cooperative_code() -> None:
 
 
 def test_no_blocking_fails_with_the_stack_taken_while_blocked() -> None:
-    with pytest.raises(profiler.BlockingSpanError) as info:
-        with profiler.no_blocking(10):
-            gevent.spawn(blocker, 0.04).join()
+    for attempt in range(3):  # a whole-host stall may keep the watchdog from sampling: three tries
+        with pytest.raises(profiler.BlockingSpanError) as info:
+            with profiler.no_blocking(10):
+                gevent.spawn(blocker, 0.04).join()
+        assert greenlet.gettrace() is None
+        if "stack while blocked" in str(info.value) or attempt == 2:
+            break
     message = str(info.value)
     assert f"test_profiler_inprocess.py:{line_of('# BLOCKER')} blocker" in message
     assert "stack while blocked" in message
-    assert greenlet.gettrace() is None
 
 
 def test_no_blocking_catches_the_span_still_open_at_exit() -> None:
