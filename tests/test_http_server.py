@@ -445,7 +445,7 @@ def test_processes_sharing_an_inherited_listener_all_keep_serving():
 
 
 def test_full_pool_holds_new_connections_until_idle_ones_time_out():
-    proc = ServerProcess(TAFE_MAX_CONNECTIONS="2", TAFE_KEEPALIVE_TIMEOUT_S="1")
+    proc = ServerProcess(TAFE_MAX_CONNECTIONS="2", TAFE_KEEPALIVE_TIMEOUT_S="2")
     try:
         held = []
         for _ in range(2):
@@ -481,19 +481,24 @@ def test_port_0_binds_a_real_port_and_the_server_reports_it():
 
 
 def test_sigterm_drains_in_flight_then_refuses_and_exits_0():
-    proc = ServerProcess(TAFE_DRAIN_GRACE_S="0.3", TAFE_ACCESS_LOG="1", TAFE_LOG_JSON="1")
+    proc = ServerProcess(TAFE_DRAIN_GRACE_S="1.0", TAFE_ACCESS_LOG="1", TAFE_LOG_JSON="1")
     try:
         with proc.connect() as busy, proc.connect() as idle:
-            busy.sendall(b"GET /slow?1.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+            busy.sendall(b"GET /slow?3 HTTP/1.1\r\nHost: x\r\n\r\n")
             idle.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
             assert Reader(idle).response().body == b"pong"
             time.sleep(0.2)  # the slow request is in the app now
             proc.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.1)
-            # During the grace new connections are still accepted, /ping says 503.
-            responses, closed = exchange(proc, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            signalled = time.monotonic()
+            # During the grace new connections are still accepted, /ping says 503
+            # (as soon as the signal has been handled).
+            while True:
+                responses, closed = exchange(proc, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+                if responses[0].status == 503 or time.monotonic() - signalled > 0.7:
+                    break
+                time.sleep(0.02)
             assert responses[0].status == 503 and closed
-            time.sleep(0.4)
+            time.sleep(max(0.0, signalled + 1.3 - time.monotonic()))  # past the grace
             with pytest.raises(OSError):
                 proc.connect(timeout=1).close()
             resp = Reader(busy).response()
@@ -508,7 +513,7 @@ def test_sigterm_drains_in_flight_then_refuses_and_exits_0():
     access = [json.loads(line.split(" ", 2)[2]) for line in err.splitlines() if line.startswith("tafe.access ")]
     slow = [entry for entry in access if entry["path"] == "/slow"]
     assert len(slow) == 1 and slow[0]["status"] == 200 and slow[0]["bytes"] == len(b"slow done")
-    assert slow[0]["method"] == "GET" and slow[0]["request_id"] and slow[0]["duration_ms"] >= 1000
+    assert slow[0]["method"] == "GET" and slow[0]["request_id"] and slow[0]["duration_ms"] >= 2500
 
 
 # --- the pure rules, without a network ---------------------------------------------------
