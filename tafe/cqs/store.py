@@ -47,6 +47,7 @@ import struct
 import sys
 import time
 import zlib
+from array import array
 from bisect import bisect_left
 from typing import NamedTuple, Sequence
 
@@ -121,9 +122,7 @@ def read_events(event_files: Sequence[str]) -> tuple["np.ndarray", "np.ndarray",
     import numpy as np
 
     types = {name: i for i, name in enumerate(EVENT_TYPES)}
-    hashes: list[int] = []
-    stamps: list[float] = []
-    kinds: list[int] = []
+    hashes, stamps, kinds = array("Q"), array("d"), array("B")  # 17 bytes an event, not ~100 in lists
     last_key, last_hash = None, 0
     for path in event_files:
         with open(path, "rb") as f:
@@ -142,7 +141,7 @@ def read_events(event_files: Sequence[str]) -> tuple["np.ndarray", "np.ndarray",
                 hashes.append(last_hash)
                 stamps.append(ts)
                 kinds.append(kind)
-    return np.array(hashes, dtype=np.uint64), np.array(stamps, dtype=np.float64), np.array(kinds, dtype=np.uint8)
+    return np.frombuffer(hashes, dtype=np.uint64), np.frombuffer(stamps, dtype=np.float64), np.frombuffer(kinds, dtype=np.uint8)
 
 
 def aggregate(hashes, stamps, kinds, as_of: float):  # type: ignore[no-untyped-def]
