@@ -363,5 +363,9 @@ def _validate(path: str, mm: mmap.mmap, size: int) -> UserStore:
     if size != expected:
         fault = "truncated" if size < expected else "trailing bytes"
         raise StoreError(f"store {path}: {fault}: {size} bytes, header says {expected}")
+    first, = struct.unpack_from("<Q", mm, HEADER_SIZE)
+    last, = struct.unpack_from("<Q", mm, HEADER_SIZE + (1 << bits) * 8)
+    if first != 0 or last != users:
+        raise StoreError(f"store {path}: corrupt bucket index")
     version = raw_version.rstrip(b"\0").decode("utf-8", "replace")
     return UserStore(path, mm, version, as_of, users, bits, data_crc)

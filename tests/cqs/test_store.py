@@ -226,3 +226,21 @@ def test_closed_store_answers_unknown(built):
     store.close()
     assert store.lookup([key]) is None
     store.close()  # idempotent
+
+
+def test_an_inconsistent_index_is_refused_even_with_valid_checksums(built, tmp_path):
+    """Checksums catch accidents; the cheap structure checks catch a badly written file."""
+    import struct
+    import zlib
+
+    from tafe.cqs.store import HEADER, _pack_header
+
+    _, out, _ = built
+    data = bytearray(open(out, "rb").read())
+    magic, fmt, bits, rsize, users, as_of, version, layout, _, _, _ = HEADER.unpack_from(data, 0)
+    struct.pack_into("<Q", data, HEADER_SIZE + (1 << bits) * 8, users + 1)  # the index's end is not N
+    data[:HEADER_SIZE] = _pack_header(bits, users, as_of, version, zlib.crc32(data[HEADER_SIZE:]))
+    path = tmp_path / "index.cqss"
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="corrupt bucket index"):
+        open_store(str(path))
