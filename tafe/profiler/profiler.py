@@ -188,11 +188,11 @@ class Profiler:
         if running is g and perf_counter() - start >= self.threshold_s:
             self.ended[g] = (start, environ, route_of)
         if spans is not None:
-            self.sampled.pop(g, None)
-            self._record_sampled(g, environ, route_of, spans)
+            self.record_sampled(g, environ, route_of, spans)
 
-    def _record_sampled(self, g: Any, environ: dict[str, Any], route_of: RouteOf, spans: list[float]) -> None:
+    def record_sampled(self, g: Any, environ: dict[str, Any], route_of: RouteOf, spans: list[float]) -> None:
         """End of a sampled request: add its last (still open) span and record them all."""
+        self.sampled.pop(g, None)
         start, running = self.tracer.current[0]
         if running is g:
             spans.append(perf_counter() - start)

@@ -9,6 +9,8 @@ import random
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs
 
+from time import perf_counter
+
 from greenlet import getcurrent
 
 from .profiler import Profiler, RouteOf, default_route
@@ -22,19 +24,19 @@ def middleware(app: WSGIApp, profiler: Profiler, route: RouteOf | None = None) -
     ``route(environ) -> str`` names the route (default: PATH_INFO); keep it low in
     cardinality, it becomes a metric label (capped by the profiler). The request id is
     ``environ["tafe.request_id"]``, else the X-Request-Id header, else generated.
-    Per request this costs two dictionary operations, plus one random draw when sampling.
+    Per request this costs ~0.3 us (three dictionary operations and a clock read), plus
+    the recording of the spans when the request is sampled.
     """
     route_of = route or default_route
-    requests = profiler.requests
-    sampled = profiler.sampled
-    draw = random.random
+    requests, sampled, ended = profiler.requests, profiler.sampled, profiler.ended
+    current, threshold, clock = profiler.tracer.current, profiler.threshold_s, perf_counter
+    rate, draw = profiler.sample, random.random
 
     def profiled(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         g = getcurrent()
         if g in requests:  # nested: the outer middleware owns the request
             return app(environ, start_response)
         requests[g] = (environ, route_of)
-        rate = profiler.sample
         spans: list[float] | None = None
         if rate and (rate >= 1.0 or draw() < rate) and profiler.installed:
             spans = sampled[g] = []
@@ -43,11 +45,17 @@ def middleware(app: WSGIApp, profiler: Profiler, route: RouteOf | None = None) -
         except BaseException:
             profiler.finish(g, environ, route_of, spans)
             raise
-        if isinstance(result, (list, tuple)):
-            # Keep the list as is: servers set Content-Length from a one-item list.
-            profiler.finish(g, environ, route_of, spans)
-            return result
-        return _Closing(result, lambda: profiler.finish(g, environ, route_of, spans))
+        if type(result) is not list:
+            return _Closing(result, lambda: profiler.finish(g, environ, route_of, spans))
+        # A list stays as is (servers set Content-Length from a one-item list) and the
+        # request ends now; the common case, inlined (this runs on every request).
+        del requests[g]
+        start, running = current[0]
+        if running is g and clock() - start >= threshold:
+            ended[g] = (start, environ, route_of)
+        if spans is not None:
+            profiler.record_sampled(g, environ, route_of, spans)
+        return result
 
     return profiled
 
