@@ -409,6 +409,21 @@ def test_app_exception_is_500_and_the_server_keeps_serving(server):
     assert responses[0].body == b"pong"
 
 
+def test_start_response_with_exc_info_replaces_an_unsent_answer(server):
+    responses, closed = exchange(server, b"GET /excinfo HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert responses[0].status == 503 and responses[0].body == b"replaced" and not closed
+
+
+def test_stream_failing_midway_closes_the_connection_without_a_last_chunk(server):
+    with server.connect() as sock:
+        sock.sendall(b"GET /broken-stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader = Reader(sock)
+        with pytest.raises(EOFError):
+            reader.response()  # the client sees a truncated body, not a complete one
+    responses, _ = exchange(server, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert responses[0].body == b"pong"
+
+
 def test_arrival_is_when_the_first_byte_came(server):
     with server.connect() as sock:
         reader = Reader(sock)

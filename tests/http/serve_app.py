@@ -42,6 +42,19 @@ def make_app(lifecycle: Lifecycle):
                 return [b"draining"]
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"pong"]
+        if path == "/excinfo":  # an app replacing its answer before sending any of it
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            try:
+                raise ValueError("changed its mind")
+            except ValueError:
+                start_response("503 Service Unavailable", [("Content-Type", "text/plain")], sys.exc_info())
+            return [b"replaced"]
+        if path == "/broken-stream":  # fails after part of the body is out
+            def parts():
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                yield b"first;"
+                raise RuntimeError("the stream breaks on purpose")
+            return parts()
         if path == "/boom":
             raise RuntimeError("the test app fails on purpose")
         if path == "/slow":
