@@ -127,6 +127,65 @@ def bid_cpu_in_process(rounds: int, requests: int, body: bytes) -> dict[str, lis
     return out
 
 
+def instructions_per_request(body: bytes) -> dict[str, float] | None:
+    """Instructions per bid request under valgrind (cachegrind): deterministic, so the one
+    figure here that other load on the host cannot move. Each mode runs the in-process
+    workload twice (200 and 2,200 requests after a warm-up) and the difference is divided
+    by 2,000. The watchdog thread is stopped here: under valgrind everything runs ~50x
+    slower, so its wall-clock wake-ups would be ~50x too many per request; its real cost is
+    its own CPU time, measured natively above."""
+    import shutil
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not shutil.which("valgrind"):
+        return None
+
+    def irefs(mode: str, n: int) -> int:
+        cmd = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+               sys.executable, __file__, "--instructions-child", mode, str(n)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        return int(next(line for line in out.stderr.splitlines() if "I   refs" in line).split(":")[1].replace(",", ""))
+
+    with ThreadPoolExecutor(2) as pool:
+        counts = {(m, n): pool.submit(irefs, m, n) for m in MODES for n in (200, 2200)}
+        return {m: (counts[m, 2200].result() - counts[m, 200].result()) / 2000 for m in MODES}
+
+
+def instructions_child(mode: str, n: int) -> None:
+    import io
+
+    import gevent
+
+    from tafe import profiler
+    from tafe.wsgi import application
+
+    body = traffic.sample_body()
+
+    def environ() -> dict:
+        return {"REQUEST_METHOD": "POST", "PATH_INFO": "/openrtb2/bid", "QUERY_STRING": "", "CONTENT_TYPE": "application/json",
+                "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body), "SERVER_PROTOCOL": "HTTP/1.1",
+                "HTTP_X_OPENRTB_VERSION": "2.5", "wsgi.url_scheme": "http", "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8080"}
+
+    def run(app: object, count: int) -> None:
+        left = [count]
+
+        def conn() -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                gevent.sleep(0)
+                b"".join(app(environ(), lambda *a: None))
+
+        gevent.joinall([gevent.spawn(conn) for _ in range(64)])
+
+    run(application, 200)
+    prof = None
+    if mode != "off":
+        prof = profiler.install(threshold_ms=10, sample=1.0 if mode == "100% sampled" else 0.0, log=False)
+        prof.watchdog.stop()
+    run(application if prof is None else profiler.middleware(application, prof), n)
+
+
 def start_servers(port_base: dict[str, tuple[int, int]], out: Path, cpus: list[int]) -> dict[str, Any]:
     procs = {}
     for mode, args in MODES.items():
@@ -174,7 +233,11 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--inproc-requests", type=int, default=20000, help="bid requests per mode and round, in process")
     parser.add_argument("--record", action="store_true", help="replace this section of benchmarks/RESULTS.md")
+    parser.add_argument("--instructions-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.instructions_child:
+        instructions_child(args.instructions_child[0], int(args.instructions_child[1]))
+        return 0
     if common.ensure_debian({"wrk": "wrk"}):
         print("profiler_overhead: wrk is missing and could not be installed", file=sys.stderr)
         return 1
@@ -189,6 +252,9 @@ def main() -> int:
     inproc = bid_cpu_in_process(args.rounds, args.inproc_requests, body)
     print("in-process bid CPU per request (median): " + ", ".join(f"{m} {statistics.median(v):.2f} us" for m, v in inproc.items()),
           flush=True)
+    instructions = instructions_per_request(body)
+    if instructions:
+        print("instructions per request (valgrind): " + ", ".join(f"{m} {v:,.0f}" for m, v in instructions.items()), flush=True)
 
     out = common.OUT_DIR / "profiler"
     out.mkdir(parents=True, exist_ok=True)
@@ -221,15 +287,15 @@ def main() -> int:
     finally:
         for proc in procs.values():
             common.stop(proc)
-    text = render(args, command, pinning, info, micro, inproc, rps, p99, cpu, reports, len(body))
+    text = render(args, command, pinning, info, micro, inproc, instructions, rps, p99, cpu, reports, len(body))
     print("\n" + text)
     if args.record:
         common.record(SECTION, "## Profiler overhead on the bid workload\n\n" + text)
     return 0
 
 
-def render(args: argparse.Namespace, command: str, pinning: str, info: dict, micro: dict, inproc: dict, rps: dict,
-           p99: dict, cpu: dict, reports: dict, body_len: int) -> str:
+def render(args: argparse.Namespace, command: str, pinning: str, info: dict, micro: dict, inproc: dict,
+           instructions: dict | None, rps: dict, p99: dict, cpu: dict, reports: dict, body_len: int) -> str:
     base = statistics.median(rps["off"])
     base_cpu = statistics.median(cpu["off"])
     rows = []
@@ -262,6 +328,12 @@ def render(args: argparse.Namespace, command: str, pinning: str, info: dict, mic
         "",
         common.table(["profiler", "CPU us/request (median)", "best round", "vs off (medians)", "overhead", "per round"], inproc_rows),
         "",
+        *([
+            "Instructions per request under valgrind (cachegrind; same in-process workload, watchdog thread stopped, "
+            "deterministic): " + ", ".join(
+                f"{m} {v:,.0f} ({(v / instructions['off'] - 1) * 100:+.2f}%)" for m, v in instructions.items()),
+            "",
+        ] if instructions else []),
         "Tracer hook alone, hub-thread CPU per greenlet switch (greenlet ping-pong, best of 7 x 200k switches): "
         + ", ".join(f"{k} {v:.0f} ns" for k, v in micro.items())
         + f", i.e. the hook adds {micro['threshold-only'] - micro['no hook']:.0f} ns per switch threshold-only and "
@@ -283,6 +355,9 @@ def render(args: argparse.Namespace, command: str, pinning: str, info: dict, mic
             f"{spans['span_p50_ms']}/{spans['span_p99_ms']}/{spans['span_max_ms']} ms."
         )
     lines.append(f"Spans over 10 ms seen during the run (events): {blocking}.")
+    watch = {m: (r or {}).get("watchdog") for m, r in reports.items()}
+    lines.append("Watchdog threads over the whole run (all rounds and warm-ups): " + "; ".join(
+        f"{m}: {w['wakeups']:,} wake-ups, {w['cpu_s']:.3f} s CPU" for m, w in watch.items() if w and w.get("cpu_s") is not None) + ".")
     return "\n".join(lines)
 
 
