@@ -15,7 +15,8 @@ restart runs new code with freshly read config.
   accepting and finishes in-flight requests); the master exits 0 once all have.
   A second SIGINT (Ctrl-C twice) kills them at once.
 - SIGHUP: rolling restart, one worker at a time: start the new one, wait for its
-  readiness, then drain the old one and wait for it to exit.
+  readiness, then drain the old one (SIGUSR2: the drain of SIGTERM, but ``/ping``
+  stays 200, so the balancer keeps the machine) and wait for it to exit.
 - A worker that dies unasked is restarted at once, then with a growing backoff if it
   keeps dying; the log line says why (exit code or signal), the new worker counts it
   in ``tafe_worker_restarts_total{cause}``.
@@ -366,7 +367,7 @@ class Master:
             self._roll_new = None
             self._roll_old = old
             if old is not None:
-                self._drain(old)
+                self._drain(old, signal.SIGUSR2)
         if not self.ready and all(self.slots.values()):
             self.ready = True
             host, port = self.address
@@ -377,17 +378,18 @@ class Master:
                 " ".join(map(str, self.serving_pids())),
             )  # fmt: skip
 
-    def _drain(self, w: Worker) -> None:
+    def _drain(self, w: Worker, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: the machine stops (/ping 503 first); SIGUSR2: this worker is replaced."""
         if w.state == "draining":
-            return
+            return  # a second signal would cut its grace short
         w.state = "draining"
         settings = self._worker_settings()
         w.drain_deadline = time.monotonic() + settings.drain_grace_s + settings.drain_timeout_s + 10.0
         if self.slots.get(w.slot) is w:
             self.slots[w.slot] = None
         if w.proc.poll() is None:
-            w.proc.send_signal(signal.SIGTERM)
-            log.info("worker %d draining (pid %d)", w.slot, w.pid)
+            w.proc.send_signal(sig)
+            log.info("worker %d %s (pid %d)", w.slot, "replaced, draining" if sig == signal.SIGUSR2 else "draining", w.pid)
 
     def _reap(self) -> None:
         for w in list(self.workers):

@@ -86,6 +86,7 @@ class Server:
         self.name = name
         self.metrics = metrics  # a tafe.metrics.Metrics: counts requests refused here
         self.closing = False
+        self.retiring = False  # replaced (SIGUSR2): answers close their connections, /ping stays 200
         self.connections: set[_Connection] = set()
         # Non-blocking even if inherited from a process that never imported gevent:
         # workers sharing a listener are all woken for one connection, and a blocking
@@ -344,7 +345,7 @@ class _Connection:
         server = self.server
         # Decided now, not at arrival: a request in flight when draining began
         # still tells its client to go elsewhere next time.
-        keep_alive = self.keep_alive and not (server.closing or server.lifecycle.draining)
+        keep_alive = self.keep_alive and not (server.closing or server.retiring or server.lifecycle.draining)
         head, framing, keep_alive = http.response_head(
             self.status, self.headers, body_length, keep_alive, self.http11, _time()
         )
@@ -462,19 +463,39 @@ class _Connection:
             )
 
 
-def run(servers: list[Server], settings: Settings, lifecycle: Lifecycle) -> int:
+def run(
+    servers: list[Server], settings: Settings, lifecycle: Lifecycle, on_started: Callable[[], None] | None = None
+) -> int:
     """Serve until SIGTERM/SIGINT, then drain: 503 on /ping, stop accepting, finish, exit 0.
 
+    SIGUSR2 drains a worker being replaced while the machine stays in service (the
+    pre-fork master's rolling restart): the same drain, but /ping stays 200 so the
+    balancer keeps the machine. In both, answers say ``Connection: close`` from the
+    signal on, and idle keep-alive connections get the grace to be closed by their
+    client (Nginx's upstream keep-alive timeout is shorter) before the rest are closed.
     A second signal during the grace period cuts the grace short.
     """
     stop = Event()
-    handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGTERM, signal.SIGINT)]
+    received: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        received.append(sig)
+        stop.set()
+
+    handlers = [gevent.signal_handler(sig, on_signal, sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)]
     try:
         for server in servers:
             server.start()
+        if on_started is not None:  # signal handlers are in place: safe to announce readiness
+            on_started()
         stop.wait()
-        log.info("draining: /ping answers 503; refusing new connections in %.1fs", settings.drain_grace_s)
-        lifecycle.start_draining()
+        if received[0] == signal.SIGUSR2:
+            log.info("replaced: answers close their connections; refusing new ones in %.1fs", settings.drain_grace_s)
+            for server in servers:
+                server.retiring = True
+        else:
+            log.info("draining: /ping answers 503; refusing new connections in %.1fs", settings.drain_grace_s)
+            lifecycle.start_draining()
         stop.clear()
         stop.wait(settings.drain_grace_s)
         for server in servers:
