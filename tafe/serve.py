@@ -62,35 +62,40 @@ def serve_in_process(
         admin = make_admin_app(
             settings, lifecycle=lifecycle, metrics=apps.metrics, mounts={"/debug/blocking": profiler.debug_app(prof)}
         )
-    if settings.watch_dir:
-        from tafe.cqs import swap
+    # Always on: SIGHUP (or a file renamed onto the configured path, or into
+    # watch_dir) reloads the model and store; one stat per second otherwise.
+    from tafe.cqs import swap
 
-        swap.watch(apps.holder, settings, logging.getLogger("tafe.cqs"))
+    swap.watch(apps.holder, settings, logging.getLogger("tafe.cqs"))
 
     public_sock = listener or server.bind(settings.host, settings.port)
     servers = [server.Server(public_sock, public, settings, lifecycle, metrics=apps.metrics)]
     if admin_listener is not None or settings.admin_port >= 0:
         admin_sock = admin_listener or server.bind(settings.admin_host, settings.admin_port)
         servers.append(server.Server(admin_sock, admin, settings, lifecycle, name="admin"))
-    _announce(servers, apps)
-    if on_ready is not None:
-        on_ready()
-    return server.run(servers, settings, lifecycle)
+
+    def started() -> None:
+        _announce(servers, apps)
+        if on_ready is not None:
+            on_ready()
+
+    return server.run(servers, settings, lifecycle, on_started=started)
 
 
 def _announce(servers: list, apps: object) -> None:
     host, port = servers[0].address
     versions = getattr(getattr(apps, "holder", None), "current", None)
+    # The curl comes first: whoever waits for "listening on" then has both lines.
+    log.info(
+        "try: curl -s -H 'Content-Type: application/json' --data-binary @%s http://%s:%d/openrtb2/bid",
+        DATA_DIR / "demo-request.json",
+        host,
+        port,
+    )
     log.info(
         "listening on http://%s:%d%s; models %s",
         host,
         port,
         "".join(f" ({s.name} http://{s.address[0]}:{s.address[1]})" for s in servers[1:]),
         getattr(versions, "versions", {}),
-    )
-    log.info(
-        "try: curl -s -H 'Content-Type: application/json' --data-binary @%s http://%s:%d/openrtb2/bid",
-        DATA_DIR / "demo-request.json",
-        host,
-        port,
     )
