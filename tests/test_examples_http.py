@@ -30,6 +30,19 @@ def post(url: str, body: bytes, headers: dict[str, str] | None = None, path: str
         conn.close()
 
 
+def post_bid(url: str, body: bytes, headers: dict[str, str] | None = None, tries: int = 3):
+    """POST a bid request; retry a 204, since a loaded machine may miss the tmax deadline.
+
+    Decisions are deterministic, so a 204 that is a real no-bid stays a 204: only a
+    deadline no-bid (the machine was slow) turns into a bid on a later try.
+    """
+    for _ in range(tries):
+        status, headers_out, out = post(url, body, headers)
+        if status != 204:
+            break
+    return status, headers_out, out
+
+
 def check_response(request: dict, status: int, body: bytes) -> int:
     """Return the number of bids after checking the answer against the request."""
     assert status in (200, 204), (status, body[:200])
@@ -70,7 +83,7 @@ def test_most_examples_get_a_bid(tafe_server):
     assert len(EXAMPLES) >= 20, "../shared/openrtb/examples is missing"
     with_bid = []
     for path in EXAMPLES:
-        status, _, body = post(tafe_server.url, path.read_bytes())
+        status, _, body = post_bid(tafe_server.url, path.read_bytes())
         if check_response(json.loads(path.read_bytes()), status, body):
             with_bid.append(path.stem)
     assert len(with_bid) >= 0.6 * len(EXAMPLES), with_bid
