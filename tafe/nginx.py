@@ -111,12 +111,16 @@ def ensure_binary(settings: Settings) -> str | None:
         return None
     log.info("nginx is not installed: installing Debian's package (apt-get install -y nginx)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "install", "-y", "-q", "nginx"], ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "nginx"]):
-        result = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if cmd[1] == "install" and result.returncode == 0:
-            break
-        if result.returncode != 0:
-            log.warning("%s failed:\n%s", " ".join(cmd), result.stdout[-2000:])
+
+    def apt(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["apt-get", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    result = apt("install", "-y", "-q", "nginx")
+    if result.returncode != 0:  # a fresh machine may have no package lists yet
+        apt("update", "-q")
+        result = apt("install", "-y", "-q", "nginx")
+    if result.returncode != 0:
+        log.warning("apt-get install nginx failed; %s\n%s", INSTALL_HINT, result.stdout[-2000:])
     return find_binary(settings)
 
 
