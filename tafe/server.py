@@ -252,7 +252,9 @@ class _Connection:
                 self._settimeout(left)
             elif fresh:
                 fresh = False  # its first request is read even when closing (see __init__)
-                self._settimeout(keepalive_timeout)
+                # ... if it comes within the read timeout: a connection opened and left
+                # silent is not a keep-alive one, and must not hold a drain for long.
+                self._settimeout(min(keepalive_timeout, read_timeout))
             else:
                 self.idle = True
                 if server.closing:

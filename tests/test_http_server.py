@@ -389,6 +389,14 @@ def test_slow_client_gets_408_while_others_are_served(server):
         assert reader.closed()
 
 
+def test_connection_left_silent_from_the_start_is_closed_after_the_read_timeout(server):
+    with server.connect() as sock:
+        started = time.monotonic()
+        sock.settimeout(5)
+        assert sock.recv(1) == b""  # closed, without an answer: no request had begun
+        assert time.monotonic() - started < 4  # the read timeout (1 s), not keep-alive (5 s)
+
+
 def test_idle_keep_alive_connection_is_not_a_slow_client(server):
     with server.connect() as sock:
         reader = Reader(sock)
