@@ -5,14 +5,15 @@ running the loop, so the only way to see *what* it is doing is from another thre
 ``sys._current_frames()[hub thread]``. The thread is started and paused with gevent's
 saved originals (``get_original``), so monkey-patching does not turn it into a greenlet.
 
-It samples the span in progress from half the threshold on, every half threshold (the
-interval doubling whenever the span's 16 samples are thinned to 8, so memory stays
-bounded and samples stay evenly spread). Sampling early and often catches a span over
+While spans are short it wakes once per threshold; a span it finds older than half the
+threshold is then sampled every half threshold (the interval doubling whenever the
+span's 16 samples are thinned to 8, so memory stays bounded and samples stay evenly
+spread). Sampling early and often catches a span over
 the threshold even when this thread is scheduled late (a loaded host, or a wait for the
 GIL while the blocker runs pure Python); the profiler then names the code site most of
 the samples agree on, not code that merely ran after the culprit in the same span
-(such as the server writing the response). While spans stay short it wakes about twice
-per threshold and reads one variable.
+(such as the server writing the response). Each wake-up costs the hub's thread a GIL
+hand-off, which is why it does not wake more often.
 
 Two best-effort settings keep the samples on time: the thread asks for real-time
 round-robin scheduling (honoured with CAP_SYS_NICE, e.g. as root; it runs microseconds
@@ -131,10 +132,13 @@ class Watchdog:
         # The run-queue baseline of a span is the last reading taken before it started.
         previous, self.reading = self.reading, (perf_counter(), self.runqueue_wait())
         if greenlet is self.hub:
-            return self.period
+            return self.threshold
         age = self.reading[0] - start
         if age < self.period:
-            return self.period - age + 0.0001
+            # A young span: the loop is switching. Look again one threshold later (each
+            # wake-up costs the hub's thread a GIL hand-off, so not more often): a span
+            # over 1.5x the threshold is still sampled before it ends.
+            return self.threshold
         frame = sys._current_frames().get(self.thread_id)
         stack = extract(frame)
         del frame
