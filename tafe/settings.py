@@ -32,7 +32,7 @@ class Settings:
     port: int = _opt(8080, "bid listener port; 0 picks a free port (the start-up log line says which)")
     admin_host: str = _opt("127.0.0.1", "address of the internal admin listener (/metrics, /debug/*)")
     admin_port: int = _opt(8081, "internal admin listener port; 0 picks a free port, -1 disables it")
-    workers: int = _opt(1, "worker processes to pre-fork; 0 means one per CPU core")
+    workers: int = _opt(0, "worker processes to pre-fork; 0 means one per CPU core, 1 serves in this process")
     cpu_affinity: bool = _opt(False, "pin worker i to CPU core i mod ncores")
 
     # --- HTTP limits -------------------------------------------------------------

@@ -50,8 +50,8 @@ class ServerProcess:
 
 
 def start_tafe(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> ServerProcess:
-    """Start ``python -m tafe serve --port 0 ...`` and wait for its 'listening on' line."""
-    cmd = [sys.executable, "-m", "tafe", "serve", "--port", "0", "--admin-port", "0", *args]
+    """Start ``python -m tafe serve --workers 1 --port 0 ...`` and wait for its "listening on" line."""
+    cmd = [sys.executable, "-m", "tafe", "serve", "--workers", "1", "--port", "0", "--admin-port", "0", *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=ROOT)
     server = ServerProcess(proc)

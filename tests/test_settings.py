@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -14,8 +15,8 @@ from tafe.cli import build_parser, settings_from_args
 
 def test_defaults_when_nothing_is_given():
     got = s.load(environ={})
-    assert got == s.Settings()
-    assert got.port == 8080 and got.workers == 1
+    assert got == s.Settings(workers=os.cpu_count() or 1)  # 0, the default, means one per core
+    assert got.port == 8080
 
 
 def test_precedence_toml_env_cli(tmp_path):
@@ -68,8 +69,6 @@ def test_broken_toml_is_refused(tmp_path):
 
 
 def test_workers_zero_means_one_per_core():
-    import os
-
     assert s.load(environ={"TAFE_WORKERS": "0"}).workers == (os.cpu_count() or 1)
 
 
