@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import gevent
 from gevent.event import Event
@@ -37,6 +37,9 @@ from gevent.server import StreamServer
 from tafe import http
 from tafe.lifecycle import Lifecycle
 from tafe.settings import Settings
+
+if TYPE_CHECKING:
+    from tafe.metrics import Metrics
 
 log = logging.getLogger("tafe.server")
 access_log = logging.getLogger("tafe.access")
@@ -78,13 +81,13 @@ class Server:
         lifecycle: Lifecycle,
         *,
         name: str = "public",
-        metrics: Any = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
         self.lifecycle = lifecycle
         self.name = name
-        self.metrics = metrics  # a tafe.metrics.Metrics: counts requests refused here
+        self.metrics = metrics  # counts the requests refused here (tafe_bad_requests_total)
         self.closing = False
         self.retiring = False  # replaced (SIGUSR2): answers close their connections, /ping stays 200
         self.connections: set[_Connection] = set()
