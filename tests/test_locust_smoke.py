@@ -6,25 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import socket
 from pathlib import Path
-
-import pytest
-from conftest import start_tafe
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUST = Path(sys.executable).parent / "locust"
-
-
-@pytest.fixture(scope="module")
-def tafe_server():
-    """TAFE on a fixed free port, as deployed: its win-notice URLs name that port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = start_tafe("--port", str(port))
-    yield server
-    server.stop()
 
 
 def test_locust_exchange_traffic_gets_only_valid_answers_and_some_bids(tafe_server, tmp_path):
