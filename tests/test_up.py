@@ -139,14 +139,18 @@ def test_sighup_rolling_restart_under_load_drops_nothing():
 
 
 def test_sigterm_under_load_answers_every_accepted_request_and_leaves_nothing():
-    node = Node("--drain-grace-s", "2")
+    node = Node("--drain-grace-s", "6")
     tree = node.everything()
     assert len(tree) >= 5  # tafe up, 2 workers, nginx master + worker(s)
     try:
         with Load(node.url, concurrency=8) as load:
             time.sleep(2.0)
             node.proc.proc.send_signal(signal.SIGTERM)
-            time.sleep(1.0)  # the balancer sees /ping 503 during the grace and stops sending
+            # the balancer sees /ping 503 during the grace and stops sending; the signal
+            # reaches the workers through two processes, so allow a loaded machine time
+            deadline = time.monotonic() + 5
+            while request(node.url)[0] != 503 and time.monotonic() < deadline:
+                time.sleep(0.1)
             assert request(node.url)[0] == 503
         assert node.proc.proc.wait(60) == 0, node.proc.output()[-3000:]
     finally:
