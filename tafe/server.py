@@ -453,17 +453,16 @@ class _Connection:
         status = (self.status or "")[:3]
         request_id = env.get("tafe.request_id", "")
         remote = self.base["REMOTE_ADDR"]
-        if self.server.settings.log_json:
-            access_log.info(json.dumps({
-                "request_id": request_id, "remote": remote, "method": request.method,
-                "path": env.get("PATH_INFO", ""), "status": int(status or 0), "bytes": self.bytes_out,
-                "duration_ms": duration_ms, "server": self.server.name,
-            }))
-        else:
-            access_log.info(
-                '%s "%s %s" %s %d %.3fms %s', remote, request.method, request.target.decode("latin-1"),
-                status, self.bytes_out, duration_ms, request_id,
-            )
+        # JSON mode: the same line as msg, and every part as its own key (tafe.logs).
+        fields = {
+            "request_id": request_id, "remote": remote, "method": request.method,
+            "path": env.get("PATH_INFO", ""), "status": int(status or 0), "bytes": self.bytes_out,
+            "duration_ms": duration_ms, "server": self.server.name,
+        } if self.server.settings.log_json else None
+        access_log.info(
+            '%s "%s %s" %s %d %.3fms %s', remote, request.method, request.target.decode("latin-1"),
+            status, self.bytes_out, duration_ms, request_id, extra={"fields": fields},
+        )
 
 
 def run(

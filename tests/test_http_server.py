@@ -504,7 +504,7 @@ def test_port_0_binds_a_real_port_and_the_server_reports_it():
 
 
 def test_sigterm_drains_in_flight_then_refuses_and_exits_0():
-    proc = ServerProcess(TAFE_DRAIN_GRACE_S="1.0", TAFE_ACCESS_LOG="1", TAFE_LOG_JSON="1")
+    proc = ServerProcess(TAFE_DRAIN_GRACE_S="2.0", TAFE_ACCESS_LOG="1", TAFE_LOG_JSON="1")
     try:
         with proc.connect() as busy, proc.connect() as idle:
             busy.sendall(b"GET /slow?3 HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -517,13 +517,21 @@ def test_sigterm_drains_in_flight_then_refuses_and_exits_0():
             # (as soon as the signal has been handled).
             while True:
                 responses, closed = exchange(proc, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
-                if responses[0].status == 503 or time.monotonic() - signalled > 0.7:
+                if responses[0].status == 503 or time.monotonic() - signalled > 1.8:
                     break
                 time.sleep(0.02)
             assert responses[0].status == 503 and closed
-            time.sleep(max(0.0, signalled + 1.3 - time.monotonic()))  # past the grace
-            with pytest.raises(OSError):
-                proc.connect(timeout=1).close()
+            # Past the grace new connections are refused (polled: a loaded machine may
+            # handle the signal late, and the grace counts from then).
+            refused_by = time.monotonic() + 10
+            while time.monotonic() < refused_by:
+                try:
+                    proc.connect(timeout=1).close()
+                except OSError:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("new connections still accepted long after the grace")
             resp = Reader(busy).response()
             assert resp.status == 200 and resp.body == b"slow done"
             assert resp.headers["connection"] == "close"
@@ -533,7 +541,8 @@ def test_sigterm_drains_in_flight_then_refuses_and_exits_0():
     finally:
         err = proc.stop()
     assert "drained" in err
-    access = [json.loads(line.split(" ", 2)[2]) for line in err.splitlines() if line.startswith("tafe.access ")]
+    entries = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    access = [entry for entry in entries if entry["logger"] == "tafe.access"]
     slow = [entry for entry in access if entry["path"] == "/slow"]
     assert len(slow) == 1 and slow[0]["status"] == 200 and slow[0]["bytes"] == len(b"slow done")
     assert slow[0]["method"] == "GET" and slow[0]["request_id"] and slow[0]["duration_ms"] >= 2500

@@ -9,14 +9,13 @@ monkey.patch_all()
 
 import itertools  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
-from tafe import server, settings  # noqa: E402
+from tafe import logs, server, settings  # noqa: E402
 from tafe.lifecycle import Lifecycle  # noqa: E402
 
 
@@ -96,8 +95,8 @@ def make_app(lifecycle: Lifecycle):
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     conf = settings.load()
+    logs.configure(conf)
     lifecycle = Lifecycle()
     inherited = os.environ.get("TEST_LISTEN_FD")
     if inherited:  # as from a pre-fork master: a plain socket made before gevent
