@@ -75,18 +75,19 @@ def serve_in_process(
         servers.append(server.Server(admin_sock, admin, settings, lifecycle, name="admin"))
 
     def started() -> None:
-        _announce(servers, apps)
+        # A pre-forked worker (inherited listener) leaves the curl hint to its master.
+        _announce(servers, apps, curl=listener is None)
         if on_ready is not None:
             on_ready()
 
     return server.run(servers, settings, lifecycle, on_started=started)
 
 
-def _announce(servers: list, apps: object) -> None:
+def _announce(servers: list, apps: object, curl: bool = True) -> None:
     host, port = servers[0].address
     versions = getattr(getattr(apps, "holder", None), "current", None)
     # The curl comes first: whoever waits for "listening on" then has both lines.
-    log.info(
+    (log.info if curl else log.debug)(
         "try: curl -s -H 'Content-Type: application/json' --data-binary @%s http://%s:%d/openrtb2/bid",
         DATA_DIR / "demo-request.json",
         host,
