@@ -185,11 +185,7 @@ def instructions_child(mode: str, n: int) -> None:
     if mode != "off":
         # Under valgrind a request takes milliseconds: a 10 ms threshold would turn ordinary
         # spans into blocking events. Their cost is not what is measured here.
-        # With a registry, as `tafe serve` installs it: the metrics are part of the cost.
-        from prometheus_client import CollectorRegistry
-
-        prof = profiler.install(threshold_ms=60_000, sample=1.0 if mode == "100% sampled" else 0.0, log=False,
-                                registry=CollectorRegistry())
+        prof = profiler.install(threshold_ms=60_000, sample=1.0 if mode == "100% sampled" else 0.0, log=False)
         prof.watchdog.stop()
     run(application if prof is None else profiler.middleware(application, prof), n)
 
@@ -337,7 +333,7 @@ def render(args: argparse.Namespace, command: str, pinning: str, info: dict, mic
         common.table(["profiler", "CPU us/request (median)", "best round", "vs off (medians)", "overhead", "per round"], inproc_rows),
         "",
         *([
-            "Instructions per request under valgrind (cachegrind; same in-process workload, watchdog thread stopped, metrics on a registry as `tafe serve` does, no span over the threshold, "
+            "Instructions per request under valgrind (cachegrind; same in-process workload, watchdog thread stopped, no span over the threshold, "
             "deterministic): " + ", ".join(
                 f"{m} {v:,.0f} ({(v / instructions['off'] - 1) * 100:+.2f}%)" for m, v in instructions.items()),
             "",

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import math
 import time
-from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
 from .stacks import Frame, Stack, app_frame, collapsed_frame, format_frame, format_stack
 
 OTHER = "(other)"
-# Spans worth telling apart run from ~0.1 ms (a bid) to ~100 ms (a stall).
-SPAN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 1.0)
 
 
 class LogBuckets:
@@ -200,41 +197,28 @@ class RouteSpans:
 
     def __init__(self, max_routes: int = 64) -> None:
         self.max_routes = max_routes
-        self.routes: dict[str, list[Any]] = {}  # route -> [requests, spans, seconds, max, LogBuckets, edges]
+        self.routes: dict[str, list[Any]] = {}  # route -> [requests, spans, seconds, max, LogBuckets]
 
     def add(self, route: str, spans: list[float]) -> str:
-        """Record one sampled request's spans; return the (bounded) route name used.
-
-        Per span: one log-bucket and one Prometheus-bucket count (``edges``, counts per
-        ``SPAN_BUCKETS`` bound, then +Inf), in plain ints: no Prometheus call, no lock."""
+        """Record one sampled request's spans; return the (bounded) route name used."""
         if route not in self.routes and len(self.routes) >= self.max_routes:
             route = OTHER
         stat = self.routes.get(route)
         if stat is None:
-            stat = self.routes[route] = [0, 0, 0.0, 0.0, LogBuckets(), [0] * (len(SPAN_BUCKETS) + 1)]
+            stat = self.routes[route] = [0, 0, 0.0, 0.0, LogBuckets()]
         stat[0] += 1
-        if not spans:
-            return route
         stat[1] += len(spans)
-        stat[2] += sum(spans)
-        longest = max(spans)
-        if longest > stat[3]:
-            stat[3] = longest
-        counts, edges = stat[4].counts, stat[5]
-        log, base, factor, bounds = math.log, LogBuckets.BASE, LogBuckets.LOG_FACTOR, SPAN_BUCKETS
-        for d in spans:  # LogBuckets.add, inlined
-            i = int(log(d / base) / factor) + 1 if d > base else 0
-            counts[i] = counts.get(i, 0) + 1
-            edges[bisect_left(bounds, d)] += 1
+        buckets = stat[4]
+        for d in spans:
+            stat[2] += d
+            if d > stat[3]:
+                stat[3] = d
+            buckets.add(d)
         return route
-
-    def histograms(self) -> dict[str, tuple[list[int], float]]:
-        """route -> (span counts per ``SPAN_BUCKETS`` bound then +Inf, seconds): for Prometheus."""
-        return {route: (stat[5], stat[2]) for route, stat in list(self.routes.items())}
 
     def report(self) -> dict[str, Any]:
         out = {}
-        for route, (requests, spans, seconds, longest, buckets, _) in sorted(self.routes.items()):
+        for route, (requests, spans, seconds, longest, buckets) in sorted(self.routes.items()):
             out[route] = {
                 "requests": requests,
                 "spans": spans,

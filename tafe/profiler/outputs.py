@@ -11,7 +11,10 @@ import logging
 import time
 from typing import Any
 
-from .aggregate import SPAN_BUCKETS, BlockEvent, RouteSpans
+from .aggregate import BlockEvent
+
+# Spans worth telling apart run from ~0.1 ms (a bid) to ~100 ms (a stall).
+SPAN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 1.0)
 
 
 class RateLimitedLog:
@@ -47,12 +50,17 @@ class RateLimitedLog:
 class Metrics:
     """Prometheus metrics on the registry given (unregistered again on uninstall)."""
 
-    def __init__(self, registry: Any, route_spans: RouteSpans) -> None:
-        from prometheus_client import Counter
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter, Histogram
 
         self.registry = registry
-        self.spans = SpanHistogram(route_spans)
-        registry.register(self.spans)
+        self.spans = Histogram(
+            "tafe_eventloop_span_seconds",
+            "Execution spans (switch in to switch out) of sampled requests, by route",
+            ["route"],
+            buckets=SPAN_BUCKETS,
+            registry=registry,
+        )
         self.blocking = Counter(
             "tafe_eventloop_blocking_total", "Spans that held the event loop over the threshold, by code site",
             ["site"], registry=registry,
@@ -61,6 +69,14 @@ class Metrics:
             "tafe_eventloop_blocking_seconds_total", "Time the event loop was held by spans over the threshold, by code site",
             ["site"], registry=registry,
         )
+        self._children: dict[str, Any] = {}
+
+    def observe_spans(self, route: str, spans: list[float]) -> None:
+        child = self._children.get(route)
+        if child is None:
+            child = self._children[route] = self.spans.labels(route)
+        for d in spans:
+            child.observe(d)
 
     def count_block(self, site: str, seconds: float) -> None:
         self.blocking.labels(site).inc()
@@ -72,36 +88,3 @@ class Metrics:
                 self.registry.unregister(metric)
             except KeyError:  # pragma: no cover - already gone
                 pass
-
-
-class SpanHistogram:
-    """``tafe_eventloop_span_seconds`` built at scrape time from the route statistics:
-    a sampled request costs no Prometheus call (no lock, no per-span observe)."""
-
-    def __init__(self, route_spans: RouteSpans) -> None:
-        self.route_spans = route_spans
-
-    def describe(self) -> list[Any]:
-        return [self._family()]
-
-    def collect(self) -> list[Any]:
-        from prometheus_client.utils import floatToGoString
-
-        family = self._family()
-        bounds = [floatToGoString(b) for b in SPAN_BUCKETS] + ["+Inf"]
-        for route, (edges, seconds) in sorted(self.route_spans.histograms().items()):
-            cumulative, seen = [], 0
-            for bound, n in zip(bounds, edges):
-                seen += n
-                cumulative.append((bound, seen))
-            family.add_metric([route], cumulative, seconds)
-        return [family]
-
-    def _family(self) -> Any:
-        from prometheus_client.core import HistogramMetricFamily
-
-        return HistogramMetricFamily(
-            "tafe_eventloop_span_seconds",
-            "Execution spans (switch in to switch out) of sampled requests, by route",
-            labels=["route"],
-        )

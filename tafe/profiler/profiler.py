@@ -65,7 +65,7 @@ class Profiler:
         self.ended: dict[Any, tuple[float, dict[str, Any], RouteOf]] = {}
         self.aggregate = Aggregate(max_sites=max_sites)
         self.route_spans = RouteSpans(max_routes=max_routes)
-        self.metrics = Metrics(registry, self.route_spans) if registry is not None else None
+        self.metrics = Metrics(registry) if registry is not None else None
         logger = logging.getLogger("tafe.profiler") if log is None or log is True else log
         self.log = RateLimitedLog(logger, per_second=log_per_second) if logger else None
         self.listeners: list[Callable[[BlockEvent], None]] = []
@@ -191,13 +191,14 @@ class Profiler:
             self.record_sampled(g, environ, route_of, spans)
 
     def record_sampled(self, g: Any, environ: dict[str, Any], route_of: RouteOf, spans: list[float]) -> None:
-        """End of a sampled request: add its last (still open) span and record them all in
-        plain ints (the span histogram is built from them at scrape time: no Prometheus call here)."""
+        """End of a sampled request: add its last (still open) span and record them all."""
         self.sampled.pop(g, None)
         start, running = self.tracer.current[0]
         if running is g:
             spans.append(perf_counter() - start)
-        self.route_spans.add(self.route_name(environ, route_of), spans)
+        route = self.route_spans.add(self.route_name(environ, route_of), spans)
+        if self.metrics is not None:
+            self.metrics.observe_spans(route, spans)
 
     def route_name(self, environ: dict[str, Any], route_of: RouteOf) -> str:
         try:

@@ -244,32 +244,3 @@ def test_watchdog_restarts_in_a_forked_child() -> None:
     child = json.loads(data)
     assert child["report_pid"] == child["pid"] == pid
     assert child["captured"] == "while_blocked" and child["site"].endswith(f":{line_of('# BLOCKER')} blocker"), child
-
-
-
-def test_span_histogram_is_built_from_the_route_statistics() -> None:
-    registry = CollectorRegistry()
-    prof = profiler.install(threshold_ms=60_000, sample=1.0, registry=registry, log=False)
-
-    def app(environ, start_response):
-        gevent.sleep(0)  # two spans per request at least
-        start_response("200 OK", [])
-        return [b"ok"]
-
-    wrapped = profiler.middleware(app, prof)
-    value = registry.get_sample_value
-    labels = {"route": "POST /bid"}
-    try:
-        assert value("tafe_eventloop_span_seconds_count", labels) is None  # no request yet
-        gevent.joinall([gevent.spawn(wrapped, {"REQUEST_METHOD": "POST", "PATH_INFO": "/bid"}, lambda *a: None) for _ in range(5)])
-        routes = prof.report()["sampled_routes"]
-        assert routes["POST /bid"]["requests"] == 5 and routes["POST /bid"]["spans"] >= 10, routes
-        count = value("tafe_eventloop_span_seconds_count", labels)
-        assert count == routes["POST /bid"]["spans"]
-        assert value("tafe_eventloop_span_seconds_bucket", {**labels, "le": "+Inf"}) == count
-        assert value("tafe_eventloop_span_seconds_bucket", {**labels, "le": "1.0"}) == count  # spans well under 1 s
-        assert value("tafe_eventloop_span_seconds_bucket", {**labels, "le": "0.001"}) <= value("tafe_eventloop_span_seconds_bucket", {**labels, "le": "0.01"}) <= count
-        assert 0 < value("tafe_eventloop_span_seconds_sum", labels) < 1
-    finally:
-        prof.uninstall()
-    assert value("tafe_eventloop_span_seconds_count", labels) is None  # unregistered
