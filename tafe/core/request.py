@@ -190,6 +190,18 @@ def _audio(a: dict) -> Audio:
     )
 
 
+def _required_id(obj: dict, path: str, reason_prefix: str) -> str:
+    """A required id (request, imp, deal): a non-empty string, bounded because it is echoed."""
+    value = obj.get("id")
+    if value is None or value == "":
+        raise BadRequest(reason_prefix + "missing_id")
+    if type(value) is not str:
+        raise _fail_type(path)
+    if len(value) > MAX_ID_CHARS:
+        raise BadRequest(reason_prefix + "id_too_long")
+    return value
+
+
 def _deals(pmp: dict) -> tuple[Deal, ...]:
     raw = _list(pmp, "deals", "imp.pmp.deals")
     if len(raw) > MAX_DEALS:
@@ -198,11 +210,7 @@ def _deals(pmp: dict) -> tuple[Deal, ...]:
     for d in raw:
         if type(d) is not dict:
             raise _fail_type("imp.pmp.deals")
-        deal_id = _str(d, "id", "imp.pmp.deals.id")
-        if not deal_id:
-            raise BadRequest("deal_missing_id")
-        if len(deal_id) > MAX_ID_CHARS:
-            raise BadRequest("deal_id_too_long")
+        deal_id = _required_id(d, "imp.pmp.deals.id", "deal_")
         deals.append(
             Deal(
                 id=deal_id,
@@ -218,13 +226,7 @@ def _deals(pmp: dict) -> tuple[Deal, ...]:
 def _imp(i: Any) -> Imp:
     if type(i) is not dict:
         raise _fail_type("imp")
-    imp_id = i.get("id")
-    if imp_id is None or imp_id == "":
-        raise BadRequest("imp_missing_id")
-    if type(imp_id) is not str:
-        raise _fail_type("imp.id")
-    if len(imp_id) > MAX_ID_CHARS:
-        raise BadRequest("imp_id_too_long")
+    imp_id = _required_id(i, "imp.id", "imp_")
     banner = _obj(i, "banner", "imp.banner")
     video = _obj(i, "video", "imp.video")
     audio = _obj(i, "audio", "imp.audio")
@@ -323,13 +325,7 @@ def parse(body: bytes) -> BidRequest:
         raise BadRequest("not_json") from None
     if type(root) is not dict:
         raise BadRequest("not_object")
-    req_id = root.get("id")
-    if req_id is None or req_id == "":
-        raise BadRequest("missing_id")
-    if type(req_id) is not str:
-        raise _fail_type("id")
-    if len(req_id) > MAX_ID_CHARS:
-        raise BadRequest("id_too_long")
+    req_id = _required_id(root, "id", "")
     raw_imps = root.get("imp")
     if raw_imps is None or raw_imps == []:
         raise BadRequest("missing_imp")
