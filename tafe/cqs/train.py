@@ -21,7 +21,7 @@ import time
 import zlib
 from array import array
 from dataclasses import dataclass
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 
@@ -72,6 +72,13 @@ def is_heldout(request_id: str, imp_id: str, fraction: float) -> bool:
     return zlib.crc32(f"{request_id}/{imp_id}".encode()) % 10_000 < fraction * 10_000
 
 
+def _open_log(path: str) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise CqsError(f"decision log {path}: cannot read ({exc.strerror or exc})") from None
+
+
 def read(paths: Sequence[str], dims: int, heads: Sequence[str], holdout: float) -> Data:
     """Read decision logs, hashing every feature string into ``dims`` (a power of two)."""
     mask = dims - 1
@@ -86,11 +93,7 @@ def read(paths: Sequence[str], dims: int, heads: Sequence[str], holdout: float) 
     known = bytearray()
     skipped = 0
     for path in paths:
-        try:
-            f = open(path, "rb")
-        except OSError as exc:
-            raise CqsError(f"decision log {path}: cannot read ({exc.strerror or exc})") from None
-        with f:
+        with _open_log(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -134,11 +137,7 @@ def feature_names(paths: Sequence[str], dims: int, limit: int = 100_000) -> dict
     seen: set[str] = set()
     n = 0
     for path in paths:
-        try:
-            f = open(path, "rb")
-        except OSError as exc:
-            raise CqsError(f"decision log {path}: cannot read ({exc.strerror or exc})") from None
-        with f:
+        with _open_log(path) as f:
             for line in f:
                 if n >= limit:
                     return out
