@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from conftest import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 # The demo request with the longest deadline TAFE allows, so a loaded test machine
 # does not turn an expected bid into a deadline no-bid.
@@ -74,14 +76,7 @@ class Proc:
                 self._changed.wait(min(left, 0.2))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
 
 def children(pid: int) -> set[int]:
