@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import zlib
-from typing import Any, Callable
+from typing import Any
 
 from tafe.core.campaigns import Campaigns
 from tafe.core.decide import decide, no_bid
@@ -188,5 +188,3 @@ class BidHandler:
             headers.append(("Vary", "Accept-Encoding"))
         return "200 OK", headers, out
 
-
-BidCallable = Callable[[dict[str, Any], str], Response]
