@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
+TVG = BENCH / "threads_vs_greenlets"
 sys.path.insert(0, str(BENCH))
 import common  # noqa: E402
 
@@ -46,45 +48,79 @@ def test_open_loop_client_charges_a_stall_to_every_request_due_during_it(tmp_pat
     """
     port = common.free_port()
     upstream = common.start(
-        [sys.executable, str(BENCH / "threads_vs_greenlets" / "upstream.py"), "--port", str(port), "--delay-ms", "100"],
+        [sys.executable, str(TVG / "upstream.py"), "--port", str(port), "--median-ms", "100", "--sigma", "0"],
         tmp_path / "upstream.log",
     )
     try:
         common.wait_port(port, proc=upstream)
         code = (
-            "import json, sys; sys.path.insert(0, sys.argv[1]); import openloop\n"
             "r = openloop.run(int(sys.argv[2]), b'GET /user/1 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n', rate=50, duration_s=1.0,"
-            " warmup_s=0.0, connections=1)\n"
+            " warmup_s=0.0, connections=1, arrivals='fixed')\n"
             "print(json.dumps({'lat': r.latencies_ms, 'statuses': r.statuses, 'errors': r.errors}))\n"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", code, str(BENCH / "threads_vs_greenlets"), str(port)], capture_output=True, text=True, timeout=60
-        )
+        result = _in_gevent_process(code, port)
     finally:
         common.stop(upstream)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
     lat = sorted(result["lat"])
     assert result["statuses"] == {"200": 50} and not result["errors"]
     assert lat[0] >= 95  # the server's own 100 ms
     assert lat[-1] > 2000  # the 50th request was due at 1 s and answered at ~5 s
 
 
-def test_threads_vs_greenlets_runs_end_to_end_on_the_gevent_servers(tmp_path):
+def test_poisson_schedule_and_lookup_times_are_the_same_for_every_server():
+    """Arrivals and upstream delays are seeded properties of the request sequence, not of the run."""
+    code = (
+        "import upstream, common\n"
+        "a, b, c = (openloop.schedule(1000, 20, 'poisson', seed=s) for s in (0, 0, 1))\n"
+        "gaps = sorted(y - x for x, y in zip(a, a[1:]))\n"
+        "d = [upstream.delay_ms('u%07d' % i) for i in range(8192)]\n"
+        "print(json.dumps({'same': a == b, 'other': a != c, 'n': len(a), 'gap_p50': common.percentile(gaps, 50),"
+        " 'fixed': openloop.schedule(4, 1, 'fixed'), 'delay': common.summarize(d), 'again': upstream.delay_ms('u0000007'),"
+        " 'first': d[7], 'constant': upstream.delay_ms('u1', 5.0, 0.0)}))\n"
+    )
+    r = _in_gevent_process(code)
+    assert r["same"] and r["other"]
+    assert 19000 < r["n"] < 21000  # 1000 req/s for 20 s
+    assert 0.6 < r["gap_p50"] * 1000 < 0.8  # exponential gaps: median ln 2 / rate, not 1 / rate
+    assert r["fixed"] == [0.0, 0.25, 0.5, 0.75]
+    assert r["again"] == r["first"] and r["constant"] == 5.0
+    assert 3.8 < r["delay"]["p50"] < 4.2 and 10 < r["delay"]["p99"] < 13  # lognormal, median 4 ms, sigma 0.45
+
+
+def _in_gevent_process(code: str, *args: object) -> dict:
+    """Run ``code`` with openloop imported (it monkey-patches, so never in the test process); its JSON output."""
+    head = "import json, sys; sys.path[:0] = [%r, %r]; import openloop\n" % (str(TVG), str(BENCH))
+    out = subprocess.run([sys.executable, "-c", head + code, *map(str, ("", *args))], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_threads_vs_greenlets_runs_end_to_end_on_every_server_installed(tmp_path):
+    """A tiny sweep of two rates: every server answers at both, with the upstream's own row and the goal lines."""
     chart = tmp_path / "latency.png"
-    cmd = [sys.executable, str(BENCH / "threads_vs_greenlets" / "run.py"), "--rate", "40", "--duration", "1", "--warmup", "0.5", "--rounds", "1"]
-    cmd += ["--connections", "8", "--only", "TAFE", "--only", "gunicorn gevent", "--chart", str(chart)]
+    servers = ["TAFE", "gunicorn gthread", "gunicorn gevent"]
+    if shutil.which("apache2") and Path("/usr/lib/apache2/modules/mod_wsgi.so").exists():
+        servers.append("Apache")  # CI does not install Apache: the benchmark's own setup step does, under make bench
+    cmd = [sys.executable, str(TVG / "run.py"), "--rate", "30", "--rate", "60", "--duration", "1", "--warmup", "0.3"]
+    cmd += ["--rounds", "1", "--connections", "8", "--chart", str(chart), *(a for s in servers for a in ("--only", s))]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
-    assert any(r.startswith("| TAFE (gevent)") for r in rows), out.stdout
-    assert any(r.startswith("| gunicorn gevent") for r in rows), out.stdout
-    assert "FAILED" not in out.stdout
-    for row in rows[1:]:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        if cells[0].startswith(("TAFE", "gunicorn")):
-            assert float(cells[7]) > 0, row  # CPU per request was measured
-            assert cells[9] == "0", row  # no failed requests
+    assert "FAILED" not in out.stdout and chart.stat().st_size > 0
+    tables = out.stdout.split("### ")[1:]
+    assert [t.split(" ", 1)[0] for t in tables] == ["30", "60"]
+    for t in tables:
+        rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip().strip("|").split("|")]
+                for r in t.splitlines() if r.startswith("| ") and not r.startswith("| server")}
+        assert {name.split(" (")[0].split(" mod_wsgi")[0] for name in rows} == {*servers, "upstream lookup"}, t
+        for name, cells in rows.items():
+            if name.startswith("upstream"):
+                assert 0 < float(cells[1]) < float(cells[3]) < 100, cells  # lognormal lookups: p50 < p99
+                continue
+            assert float(cells[7]) > 0, cells  # CPU per request was measured
+            assert float(cells[8]) > 0 and cells[10] == "0", cells  # everything offered was answered
+            assert float(cells[3]) >= float(rows["upstream lookup (all servers)"][1]), cells  # nobody beats the lookup
+    if "Apache" in servers:
+        assert out.stdout.count(" req/s: TAFE p99 ") == 2  # one goal line per rate
 
 
 def test_throughput_runs_wrk_against_tafe_and_gunicorn_side_by_side(tmp_path):
