@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import time
 from typing import Callable
 
 from tafe import logs
 from tafe.cli import add_settings_options, settings_from_args
 from tafe.lifecycle import Lifecycle
+from tafe.metrics import Deferred, Immediate
 from tafe.settings import DATA_DIR, Settings
 
 log = logging.getLogger("tafe")
@@ -67,6 +69,7 @@ def serve_in_process(
     from tafe.cqs import swap
 
     swap.watch(apps.holder, settings, logging.getLogger("tafe.cqs"))
+    _fold_while_idle(apps.metrics.updates)
 
     public_sock = listener or server.bind(settings.host, settings.port)
     servers = [server.Server(public_sock, public, settings, lifecycle, metrics=apps.metrics)]
@@ -81,6 +84,24 @@ def serve_in_process(
             on_ready()
 
     return server.run(servers, settings, lifecycle, on_started=started)
+
+
+def _fold_while_idle(updates: Immediate | Deferred) -> None:
+    """Requests fold the deferred metric updates themselves; an idle worker's last counts
+    would otherwise wait for the next request (a pre-forked node's scrape reads every
+    worker's files but folds only its own)."""
+    import gevent
+
+    if not isinstance(updates, Deferred):
+        return
+
+    def fold_forever() -> None:
+        while True:
+            gevent.sleep(updates.period_s)
+            if time.monotonic() >= updates.due:
+                updates.fold()
+
+    gevent.spawn(fold_forever)
 
 
 def _announce(servers: list, apps: object, curl: bool = True) -> None:

@@ -23,7 +23,7 @@ from tafe.cqs.swap import Holder
 from tafe.handlers.bid import BidHandler
 from tafe.handlers.notices import KINDS, NoticeHandler
 from tafe.lifecycle import Lifecycle
-from tafe.metrics import Metrics, exposition
+from tafe.metrics import Metrics, cooperative, exposition
 from tafe.settings import Settings
 
 __all__ = ["Apps", "build", "make_admin_app", "make_public_app"]
@@ -64,9 +64,10 @@ def make_public_app(
     bid = BidHandler(settings, metrics=metrics, holder=holder, campaigns=campaigns, decision_log=decision_log)
     notice = NoticeHandler(metrics)
     exchanges: set[str] = set()
-    latency = {r: metrics.latency.labels(r) for r in ("bid", "notice", "ping", "other")}
+    updates = metrics.updates
+    latency = {r: updates.histogram(metrics.latency.labels(r)) for r in ("bid", "notice", "ping", "other")}
     counters: dict[tuple[str, str], Any] = {}
-    in_flight = metrics.in_flight
+    in_flight = updates.gauge(metrics.in_flight)
 
     def exchange_of(path: str) -> str:
         name = path[len(_BID_PREFIX) + 1 :]
@@ -111,11 +112,14 @@ def make_public_app(
         key = (name, status)
         counter = counters.get(key)
         if counter is None:
-            counter = counters[key] = metrics.requests.labels(name, status[:3])
+            counter = counters[key] = updates.counter(metrics.requests.labels(name, status[:3]))
         counter.inc()
         headers = [*headers, ("Content-Length", str(len(body)))]
         start_response(status, headers)
-        latency[name].observe(time.monotonic() - start)
+        now = time.monotonic()
+        latency[name].observe(now - start)
+        if now >= updates.due:
+            updates.fold()
         return [body]
 
     return app
@@ -140,6 +144,7 @@ def make_admin_app(
         if path in ("/metrics", "/ping") and method not in ("GET", "HEAD"):
             status, headers, body = "405 Method Not Allowed", [*_TEXT, ("Allow", "GET")], b"GET only\n"
         elif path == "/metrics":
+            metrics.updates.fold()
             body, content_type = exposition(registry)  # all workers' values when pre-forked
             status, headers = "200 OK", [("Content-Type", content_type)]
         elif path == "/ping":
@@ -170,7 +175,7 @@ def _decision_log(settings: Settings) -> DecisionLog | None:
 def build(settings: Settings, *, lifecycle: Lifecycle | None = None, registry: CollectorRegistry | None = None) -> Apps:
     """Load the campaigns and the CQS snapshot named by the settings and wire both apps."""
     lifecycle = lifecycle or Lifecycle()
-    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    metrics = Metrics(registry if registry is not None else CollectorRegistry(), deferred=cooperative())
     campaigns = campaigns_mod.load(settings.campaigns, seat=settings.seat, currency=settings.currency)
     holder = Holder(open_snapshot(settings.model, settings.store))
     for kind, version in holder.current.versions.items():

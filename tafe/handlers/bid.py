@@ -98,7 +98,8 @@ class BidHandler:
         self._bases: dict[str, str] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
         self._bids: dict[str, Any] = {}  # prometheus children per exchange, bound once
-        self._no_bids = {r: metrics.no_bids.labels(r.label) for r in NoBidReason}
+        self._no_bids = {r: metrics.updates.counter(metrics.no_bids.labels(r.label)) for r in NoBidReason}
+        self._bid_price = metrics.updates.histogram(metrics.bid_price)
         self._bad: dict[str, Any] = {}
 
     def _base_of(self, environ: dict[str, Any]) -> str:
@@ -176,9 +177,9 @@ class BidHandler:
 
         counter = self._bids.get(exchange)
         if counter is None:
-            counter = self._bids[exchange] = self.metrics.bids.labels(exchange)
+            counter = self._bids[exchange] = self.metrics.updates.counter(self.metrics.bids.labels(exchange))
         counter.inc(len(decision.bids))
-        observe = self.metrics.bid_price.observe
+        observe = self._bid_price.observe
         for bid in decision.bids:
             observe(bid.price)
         headers.append(_JSON)

@@ -63,7 +63,7 @@ class NoticeHandler:
 
     def __init__(self, metrics: Metrics, *, dedupe_size: int = 100_000) -> None:
         self.bills = Dedupe(dedupe_size)
-        self._counters = {k: metrics.notices.labels(k) for k in (*KINDS, "bill_duplicate")}
+        self._counters = {k: metrics.updates.counter(metrics.notices.labels(k)) for k in (*KINDS, "bill_duplicate")}
 
     def __call__(self, environ: dict[str, Any], kind: str) -> tuple[str, list[tuple[str, str]], bytes]:
         query = environ.get("QUERY_STRING", "")[:_MAX_QUERY]
