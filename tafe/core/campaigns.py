@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -72,6 +72,11 @@ class Campaign:
     bundle: str = ""
     deals: frozenset[str] = frozenset()
     creatives: tuple[Creative, ...] = ()
+    # Its categories and their tier-1 parents: a bcat of "IAB7" blocks "IAB7-39" too.
+    cat_family: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cat_family", frozenset(self.cat) | {c.split("-", 1)[0] for c in self.cat})
 
 
 class Candidate(NamedTuple):

@@ -98,17 +98,12 @@ def _targeted(campaign: Campaign, request: BidRequest) -> bool:
     return True
 
 
-def _blocked(campaign: Campaign, request: BidRequest) -> bool:
-    if request.bcat:
-        for cat in campaign.cat:
-            # blocking a tier-1 IAB category ("IAB7") blocks its sub-categories ("IAB7-39")
-            if cat in request.bcat or cat.split("-", 1)[0] in request.bcat:
-                return True
-    if request.badv and any(d in request.badv for d in campaign.adomain):
-        return True
-    if request.bapp and campaign.bundle and campaign.bundle in request.bapp:
-        return True
-    return False
+def _blocked(campaign: Campaign, bcat: frozenset[str], badv: frozenset[str], bapp: tuple[str, ...]) -> bool:
+    return (
+        not bcat.isdisjoint(campaign.cat_family)
+        or not badv.isdisjoint(campaign.adomain)
+        or (campaign.bundle != "" and campaign.bundle in bapp)
+    )
 
 
 def _lanes(imp: Imp, campaigns: Campaigns) -> list[_Lane]:
@@ -157,6 +152,7 @@ def decide(request: BidRequest, models: Scorer, campaigns: Campaigns, now: float
     shade = campaigns.first_price_shade if request.at == 1 else 1.0
     pivot = campaigns.score_pivot
     blocks = bool(request.bcat or request.badv or request.bapp)
+    bcat, badv = (frozenset(request.bcat), frozenset(request.badv)) if blocks else (frozenset(), frozenset())
     bids: list[Bid] = []
     furthest = -1
     score_ns = 0
@@ -179,7 +175,7 @@ def decide(request: BidRequest, models: Scorer, campaigns: Campaigns, now: float
                 continue
             if secure and not creative_secure:
                 continue
-            if blocks and _blocked(campaign, request):
+            if blocks and _blocked(campaign, bcat, badv, request.bapp):
                 stage = stage or 1
                 continue
             if score is None:
