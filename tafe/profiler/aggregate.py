@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,42 +191,118 @@ def site_name(key: Frame | str) -> str:
     return format_frame(key) if isinstance(key, tuple) else key
 
 
-class RouteSpans:
-    """Every span of the sampled requests, per route: how long a request holds the loop."""
+# Spans worth telling apart run from ~0.1 ms (a bid) to ~100 ms (a stall): the buckets of
+# the Prometheus span histogram.
+SPAN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 1.0)
+# Fine bounds for the sampled spans: 5% apart from 10 us to ~100 s, plus every
+# SPAN_BUCKETS bound, so each fine bucket lies inside one Prometheus bucket: both views
+# come from the same counts.
+FINE_BOUNDS = tuple(sorted({round(LogBuckets.BASE * 1.05**i, 12) for i in range(331)} | set(SPAN_BUCKETS)))
+# Prometheus bucket k (then +Inf) holds the fine buckets FINE_SLICES[k][0] <= i < FINE_SLICES[k][1].
+_ends = [bisect_left(FINE_BOUNDS, b) + 1 for b in SPAN_BUCKETS] + [len(FINE_BOUNDS) + 1]
+FINE_SLICES = tuple(zip([0] + _ends[:-1], _ends))
 
-    __slots__ = ("max_routes", "routes")
+
+class RouteStat:
+    """One route's sampled spans, in plain numbers (no lock, no Prometheus call)."""
+
+    __slots__ = ("requests", "spans", "seconds", "max", "counts")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.spans = 0
+        self.seconds = 0.0
+        self.max = 0.0
+        self.counts = [0] * (len(FINE_BOUNDS) + 1)  # per FINE_BOUNDS bound, then beyond
+
+    def quantile(self, q: float) -> float:
+        rank, seen = q * self.spans, 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if n and seen >= rank:
+                if i == 0 or i == len(FINE_BOUNDS):
+                    return FINE_BOUNDS[min(i, len(FINE_BOUNDS) - 1)]
+                return math.sqrt(FINE_BOUNDS[i - 1] * FINE_BOUNDS[i])  # the bucket's geometric middle
+        return 0.0
+
+    def histogram(self) -> list[int]:
+        """Span counts per SPAN_BUCKETS bound, then +Inf (not cumulative)."""
+        counts = self.counts
+        return [sum(counts[a:b]) for a, b in FINE_SLICES]
+
+
+class RouteSpans:
+    """Every span of the sampled requests, per route: how long a request holds the loop.
+
+    On the request path only lists are appended to: ``pending[(method, route)]`` is
+    ``[requests, span, span, ...]``, the tracer hook appending a sampled request's spans
+    to its route's list and the middleware counting the request. ``settle`` (at most
+    once a second, and before any report) sorts what is pending and counts it into the
+    buckets: a bisect per span on the request path cost more than the rest of sampling,
+    and so did keeping a list per request alive until then (garbage collector work)."""
+
+    __slots__ = ("max_routes", "routes", "pending")
 
     def __init__(self, max_routes: int = 64) -> None:
         self.max_routes = max_routes
-        self.routes: dict[str, list[Any]] = {}  # route -> [requests, spans, seconds, max, LogBuckets]
+        self.routes: dict[str, RouteStat] = {}
+        self.pending: dict[tuple[str, str], list[Any]] = {}
 
-    def add(self, route: str, spans: list[float]) -> str:
-        """Record one sampled request's spans; return the (bounded) route name used."""
-        if route not in self.routes and len(self.routes) >= self.max_routes:
-            route = OTHER
-        stat = self.routes.get(route)
-        if stat is None:
-            stat = self.routes[route] = [0, 0, 0.0, 0.0, LogBuckets()]
-        stat[0] += 1
-        stat[1] += len(spans)
-        buckets = stat[4]
-        for d in spans:
-            stat[2] += d
-            if d > stat[3]:
-                stat[3] = d
-            buckets.add(d)
-        return route
+    def entry(self, key: tuple[str, str]) -> list[Any]:
+        """The pending list of a route seen for the first time since the last settle."""
+        if len(self.pending) >= 4 * self.max_routes:  # many routes: count what is pending now
+            self.settle()
+            self.pending.clear()  # requests in flight on these routes are not counted
+        return self.pending.setdefault(key, [0])
+
+    def settle(self) -> None:
+        """Count the pending spans into their routes' statistics."""
+        for (method, name), entry in list(self.pending.items()):
+            requests, spans = entry[0], entry[1:]
+            if not requests and not spans:
+                continue
+            entry[0] = 0  # emptied in place: requests in flight hold the list
+            del entry[1:]
+            route = f"{method} {name}"
+            stat = self.routes.get(route)
+            if stat is None:
+                if len(self.routes) >= self.max_routes:
+                    route = OTHER
+                stat = self.routes.get(route)
+                if stat is None:
+                    stat = self.routes[route] = RouteStat()
+            stat.requests += requests
+            if not spans:
+                continue
+            spans.sort()
+            stat.spans += len(spans)
+            stat.seconds += sum(spans)
+            stat.max = max(stat.max, spans[-1])
+            # Bucket i holds FINE_BOUNDS[i - 1] < d <= FINE_BOUNDS[i]: walk the sorted spans.
+            counts, lo, n = stat.counts, 0, len(spans)
+            for i, bound in enumerate(FINE_BOUNDS):
+                hi = bisect_right(spans, bound, lo)
+                counts[i] += hi - lo
+                lo = hi
+                if lo == n:
+                    break
+            counts[-1] += n - lo
+
+    def clear(self) -> None:
+        self.routes.clear()
+        self.pending.clear()
 
     def report(self) -> dict[str, Any]:
+        self.settle()
         out = {}
-        for route, (requests, spans, seconds, longest, buckets) in sorted(self.routes.items()):
+        for route, s in sorted(self.routes.items()):
             out[route] = {
-                "requests": requests,
-                "spans": spans,
-                "spans_per_request": round(spans / requests, 2),
-                "loop_ms_per_request": round(seconds * 1000 / requests, 4),
-                "span_p50_ms": round(min(buckets.quantile(0.5), longest) * 1000, 4),
-                "span_p99_ms": round(min(buckets.quantile(0.99), longest) * 1000, 4),
-                "span_max_ms": round(longest * 1000, 4),
+                "requests": s.requests,
+                "spans": s.spans,
+                "spans_per_request": round(s.spans / max(s.requests, 1), 2),
+                "loop_ms_per_request": round(s.seconds * 1000 / max(s.requests, 1), 4),
+                "span_p50_ms": round(min(s.quantile(0.5), s.max) * 1000, 4),
+                "span_p99_ms": round(min(s.quantile(0.99), s.max) * 1000, 4),
+                "span_max_ms": round(s.max * 1000, 4),
             }
         return out

@@ -1,7 +1,7 @@
 """Where blocking events go besides the aggregate: a rate-limited JSON log, Prometheus.
 
-Both run outside the tracer hook (in a greenlet the profiler spawns on demand), since
-log handlers and metric locks may do I/O or wait.
+Both run outside the tracer hook and the request path (in greenlets the profiler spawns
+on demand), since log handlers and metric locks may do I/O or wait.
 """
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ import logging
 import time
 from typing import Any
 
-from .aggregate import BlockEvent
-
-# Spans worth telling apart run from ~0.1 ms (a bid) to ~100 ms (a stall).
-SPAN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 1.0)
+from .aggregate import SPAN_BUCKETS, BlockEvent, RouteSpans
 
 
 class RateLimitedLog:
@@ -69,14 +66,31 @@ class Metrics:
             "tafe_eventloop_blocking_seconds_total", "Time the event loop was held by spans over the threshold, by code site",
             ["site"], registry=registry,
         )
-        self._children: dict[str, Any] = {}
+        # route -> (span counts per bucket, seconds) already added to the span histogram.
+        self.folded: dict[str, tuple[list[int], float]] = {}
 
-    def observe_spans(self, route: str, spans: list[float]) -> None:
-        child = self._children.get(route)
-        if child is None:
-            child = self._children[route] = self.spans.labels(route)
-        for d in spans:
-            child.observe(d)
+    def fold(self, route_spans: RouteSpans) -> None:
+        """Add the sampled spans recorded since the last fold to the span histogram.
+
+        The request path counts spans in plain ints (``RouteSpans``): a
+        ``Histogram.observe`` per span takes a lock (gevent's, once patched) and cost more
+        than all the rest of sampling. The price: the histogram lags by up to the fold
+        period. prometheus_client has no public bulk observe, so the counts are added to
+        the child's own bucket and sum values (``_buckets[i].inc(n)``, ``_sum.inc(s)``,
+        what ``observe`` itself does one at a time); those values are the same objects
+        in one process and in multiprocess mode, where they are the mmap files that
+        /metrics of a pre-forked node merges."""
+        for route, stat in list(route_spans.routes.items()):
+            counts = stat.histogram()
+            before, seconds = self.folded.get(route, (None, 0.0))
+            if counts == before:
+                continue
+            child = self.spans.labels(route)
+            for value, n, old in zip(child._buckets, counts, before or [0] * len(counts)):
+                if n != old:
+                    value.inc(n - old)
+            child._sum.inc(stat.seconds - seconds)
+            self.folded[route] = (counts, stat.seconds)
 
     def count_block(self, site: str, seconds: float) -> None:
         self.blocking.labels(site).inc()

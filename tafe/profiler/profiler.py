@@ -27,6 +27,7 @@ from .watchdog import Watchdog
 
 RouteOf = Callable[[dict[str, Any]], str]
 MAX_PENDING = 1000
+FOLD_PERIOD_S = 1.0  # the Prometheus span histogram lags the sampled requests by at most this
 
 
 def default_route(environ: dict[str, Any]) -> str:
@@ -56,9 +57,11 @@ class Profiler:
         self.switch_interval_s = None if switch_interval_ms is None else switch_interval_ms / 1000.0
         self._saved_switch_interval: float | None = None
         self.hub = gevent.get_hub()
-        # greenlet -> (environ, route function) of the request it serves, and
-        # greenlet -> span durations of the sampled requests: filled by the middleware.
-        self.requests: dict[Any, tuple[dict[str, Any], RouteOf]] = {}
+        # Code objects of the middleware's request frames: the request a greenlet serves
+        # is found on its stack when it blocks (``request_on``), so a request that does
+        # not block costs no bookkeeping. greenlet -> span durations of the sampled
+        # requests: filled by the middleware and the tracer hook.
+        self.request_codes: set[Any] = set()
         self.sampled: dict[Any, list[float]] = {}
         # greenlet -> (span start, environ, route function) of a request that ended inside
         # a span already over the threshold: that span is still the request's.
@@ -75,6 +78,8 @@ class Profiler:
         self._ids = itertools.count(1)
         self._pending: list[tuple[BlockEvent, str]] = []
         self._flusher: Any = None
+        self._fold_timer: Any = None
+        self.fold_due = True  # no fold scheduled yet: the next sampled request schedules one
         self._fork_hook = False
         self.tracer = Tracer(self.hub, self.threshold_s, self._on_block, self.sampled)
         self.watchdog = Watchdog(self.tracer.current, self.hub, self.threshold_s)
@@ -111,6 +116,10 @@ class Profiler:
             self._saved_switch_interval = None
         self.sampled.clear()
         self._flush()
+        if self._fold_timer is not None:
+            self._fold_timer.close()
+            self._fold_timer, self.fold_due = None, True
+        self.fold_metrics()
         if self.metrics is not None:
             self.metrics.close()
 
@@ -119,6 +128,12 @@ class Profiler:
             self.pid = os.getpid()
             self._pending.clear()
             self._flusher = None
+            # The child counts its own sampled spans: its Prometheus values start at zero
+            # (a per-process file in multiprocess mode), and the parent folds its own.
+            self.route_spans.clear()
+            if self.metrics is not None:
+                self.metrics.folded.clear()
+            self._fold_timer, self.fold_due = None, True
             self.watchdog.after_fork()
 
     def close_span(self) -> None:
@@ -146,7 +161,7 @@ class Profiler:
             if frame is None:
                 frame = origin.gr_frame
             yielded = extract(frame) if frame is not None else None
-            request = self.requests.get(origin)
+            request = self.request_on(frame)
             ended = self.ended.pop(origin, None)
             if request is None and ended is not None and ended[0] == start:
                 request = ended[1:]
@@ -181,24 +196,67 @@ class Profiler:
             except Exception:
                 self.errors += 1
 
-    def finish(self, g: Any, environ: dict[str, Any], route_of: RouteOf, spans: list[float] | None) -> None:
-        """End of a request's attribution (called by the middleware)."""
-        self.requests.pop(g, None)
-        start, running = self.tracer.current[0]
-        if running is g and perf_counter() - start >= self.threshold_s:
-            self.ended[g] = (start, environ, route_of)
-        if spans is not None:
-            self.record_sampled(g, environ, route_of, spans)
+    def request_on(self, frame: Any) -> tuple[dict[str, Any], RouteOf] | None:
+        """The request whose middleware frame is on the stack ending at ``frame`` (the
+        outermost, if middlewares nest): its environ and route function."""
+        found = None
+        codes = self.request_codes
+        while frame is not None:
+            if frame.f_code in codes:
+                found = frame
+            frame = frame.f_back
+        if found is None:
+            return None
+        local = found.f_locals
+        return local["environ"], local["route_of"]
 
-    def record_sampled(self, g: Any, environ: dict[str, Any], route_of: RouteOf, spans: list[float]) -> None:
-        """End of a sampled request: add its last (still open) span and record them all."""
-        self.sampled.pop(g, None)
+    def finish(self, environ: dict[str, Any], route_of: RouteOf, sampled: Any = None) -> None:
+        """End of a request (called by the middleware in the greenlet that served it).
+
+        If the span running now is already over the threshold, it still belongs to the
+        request when it ends (outside the request's frames). ``sampled``: the greenlet of
+        a sampled request, whose spans, with the one still open, are recorded."""
         start, running = self.tracer.current[0]
-        if running is g:
-            spans.append(perf_counter() - start)
-        route = self.route_spans.add(self.route_name(environ, route_of), spans)
-        if self.metrics is not None:
-            self.metrics.observe_spans(route, spans)
+        span = perf_counter() - start
+        me = greenlet.getcurrent()
+        if running is me and span >= self.threshold_s:
+            self.ended[me] = (start, environ, route_of)
+        if sampled is None:
+            return
+        entry = self.sampled.pop(sampled, None)  # the route's pending list (RouteSpans)
+        if entry is None:
+            return
+        if running is sampled:
+            entry.append(span)
+        entry[0] += 1
+        if self.fold_due:
+            self.schedule_fold()
+
+    def schedule_fold(self) -> None:
+        """After a sampled request: count its spans and fold them into the span histogram
+        one period from now, off the request path (at most once a period whatever the
+        rate, nothing while idle). What waits is one period of sampled spans."""
+        if self.fold_due and self.installed:
+            self.fold_due = False
+            self._fold_timer = self.hub.loop.timer(FOLD_PERIOD_S, ref=False)
+            self._fold_timer.start(gevent.spawn_raw, self._fold_later)
+
+    def _fold_later(self) -> None:
+        if self._fold_timer is not None:
+            self._fold_timer.close()
+            self._fold_timer = None
+        self.fold_due = True
+        self.fold_metrics()
+
+    def fold_metrics(self) -> None:
+        """Count the sampled requests' spans and bring the Prometheus span histogram up
+        to date now (it is otherwise up to FOLD_PERIOD_S behind)."""
+        try:
+            self.route_spans.settle()
+            if self.metrics is not None:
+                self.metrics.fold(self.route_spans)
+        except Exception:
+            self.errors += 1
 
     def route_name(self, environ: dict[str, Any], route_of: RouteOf) -> str:
         try:
