@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from tafe.settings import Settings, SettingsError
+from tafe.settings import Settings, SettingsError, demo_curl
 
 log = logging.getLogger("tafe.master")
 
@@ -169,6 +169,7 @@ class Master:
         self.n = max(1, settings.workers)
         self._reload = reload
         self._listen = listen or (settings.host, settings.port)
+        self._public = listen is None  # clients reach the workers directly (no Nginx in front)
         self.worker_overrides = dict(worker_overrides or {})
         self._own_run_dir = not (run_dir or settings.run_dir)
         self.run_dir = Path(run_dir or settings.run_dir or tempfile.mkdtemp(prefix="tafe-"))
@@ -372,6 +373,8 @@ class Master:
             self.ready = True
             host, port = self.address
             admin = self.admin_address
+            if self._public:
+                log.info("try: %s", demo_curl(host, port))  # before "listening on", as tafe serve does
             log.info(
                 "listening on http://%s:%d%s with %d workers (pids %s)",
                 host, port, f" (admin http://{admin[0]}:{admin[1]})" if admin else "", self.n,

@@ -19,7 +19,7 @@ from tafe import logs
 from tafe.cli import add_settings_options, settings_from_args
 from tafe.lifecycle import Lifecycle
 from tafe.metrics import Deferred, Immediate
-from tafe.settings import DATA_DIR, Settings
+from tafe.settings import Settings, demo_curl
 
 log = logging.getLogger("tafe")
 
@@ -108,12 +108,7 @@ def _announce(servers: list, apps: object, curl: bool = True) -> None:
     host, port = servers[0].address
     versions = getattr(getattr(apps, "holder", None), "current", None)
     # The curl comes first: whoever waits for "listening on" then has both lines.
-    (log.info if curl else log.debug)(
-        "try: curl -s -H 'Content-Type: application/json' --data-binary @%s http://%s:%d/openrtb2/bid",
-        DATA_DIR / "demo-request.json",
-        host,
-        port,
-    )
+    (log.info if curl else log.debug)("try: %s", demo_curl(host, port))
     log.info(
         "listening on http://%s:%d%s; models %s",
         host,

@@ -21,6 +21,14 @@ from typing import Any, Mapping
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
+def demo_curl(host: str, port: int) -> str:
+    """A command that gets a bid from the TAFE at host:port, with the bundled demo request."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if host in ("0.0.0.0", "::"):
+        where = f"127.0.0.1:{port}"
+    return f"curl -s -H 'Content-Type: application/json' --data-binary @{DATA_DIR / 'demo-request.json'} http://{where}/openrtb2/bid"
+
+
 def _opt(default: Any, help: str, cli: bool = True) -> Any:
     return field(default=default, metadata={"help": help, "cli": cli})
 

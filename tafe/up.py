@@ -33,7 +33,7 @@ from typing import Callable
 
 from tafe import logs, nginx
 from tafe.master import ListenError, Master, describe_exit
-from tafe.settings import DATA_DIR, Settings
+from tafe.settings import Settings, demo_curl
 
 log = logging.getLogger("tafe.up")
 
@@ -136,10 +136,7 @@ class Node:
             nginx.address(s.host, s.port), self.nginx.proc.pid, nginx.address(*self.master.address),
             " ".join(map(str, self.master.serving_pids())), f"; admin http://{nginx.address(*admin)}" if admin else "",
         )  # fmt: skip
-        log.info(
-            "try: curl -s -H 'Content-Type: application/json' --data-binary @%s http://%s/openrtb2/bid",
-            DATA_DIR / "demo-request.json", nginx.address("127.0.0.1" if s.host == "0.0.0.0" else s.host, s.port),
-        )  # fmt: skip
+        log.info("try: %s", demo_curl(s.host, s.port))
 
     def _handle(self, signums: list[int]) -> None:
         for sig in signums:

@@ -129,6 +129,15 @@ def scrape(admin_url: str) -> dict[str, float]:
     return samples
 
 
+def scrape_until(admin_url: str, key: str, at_least: float, timeout: float = 10.0) -> dict[str, float]:
+    """Scrape until ``key`` reaches ``at_least``: each worker folds its counts into the
+    shared files within a second (tafe.metrics.Deferred), so a scrape may lag that much."""
+    deadline = time.monotonic() + timeout
+    while (samples := scrape(admin_url)).get(key, 0.0) < at_least and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return samples
+
+
 class Load:
     """A bounded closed loop of bid requests: ``concurrency`` keep-alive connections.
 
@@ -225,7 +234,7 @@ def test_workers_serve_and_metrics_add_up_across_workers(master):
     for _ in range(sent):  # new connections: the kernel spreads them over both workers
         status, _, body = bid(url)
         assert status == 200, body
-    after = scrape(admin)
+    after = scrape_until(admin, key, before + sent)
     assert after[key] - before == sent  # the sum over both workers, whichever one answers the scrape
     assert after.get("tafe_http_requests_in_flight", 0) >= 0
     assert any(k.startswith("tafe_cqs_active_info{") for k in after)

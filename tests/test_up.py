@@ -18,7 +18,7 @@ import pytest
 
 from tafe import nginx as nginx_mod
 from tafe.settings import Settings
-from test_master import BID, Load, Proc, alive, bid, children, request, scrape
+from test_master import BID, Load, Proc, alive, bid, children, request, scrape, scrape_until
 
 pytestmark = [
     pytest.mark.nginx,
@@ -105,10 +105,7 @@ def test_metrics_move_with_the_traffic_sent_through_nginx(node):
     sent = 50
     for _ in range(sent):
         assert bid(node.url)[0] == 200
-    # Each worker folds its counts into the shared files within a second (tafe.metrics.Deferred).
-    deadline = time.monotonic() + 10.0
-    while (after := scrape(node.admin_url))[key] - before.get(key, 0.0) < sent and time.monotonic() < deadline:
-        time.sleep(0.2)
+    after = scrape_until(node.admin_url, key, before.get(key, 0.0) + sent)
     assert after[key] - before.get(key, 0.0) == sent
     assert after['tafe_http_request_duration_seconds_count{route="bid"}'] - before.get(
         'tafe_http_request_duration_seconds_count{route="bid"}', 0.0
