@@ -2,16 +2,23 @@
 
     python benchmarks/profiler_overhead.py [--rounds 7] [--duration 5] [--connections 64] [--record]
 
-1. In process: CPU cost of the tracer hook per greenlet switch (greenlet ping-pong,
-   best of 7), with no hook, threshold-only, and with the switching greenlet sampled;
-   then CPU per bid request of ``tafe.wsgi:application`` driven by 64 greenlets, per
-   mode, interleaved rounds (hub thread plus watchdog thread CPU).
-2. Over HTTP: three ``tafe serve --workers 1`` processes (``tafe.wsgi`` bid app, TAFE's
-   own server) with ``--block-threshold-ms 0`` (off), ``10`` (threshold-only) and
-   ``10 --profile-sample 1`` (every request's spans recorded), all pinned to the server
-   core; ``wrk`` (pinned to the other core) POSTs a ~1.5 KB OpenRTB request to each in
-   turn, interleaved (off, thr, 100%, off, ...) so that outside load spreads over all
-   three. Prints medians, the ratio of medians and the median of per-round ratios.
+The denominator everywhere is the whole per-request cost of TAFE's own server
+(``tafe serve --workers 1``: HTTP parsing, the bid app, its metrics, socket calls), as
+the issue's "requests/s of a TAFE bid workload" defines it.
+
+1. Instructions per request of the real server process under valgrind (cachegrind), one
+   server per mode, each run twice (200 and 1,200 keep-alive requests from 16
+   connections after 300 warm-up ones) and the difference divided by 1,000, so start-up
+   and shutdown cancel out; 3 runs, medians (a run varies by ~1,000 instructions per
+   request: how many requests a loop turn finds ready). The figure for decisions. Valgrind
+   counts user-space instructions only; the kernel's share of the server's CPU (socket
+   calls) is measured natively (step 3) to put the figure on the whole request.
+2. The tracer hook's cost per greenlet switch (ping-pong, CPU time, best of 7).
+3. Over HTTP: three ``tafe serve --workers 1`` processes, ``--block-threshold-ms 0``
+   (off), ``10`` (threshold-only) and ``10 --profile-sample 1``, pinned to one core;
+   ``wrk`` (the other core) POSTs a ~1.5 KB OpenRTB request to each in turn, in
+   interleaved rounds (off, thr, 100%, then reversed ...). Prints req/s medians, spread
+   and per-round ratios, CPU per request (user and system) and the watchdogs' cost.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -75,119 +83,112 @@ def switch_cost(switches: int = 200_000, repeats: int = 7) -> dict[str, float]:
     return out
 
 
-def bid_cpu_in_process(rounds: int, requests: int, body: bytes) -> dict[str, list[float]]:
-    """CPU microseconds per bid request, in this process, per mode, interleaved rounds.
+def bare_wake_cost(wakes: int = 200) -> float:
+    """CPU microseconds a thread spends per ``time.sleep(0.01)`` wake-up doing nothing else:
+    the floor of the watchdog's cost per wake-up on this machine (timers are dear on VMs)."""
+    import threading
 
-    64 greenlets each loop: yield to the hub (``gevent.sleep(0)``: the two switches a
-    keep-alive request costs in a gevent server), then call ``tafe.wsgi:application``
-    (wrapped in the profiler's middleware when on) on a ~1.5 KB OpenRTB body. CPU is the
-    hub thread's (``time.thread_time``) plus the watchdog thread's (its schedstat), so
-    neither the network stack nor other processes on the host enter the figure.
-    """
-    import io
+    out: list[float] = []
 
-    import gevent
+    def sleeper() -> None:
+        t = time.thread_time()
+        for _ in range(wakes):
+            time.sleep(0.01)
+        out.append((time.thread_time() - t) / wakes * 1e6)
 
-    from tafe import profiler
-    from tafe.wsgi import application
-
-    def environ() -> dict:
-        return {"REQUEST_METHOD": "POST", "PATH_INFO": "/openrtb2/bid", "QUERY_STRING": "", "CONTENT_TYPE": "application/json",
-                "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body), "SERVER_PROTOCOL": "HTTP/1.1",
-                "HTTP_X_OPENRTB_VERSION": "2.5", "wsgi.url_scheme": "http", "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8080"}
-
-    def start_response(status: str, headers: list, exc_info: object = None) -> None:
-        assert status[:3] in ("200", "204"), status
-
-    def run(app: object, n: int) -> None:
-        left = [n]
-
-        def conn() -> None:
-            while left[0] > 0:
-                left[0] -= 1
-                gevent.sleep(0)
-                b"".join(app(environ(), start_response))
-
-        gevent.joinall([gevent.spawn(conn) for _ in range(64)])
-
-    out: dict[str, list[float]] = {m: [] for m in MODES}
-    settings = {"off": None, "threshold-only": 0.0, "100% sampled": 1.0}
-    run(application, 2000)  # warm-up
-    for rnd in range(rounds):
-        order = list(MODES) if rnd % 2 == 0 else list(reversed(MODES))
-        for mode in order:
-            prof = None if settings[mode] is None else profiler.install(threshold_ms=10, sample=settings[mode], log=False)
-            app = application if prof is None else profiler.middleware(application, prof)
-            wd0 = prof.watchdog.cpu_seconds() or 0.0 if prof else 0.0
-            t0 = time.thread_time()
-            run(app, requests)
-            cpu = time.thread_time() - t0 + ((prof.watchdog.cpu_seconds() or 0.0) - wd0 if prof else 0.0)
-            if prof:
-                prof.uninstall()
-            out[mode].append(cpu / requests * 1e6)
-    return out
+    thread = threading.Thread(target=sleeper)
+    thread.start()
+    thread.join()
+    return out[0]
 
 
-def instructions_per_request(body: bytes) -> dict[str, float] | None:
-    """Instructions per bid request under valgrind (cachegrind): deterministic, so the one
-    figure here that other load on the host cannot move. Each mode runs the in-process
-    workload twice (200 and 2,200 requests after a warm-up) and the difference is divided
-    by 2,000 (PYTHONHASHSEED fixed; threshold out of reach, so no span becomes an event).
-    The watchdog thread is stopped here: under valgrind everything runs ~50x
-    slower, so its wall-clock wake-ups would be ~50x too many per request; its real cost is
-    its own CPU time, measured natively above."""
+VALGRIND_CONNECTIONS = 16
+VALGRIND_REQUESTS = (200, 1200)
+
+
+def instructions_per_request(body: bytes, repeats: int = 3) -> dict[str, list[float]] | None:
+    """User-space instructions per bid request of the real server, per mode (valgrind),
+    ``repeats`` times: how many requests each loop turn finds ready varies a little from
+    run to run (~1,000 instructions per request), so the medians are what to read.
+
+    The threshold is 60 s under valgrind: everything runs ~20x slower there, so ordinary
+    spans would pass 10 ms and become blocking events, and the watchdog's wall-clock
+    wake-ups would be ~20x too many per request. The watchdog's cost is measured
+    natively instead (its CPU time, over HTTP)."""
     import shutil
-    import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
     if not shutil.which("valgrind"):
         return None
-
-    def irefs(mode: str, n: int) -> int:
-        cmd = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-               sys.executable, __file__, "--instructions-child", mode, str(n)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONHASHSEED": "0"})
-        return int(next(line for line in out.stderr.splitlines() if "I   refs" in line).split(":")[1].replace(",", ""))
-
+    args = {"off": ["--block-threshold-ms", "0"], "threshold-only": ["--block-threshold-ms", "60000", "--profile-sample", "0"],
+            "100% sampled": ["--block-threshold-ms", "60000", "--profile-sample", "1"]}
+    low, high = VALGRIND_REQUESTS
+    out: dict[str, list[float]] = {m: [] for m in MODES}
     with ThreadPoolExecutor(2) as pool:
-        counts = {(m, n): pool.submit(irefs, m, n) for m in MODES for n in (200, 2200)}
-        return {m: (counts[m, 2200].result() - counts[m, 200].result()) / 2000 for m in MODES}
+        for _ in range(repeats):
+            counts = {(m, n): pool.submit(server_instructions, args[m], n, body) for m in MODES for n in VALGRIND_REQUESTS}
+            for m in MODES:
+                out[m].append((counts[m, high].result() - counts[m, low].result()) / (high - low))
+    return out
 
 
-def instructions_child(mode: str, n: int) -> None:
-    import io
+def server_instructions(args: list[str], requests: int, body: bytes) -> int:
+    """Instructions executed by ``tafe serve`` under cachegrind over its whole life, having
+    served 300 warm-up requests then ``requests`` more."""
+    import subprocess
 
-    import gevent
+    port = common.free_port()
+    cmd = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+           sys.executable, "-m", "tafe", "serve", "--workers", "1", "--port", str(port), "--admin-port", "-1",
+           "--drain-grace-s", "0", "--log-level", "warning", *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=common.ROOT,
+                            env={**os.environ, "PYTHONHASHSEED": "0"})
+    try:
+        common.wait_port(port, timeout=300, proc=proc)
+        post(port, 300, body)
+        post(port, requests, body)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return int(next(line for line in err.splitlines() if "I   refs" in line).split(":")[1].replace(",", ""))
 
-    from tafe import profiler
-    from tafe.wsgi import application
 
-    body = traffic.sample_body()
+def post(port: int, total: int, body: bytes) -> None:
+    """``total`` bid requests over VALGRIND_CONNECTIONS keep-alive connections (threads)."""
+    import socket
+    import threading
 
-    def environ() -> dict:
-        return {"REQUEST_METHOD": "POST", "PATH_INFO": "/openrtb2/bid", "QUERY_STRING": "", "CONTENT_TYPE": "application/json",
-                "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body), "SERVER_PROTOCOL": "HTTP/1.1",
-                "HTTP_X_OPENRTB_VERSION": "2.5", "wsgi.url_scheme": "http", "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8080"}
+    request = (b"POST /openrtb2/bid HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"x-openrtb-version: 2.5\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+    statuses: list[bytes] = []
 
-    def run(app: object, count: int) -> None:
-        left = [count]
+    def connection(n: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            buf = b""
+            for _ in range(n):
+                sock.sendall(request)
+                while b"\r\n\r\n" not in buf:
+                    buf += sock.recv(65536)
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                length = next((int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])
+                               if k.strip().lower() == b"content-length"), 0)
+                while len(rest) < length:
+                    rest += sock.recv(65536)
+                buf = rest[length:]
+                statuses.append(head[9:12])
 
-        def conn() -> None:
-            while left[0] > 0:
-                left[0] -= 1
-                gevent.sleep(0)
-                b"".join(app(environ(), lambda *a: None))
-
-        gevent.joinall([gevent.spawn(conn) for _ in range(64)])
-
-    run(application, 200)
-    prof = None
-    if mode != "off":
-        # Under valgrind a request takes milliseconds: a 10 ms threshold would turn ordinary
-        # spans into blocking events. Their cost is not what is measured here.
-        prof = profiler.install(threshold_ms=60_000, sample=1.0 if mode == "100% sampled" else 0.0, log=False)
-        prof.watchdog.stop()
-    run(application if prof is None else profiler.middleware(application, prof), n)
+    c = VALGRIND_CONNECTIONS
+    threads = [threading.Thread(target=connection, args=(total // c + (i < total % c),)) for i in range(c)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if len(statuses) != total or set(statuses) - {b"200", b"204"}:
+        raise RuntimeError(f"bad answers: {len(statuses)}/{total}, {set(statuses)}")
 
 
 def start_servers(port_base: dict[str, tuple[int, int]], out: Path, cpus: list[int]) -> dict[str, Any]:
@@ -203,22 +204,11 @@ def start_servers(port_base: dict[str, tuple[int, int]], out: Path, cpus: list[i
     return procs
 
 
-def group_cpu_ns(pgid: int) -> int:
-    """On-CPU nanoseconds of every thread of every process in the group (Linux schedstat):
-    the server's CPU cost, far less disturbed by other load on the host than req/s."""
-    total = 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            for task in (proc / "task").iterdir():
-                total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, all its threads (the watchdog) included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def debug_report(admin: int) -> dict | None:
@@ -235,30 +225,26 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5, help="measured seconds per mode and round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--inproc-requests", type=int, default=20000, help="bid requests per mode and round, in process")
+    parser.add_argument("--valgrind-repeats", type=int, default=3, help="runs of the valgrind measurement (medians reported)")
     parser.add_argument("--record", action="store_true", help="replace this section of benchmarks/RESULTS.md")
-    parser.add_argument("--instructions-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.instructions_child:
-        instructions_child(args.instructions_child[0], int(args.instructions_child[1]))
-        return 0
-    if common.ensure_debian({"wrk": "wrk"}):
-        print("profiler_overhead: wrk is missing and could not be installed", file=sys.stderr)
+    if common.ensure_debian({"wrk": "wrk", "valgrind": "valgrind"}):
+        print("profiler_overhead: wrk or valgrind is missing and could not be installed", file=sys.stderr)
         return 1
     command = "python benchmarks/profiler_overhead.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     server_cpus, load_cpus, pinning = common.split_cores()
-    info = common.machine_info(["wrk", "greenlet", "prometheus-client"])
+    info = common.machine_info(["wrk", "greenlet", "prometheus-client", "valgrind"])
     print(f"profiler overhead\n{pinning}\n{common.format_machine(info)}", flush=True)
-
-    micro = switch_cost()
-    print("hook cost per greenlet switch: " + ", ".join(f"{k} {v:.0f} ns" for k, v in micro.items()), flush=True)
     body = traffic.sample_body()
-    inproc = bid_cpu_in_process(args.rounds, args.inproc_requests, body)
-    print("in-process bid CPU per request (median): " + ", ".join(f"{m} {statistics.median(v):.2f} us" for m, v in inproc.items()),
-          flush=True)
-    instructions = instructions_per_request(body)
+
+    instructions = instructions_per_request(body, args.valgrind_repeats)
     if instructions:
-        print("instructions per request (valgrind): " + ", ".join(f"{m} {v:,.0f}" for m, v in instructions.items()), flush=True)
+        print("instructions per request (valgrind, real server): " + "; ".join(
+            f"{m} " + " ".join(f"{v:,.0f}" for v in runs) for m, runs in instructions.items()), flush=True)
+    micro = switch_cost()
+    micro["bare wake"] = bare_wake_cost()
+    print("hook cost per greenlet switch: " + ", ".join(f"{k} {v:.0f} ns" for k, v in micro.items() if k != "bare wake")
+          + f"; a bare 10 ms sleep wake-up costs a thread {micro['bare wake']:.0f} us of CPU", flush=True)
 
     out = common.OUT_DIR / "profiler"
     out.mkdir(parents=True, exist_ok=True)
@@ -267,7 +253,9 @@ def main() -> int:
     ports = {mode: (common.free_port(), common.free_port()) for mode in MODES}
     rps: dict[str, list[float]] = {m: [] for m in MODES}
     p99: dict[str, list[float]] = {m: [] for m in MODES}
-    cpu: dict[str, list[float]] = {m: [] for m in MODES}  # server CPU microseconds per request
+    user: dict[str, list[float]] = {m: [] for m in MODES}  # server CPU microseconds per request
+    system: dict[str, list[float]] = {m: [] for m in MODES}
+    loads: list[float] = []
     procs = start_servers(ports, out, server_cpus)
     try:
         time.sleep(1.0)
@@ -278,45 +266,44 @@ def main() -> int:
         for rnd in range(args.rounds):
             order = list(MODES) if rnd % 2 == 0 else list(reversed(MODES))  # no mode always first
             for mode in order:
-                before = group_cpu_ns(procs[mode].pid)
+                u0, s0 = cpu_seconds(procs[mode].pid)
                 r = wrk(ports[mode][0], script, args.duration, args.connections, load_cpus)
-                cpu[mode].append((group_cpu_ns(procs[mode].pid) - before) / 1000 / max(r["requests"], 1))
+                u1, s1 = cpu_seconds(procs[mode].pid)
+                n = max(r["requests"], 1)
+                user[mode].append((u1 - u0) / n * 1e6)
+                system[mode].append((s1 - s0) / n * 1e6)
                 errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
                 rps[mode].append(r["rps"])
                 p99[mode].append(r["p99_us"] / 1000)
-                print(f"  round {rnd + 1}/{args.rounds} {mode:>15}: {r['rps']:>8,.0f} req/s  {cpu[mode][-1]:.1f} us CPU/req  "
-                      f"p99 {r['p99_us'] / 1000:.2f} ms  "
-                      f"{errors} errors  load avg {os.getloadavg()[0]:.1f}", flush=True)
+                loads.append(os.getloadavg()[0])
+                print(f"  round {rnd + 1}/{args.rounds} {mode:>15}: {r['rps']:>8,.0f} req/s  CPU/req user {user[mode][-1]:.1f} us "
+                      f"sys {system[mode][-1]:.1f} us  p99 {r['p99_us'] / 1000:.2f} ms  {errors} errors  "
+                      f"load avg {loads[-1]:.1f}", flush=True)
         reports = {mode: debug_report(ports[mode][1]) for mode in MODES if mode != "off"}
     finally:
         for proc in procs.values():
             common.stop(proc)
-    text = render(args, command, pinning, info, micro, inproc, instructions, rps, p99, cpu, reports, len(body))
+    text = render(args, command, pinning, info, micro, instructions, rps, p99, user, system, loads, reports, len(body))
     print("\n" + text)
     if args.record:
         common.record(SECTION, "## Profiler overhead on the bid workload\n\n" + text)
     return 0
 
 
-def render(args: argparse.Namespace, command: str, pinning: str, info: dict, micro: dict, inproc: dict,
-           instructions: dict | None, rps: dict, p99: dict, cpu: dict, reports: dict, body_len: int) -> str:
-    base = statistics.median(rps["off"])
-    base_cpu = statistics.median(cpu["off"])
+def render(args: argparse.Namespace, command: str, pinning: str, info: dict, micro: dict, runs: dict | None,
+           rps: dict, p99: dict, user: dict, system: dict, loads: list, reports: dict, body_len: int) -> str:
+    med = statistics.median
+    instructions = {m: med(v) for m, v in runs.items()} if runs else None
+    base = med(rps["off"])
+    total = {m: [u + s for u, s in zip(user[m], system[m])] for m in MODES}
+    base_cpu = med(total["off"])
+    share = med(user["off"]) / base_cpu  # user-space share of the server's CPU per request
     rows = []
     for mode in MODES:
-        med = statistics.median(rps[mode])
-        per_round = statistics.median(a / b for a, b in zip(rps[mode], rps["off"]))
-        med_cpu = statistics.median(cpu[mode])
-        rows.append([mode, f"{med:,.0f}", f"{med / base:.3f}", f"{per_round:.3f}", f"{med_cpu:.1f}",
-                     f"{(med_cpu / base_cpu - 1) * 100:+.1f}%", f"{statistics.median(p99[mode]):.2f}",
-                     " ".join(f"{x:,.0f}" for x in rps[mode])])
-    sampled = (reports.get("100% sampled") or {}).get("sampled_routes", {})
-    spans = next(iter(sampled.values()), None)
-    blocking = {m: (r or {}).get("events") for m, r in reports.items()}
-    base_in = statistics.median(inproc["off"])
-    inproc_rows = [[m, f"{statistics.median(v):.2f}", f"{min(v):.2f}", f"{statistics.median(v) / base_in:.3f}",
-                    f"{(statistics.median(v) / base_in - 1) * 100:+.2f}%", " ".join(f"{x:.1f}" for x in v)]
-                   for m, v in inproc.items()]
+        ratios = sorted(a / b for a, b in zip(rps[mode], rps["off"]))
+        rows.append([mode, f"{med(rps[mode]):,.0f}", f"{min(rps[mode]):,.0f}-{max(rps[mode]):,.0f}", f"{med(rps[mode]) / base:.3f}",
+                     f"{med(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})", f"{med(user[mode]):.1f} + {med(system[mode]):.1f}",
+                     f"{(med(total[mode]) / base_cpu - 1) * 100:+.1f}%", f"{med(p99[mode]):.2f}"])
     lines = [
         f"Command: `{command}`",
         "",
@@ -324,67 +311,85 @@ def render(args: argparse.Namespace, command: str, pinning: str, info: dict, mic
         common.format_machine(info),
         "```",
         "",
-        f"**In process** (the cost itself): {args.inproc_requests:,} bid requests per mode and round, {args.rounds} interleaved "
-        "rounds (order alternating). `tafe.wsgi:application` (wrapped in the profiler's middleware when on) is called by 64 "
-        "greenlets that each yield to the hub between requests (the two greenlet switches a keep-alive request costs in a "
-        f"gevent server), on the same {body_len}-byte OpenRTB 2.5 request. CPU = the hub thread's (`time.thread_time`) plus the "
-        "watchdog thread's (its schedstat), per request: no network, no other process in the figure.",
+        "The denominator is the whole per-request cost of TAFE's own server (`tafe serve --workers 1`: HTTP parsing, "
+        f"the bid app and its metrics, socket calls) answering the same {body_len}-byte OpenRTB 2.5 request over keep-alive "
+        "connections, as the issue's \"requests/s of a TAFE bid workload\" defines it. A keep-alive bid request costs "
+        "this server 2 greenlet switches (it yields once per request; counted with a counting tracer: 2.00-2.07 per "
+        "request for 1 to 64 connections), so threshold-only pays the hook twice plus the middleware.",
         "",
-        common.table(["profiler", "CPU us/request (median)", "best round", "vs off (medians)", "overhead", "per round"], inproc_rows),
-        "",
-        *([
-            "Instructions per request under valgrind (cachegrind; same in-process workload, watchdog thread stopped, no span over the threshold, "
-            "deterministic): " + ", ".join(
-                f"{m} {v:,.0f} ({(v / instructions['off'] - 1) * 100:+.2f}%)" for m, v in instructions.items()),
+    ]
+    if instructions:
+        off = instructions["off"]
+        low, high = VALGRIND_REQUESTS
+        irows = [[m, f"{v:,.0f}", " ".join(f"{x:,.0f}" for x in runs[m]), f"{v - off:+,.0f}", f"{(v / off - 1) * 100:+.2f}%",
+                  f"{(v / off - 1) * share * 100:+.2f}%"] for m, v in instructions.items()]
+        lines += [
+            f"**Instructions per request, real server under valgrind** (cachegrind; one server per mode, {high:,} minus "
+            f"{low:,} requests after 300 warm-up ones, {VALGRIND_CONNECTIONS} keep-alive connections; {len(runs['off'])} runs, medians; "
+            "threshold 60 s under valgrind so that no span becomes an event and the watchdog stays asleep: its cost is below). "
+            "Valgrind counts user-space instructions only, so the third column overstates the share of the whole request; "
+            f"the last one scales it by the user-space share of the off server's CPU per request measured over HTTP below "
+            f"({share:.2f}), assuming the profiler's instructions cost what the server's own do (both are CPython bytecode).",
             "",
-        ] if instructions else []),
-        "Tracer hook alone, hub-thread CPU per greenlet switch (greenlet ping-pong, best of 7 x 200k switches): "
-        + ", ".join(f"{k} {v:.0f} ns" for k, v in micro.items())
-        + f", i.e. the hook adds {micro['threshold-only'] - micro['no hook']:.0f} ns per switch threshold-only and "
+            common.table(["profiler", "instructions/request (median)", "runs", "vs off", "of the user-space work",
+                          "of the whole request (est.)"], irows),
+            "",
+        ]
+    lines += [
+        "Tracer hook alone, CPU per greenlet switch (greenlet ping-pong, best of 7 x 200k switches): "
+        + ", ".join(f"{k} {v:.0f} ns" for k, v in micro.items() if k != "bare wake")
+        + f", i.e. {micro['threshold-only'] - micro['no hook']:.0f} ns per switch threshold-only and "
         f"{micro['sampled'] - micro['no hook']:.0f} ns when the switching greenlet is sampled.",
         "",
-        f"**Over HTTP** (TAFE's own server, `tafe serve --workers 1`, one process per mode, all three up at once): wrk 1 thread, "
-        f"{args.connections} keep-alive connections POSTing the same request; {args.rounds} interleaved rounds of "
-        f"{args.duration} s per mode (order alternating), after a {args.warmup} s warm-up each. {pinning.capitalize()}. "
-        "Server CPU/request is the on-CPU time of every thread of the server's processes (Linux schedstat, the watchdog "
-        "included) over the requests completed in the round.",
+        f"**Over HTTP** (one process per mode, all three up at once): wrk 1 thread, {args.connections} keep-alive connections; "
+        f"{args.rounds} interleaved rounds of {args.duration} s per mode (order alternating), after a {args.warmup} s warm-up "
+        f"each. {pinning.capitalize()}. Load average during the rounds {min(loads):.1f}-{max(loads):.1f}. CPU/request is the "
+        "server process's user + system time (/proc, watchdog thread included) over the requests completed in the round.",
         "",
-        common.table(["profiler", "median req/s", "req/s vs off (medians)", "req/s vs off (median of per-round ratios)",
-                      "server CPU us/request (median)", "CPU/request vs off", "median p99 ms", "req/s per round"], rows),
+        common.table(["profiler", "median req/s", "req/s range", "req/s vs off (medians)",
+                      "per-round req/s ratio: median (min-max)", "CPU us/request user + sys (median)", "CPU/request vs off",
+                      "median p99 ms"], rows),
+        "",
+        "req/s per round: " + "; ".join(f"{m}: " + " ".join(f"{x:,.0f}" for x in rps[m]) for m in MODES) + ".",
+        "",
     ]
+    sampled = (reports.get("100% sampled") or {}).get("sampled_routes", {})
+    spans = next(iter(sampled.values()), None)
     if spans:
         lines.append(
-            f"Sampled bid requests: {spans['spans_per_request']} spans per request, "
+            f"Sampled bid requests: {spans['spans_per_request']} spans per request (the request's own), "
             f"{spans['loop_ms_per_request']} ms of loop time per request, span p50/p99/max "
             f"{spans['span_p50_ms']}/{spans['span_p99_ms']}/{spans['span_max_ms']} ms."
         )
+    blocking = {m: (r or {}).get("events") for m, r in reports.items()}
     lines.append(f"Spans over 10 ms seen during the run (events): {blocking}.")
     watch = {m: (r or {}).get("watchdog") for m, r in reports.items()}
-    lines.append("Watchdog threads over the whole run (all rounds and warm-ups): " + "; ".join(
-        f"{m}: {w['wakeups']:,} wake-ups, {w['cpu_s']:.3f} s CPU ({w['cpu_s'] / max(w['wakeups'], 1) * 1e6:.0f} us per wake-up)"
-        for m, w in watch.items() if w and w.get("cpu_s") is not None) + ".")
     thr = watch.get("threshold-only")
     if thr and thr.get("cpu_s") is not None:
         per_wake = thr["cpu_s"] / max(thr["wakeups"], 1)
-        rate = statistics.median(rps["threshold-only"])
+        share_of_core = per_wake * 100  # ~100 wake-ups/s at a 10 ms threshold
         lines += [
             "",
-            f"Reading: the hook and the middleware cost what the in-process and valgrind rows show. The watchdog is a fixed "
-            f"cost per second, not per request: about 1/threshold = 100 wake-ups/s, here {per_wake * 1e6:.0f} us of CPU each "
-            f"(sleep timer, GIL hand-off and scheduler work on this virtual machine), i.e. {per_wake * 100 * 100:.1f}% of a core "
-            f"whatever the traffic, or {per_wake * 100 / rate * 1e6:.1f} us per request at the {rate:,.0f} req/s measured here. "
-            "The CPU/request column of the HTTP table includes it.",
+            f"Watchdog (a fixed cost per second, not per request): {thr['wakeups']:,} wake-ups over the run, {per_wake * 1e6:.0f} us "
+            f"of its own CPU each (a thread doing nothing but `time.sleep(0.01)` spends {micro['bare wake']:.0f} us per wake-up "
+            f"on this machine), i.e. ~{share_of_core * 100:.2f}% of a core at ~100 wake-ups/s; at full load (the server's "
+            f"core busy) that is the share of requests/s it costs, on top of the per-request figures above "
+            "(the HTTP rows include it).",
         ]
-    goal_thr = statistics.median(rps["threshold-only"]) / base
-    goal_all = statistics.median(rps["100% sampled"]) / base
-    lines += [
-        "",
-        f"Goals (issue 4), req/s vs off over HTTP: threshold-only {(1 - goal_thr) * 100:+.1f}% (goal <= 1%: "
-        f"{'met' if goal_thr >= 0.99 else 'NOT met'}), 100% sampled {(1 - goal_all) * 100:+.1f}% (goal <= 3%: "
-        f"{'met' if goal_all >= 0.97 else 'NOT met'}); in process (CPU/request) threshold-only "
-        f"{(statistics.median(inproc['threshold-only']) / base_in - 1) * 100:+.1f}%, 100% sampled "
-        f"{(statistics.median(inproc['100% sampled']) / base_in - 1) * 100:+.1f}%.",
-    ]
+    thr_http = 1 - med(rps["threshold-only"]) / base
+    all_http = 1 - med(rps["100% sampled"]) / base
+    lines += ["", f"Goals (issue 4): over HTTP, req/s below off by {thr_http * 100:+.1f}% threshold-only and {all_http * 100:+.1f}% at "
+              "100% sampling (medians; this shared 2-core machine cannot resolve 1% this way: see the per-round spread)."]
+    if instructions:
+        est = {m: (instructions[m] / instructions["off"] - 1) * share * 100 for m in MODES}
+        wd = (thr["cpu_s"] / max(thr["wakeups"], 1) * 100 * 100) if thr and thr.get("cpu_s") is not None else 0.0
+        lines.append(
+            f"Per request (valgrind medians): threshold-only {est['threshold-only']:+.2f}% of the whole request "
+            f"(+{wd:.2f}% watchdog at full load = {est['threshold-only'] + wd:+.2f}%; goal <= 1%: "
+            f"{'met' if est['threshold-only'] + wd <= 1 else 'NOT met'}), 100% sampled {est['100% sampled']:+.2f}% "
+            f"(+ watchdog = {est['100% sampled'] + wd:+.2f}%; goal <= 3%: {'met' if est['100% sampled'] + wd <= 3 else 'NOT met'}). "
+            f"Of the user-space work alone (no scaling): {(instructions['threshold-only'] / instructions['off'] - 1) * 100:+.2f}% and "
+            f"{(instructions['100% sampled'] / instructions['off'] - 1) * 100:+.2f}%.")
     return "\n".join(lines)
 
 
