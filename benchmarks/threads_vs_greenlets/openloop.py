@@ -43,6 +43,7 @@ class Result:
     indices: list[int] = field(default_factory=list)  # their positions in the sequence (which request they sent)
     statuses: dict[int, int] = field(default_factory=dict)  # measured requests by status, 0 = no answer
     errors: dict[str, int] = field(default_factory=dict)  # why measured requests got no answer
+    offered: int = 0  # requests due after the warm-up (answered or not)
     sent: int = 0
     duration_s: float = 0.0
     max_dispatch_lag_ms: float = 0.0  # how late the client itself released a request
@@ -108,6 +109,7 @@ def run(
     times = schedule(rate, warmup_s + duration_s, arrivals, seed)
     t0 = time.perf_counter() + 0.1
     measure_from = t0 + warmup_s
+    result.offered = sum(1 for t in times if t >= warmup_s)
 
     def dispatch() -> None:
         i = 0
