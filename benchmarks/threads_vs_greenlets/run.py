@@ -1,7 +1,7 @@
 """Threads vs greenlets: one I/O-bound bid handler, four servers, the same open-loop load.
 
     python benchmarks/threads_vs_greenlets/run.py [--rate R ...] [--arrivals poisson|fixed]
-        [--upstream-median-ms 4 --upstream-sigma 0.45 | --upstream-ms 5] [--duration 12] [--record]
+        [--upstream-median-ms 3 --upstream-sigma 0.5 | --upstream-ms 5] [--duration 12] [--record]
 
 Every server runs ``handler.py`` (parse, look the user up on a user-data service on
 loopback, score) in ONE process: (a) TAFE's gevent server, (b) Apache 2 + mod_wsgi in
@@ -12,7 +12,7 @@ threads in one process fall behind on this machine (the default rates). The load
 what an exchange sends, not a metronome: Poisson arrivals (seeded, the same sequence for
 every server; ``--arrivals fixed`` for evenly spaced ones), latency counted from each
 request's intended send time, and user lookups with a long tail (``upstream.py``: a
-lognormal time, median 4 ms, p99 ~11 ms, picked by a hash of the user id, so every
+lognormal time, median 3 ms, p99 ~9.6 ms, picked by a hash of the user id, so every
 server waits the same time for the same request; ``--upstream-ms`` for a constant one).
 Prints p50/p90/p99/p99.9/max per server, the lookup's own percentiles beside them (the
 floor no server can beat), the ratios to TAFE and a goal line per rate; draws the
@@ -112,8 +112,13 @@ def servers(port: int, threads: int, tmp: Path) -> dict[str, list[str]]:
 
 
 def serve(name: str, cmd: list[str], port: int, rates: list[float], rnd: int, requests: list[bytes],
-          args: argparse.Namespace, env: dict, cpus: list[int], log: Path) -> dict[float, dict]:
-    """One round of one server: start it, check it bids, offer each rate in turn (lowest first), stop it."""
+          args: argparse.Namespace, env: dict, cpus: list[int], log: Path, budget: dict[str, int]) -> dict[float, dict]:
+    """One round of one server: start it, check it bids, offer each rate in turn (lowest first), stop it.
+
+    The machine is shared: a rate during which other work took more than ``--max-other`` %
+    of the server's core is offered again (twice at most, within ``budget``); the least
+    disturbed try is kept, with the share other work took.
+    """
     proc = common.start(cmd, log, env=env, cpus=cpus)
     out: dict[float, dict] = {}
     try:
@@ -122,17 +127,37 @@ def serve(name: str, cmd: list[str], port: int, rates: list[float], rnd: int, re
         if probe.statuses.get(200, 0) == 0:
             raise RuntimeError(f"{name} does not bid: {probe.statuses} {probe.errors}; see {log}")
         for rate in rates:
-            cpu0 = common.group_cpu_seconds(proc.pid)
-            result = openloop.run(port, requests, rate, args.duration / args.rounds, warmup_s=args.warmup,
-                                  connections=args.connections, arrivals=args.arrivals, seed=rnd)
-            out[rate] = {"result": result, "loadavg": os.getloadavg()[0], "cpu_s": common.group_cpu_seconds(proc.pid) - cpu0}
-            s = common.summarize(result.latencies_ms)
-            print(f"  round {rnd + 1}/{args.rounds}, {rate:g} req/s, {name}: p50 {s['p50']:.2f} p99 {s['p99']:.2f} "
-                  f"max {s['max']:.2f} ms, {result.achieved_rps:.0f} req/s answered, load avg {out[rate]['loadavg']:.1f}", flush=True)
-            time.sleep(0.3)
+            for attempt in range(3):
+                cpu0, busy0, t0 = common.group_cpu_seconds(proc.pid), cores_busy_s(cpus), time.monotonic()
+                result = openloop.run(port, requests, rate, args.duration / args.rounds, warmup_s=args.warmup,
+                                      connections=args.connections, arrivals=args.arrivals, seed=rnd)
+                cpu = common.group_cpu_seconds(proc.pid) - cpu0
+                other = 100 * max(0.0, cores_busy_s(cpus) - busy0 - cpu) / ((time.monotonic() - t0) * len(cpus))
+                if attempt == 0 or other < out[rate]["other_pct"]:  # the least disturbed try is kept
+                    out[rate] = {"result": result, "loadavg": os.getloadavg()[0], "cpu_s": cpu, "other_pct": other}
+                out[rate]["reruns"] = attempt
+                s = common.summarize(result.latencies_ms)
+                print(f"  round {rnd + 1}/{args.rounds}, {rate:g} req/s, {name}: p50 {s['p50']:.2f} p99 {s['p99']:.2f} "
+                      f"max {s['max']:.2f} ms, {result.achieved_rps:.0f} req/s answered, other work {other:.0f}% of the "
+                      f"server's core, load avg {os.getloadavg()[0]:.1f}", flush=True)
+                time.sleep(0.3)
+                if other <= args.max_other or attempt == 2 or budget["left"] <= 0:
+                    break
+                budget["left"] -= 1
+                print("    disturbed by other work: offered again", flush=True)
     finally:
         common.stop(proc)
     return out
+
+
+def cores_busy_s(cpus: list[int]) -> float:
+    """Busy seconds (everything but idle and iowait, interrupts and steal included) of these cores since boot."""
+    total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            total += sum(map(int, fields[:8])) - int(fields[3]) - int(fields[4])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def merge(name: str, command: str, rounds: list[dict]) -> dict:
@@ -162,6 +187,8 @@ def merge(name: str, command: str, rounds: list[dict]) -> dict:
         "in_flight": round(achieved * sum(latencies) / len(latencies) / 1000, 1) if latencies else 0.0,
         "client_lag_ms": round(max(r["result"].max_dispatch_lag_ms for r in rounds), 2),
         "loadavg": " ".join(f"{r['loadavg']:.1f}" for r in rounds),
+        "other_pct": " ".join(f"{r['other_pct']:.0f}" for r in rounds),
+        "reruns": sum(r["reruns"] for r in rounds),
         # CPU per request barely depends on what else runs: the steadiest figure on a busy machine
         "cpu_us": 1e6 * sum(r["cpu_s"] for r in rounds) / max(1, sum(r["result"].sent for r in rounds)),
         "latencies_ms": latencies,
@@ -224,12 +251,13 @@ def run_all(rates: list[float], chosen: dict[str, list[str]], port: int, request
             env: dict, server_cpus: list[int], out: Path) -> dict[float, list[dict]]:
     """Every chosen server at every rate, in interleaved rounds; pooled per server and rate."""
     rounds: dict[tuple[str, float], list[dict]] = {}
+    budget = {"left": args.reruns}
     # Rounds interleave the servers so that a burst of outside load hits them all alike.
     for rnd in range(args.rounds):
         for name, cmd in chosen.items():
             log = out / (name.split()[0].lower() + ".log")
             try:
-                for rate, r in serve(name, cmd, port, rates, rnd, requests, args, env, server_cpus, log).items():
+                for rate, r in serve(name, cmd, port, rates, rnd, requests, args, env, server_cpus, log, budget).items():
                     rounds.setdefault((name, rate), []).append(r)
             except RuntimeError as exc:
                 print(f"  {name}: FAILED: {exc}", flush=True)
@@ -261,6 +289,9 @@ def main() -> int:
     parser.add_argument("--upstream-median-ms", type=float, default=upstream.MEDIAN_MS, help="median user lookup time")
     parser.add_argument("--upstream-sigma", type=float, default=upstream.SIGMA, help="lognormal shape of the lookup time")
     parser.add_argument("--upstream-ms", type=float, help="constant lookup time instead (sets the median, sigma 0)")
+    parser.add_argument("--max-other", type=float, default=10.0, help="offer a rate again when other work took more "
+                        "than this %% of the server's core meanwhile")
+    parser.add_argument("--reruns", type=int, default=10, help="at most this many such re-runs in all (bounds the time)")
     parser.add_argument("--only", action="append", help="run only servers whose name contains this (repeatable)")
     parser.add_argument("--chart", type=Path, default=CHART, help="where to draw the latency PNG")
     parser.add_argument("--record", action="store_true", help="replace this section of benchmarks/RESULTS.md")
@@ -339,17 +370,18 @@ def render(by_rate: dict[float, list[dict]], delays: dict[float, list[float]], a
     ]
     goals = []
     headers = ["server", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "p99 vs TAFE", "CPU us/req", "core %",
-               "req/s", "in flight", "failed", "client lag ms", "load avg"]
+               "req/s", "in flight", "failed", "client lag ms", "other work %", "load avg"]
     for rate, results in by_rate.items():
         base = next((r for r in results if r["name"].startswith("TAFE")), results[0])
         rows = [
             [r["name"], *(f"{r[k]:.2f}" for k in ("p50", "p90", "p99", "p99.9", "max")), common.ratio(r["p99"], base["p99"]),
-             f"{r['cpu_us']:.0f}", f"{r['cpu_us'] * rate / 1e4:.0f}", r["achieved_rps"], r["in_flight"], failures(r), r["client_lag_ms"], r["loadavg"]]
+             f"{r['cpu_us']:.0f}", f"{r['cpu_us'] * rate / 1e4:.0f}", r["achieved_rps"], r["in_flight"], failures(r), r["client_lag_ms"],
+             r["other_pct"] + (f" ({r['reruns']} re-run)" if r["reruns"] else ""), r["loadavg"]]
             for r in results
         ]
         up = common.summarize(delays[rate])
         rows.append(["upstream lookup (all servers)", *(f"{up[k]:.2f}" for k in ("p50", "p90", "p99", "p99.9", "max")),
-                     *["-"] * 8])
+                     *["-"] * 9])
         lines += ["", f"### {rate:g} requests/s offered", "", common.table(headers, rows)]
         apache_r = next((r for r in results if r["name"].startswith("Apache")), None)
         if apache_r and base["name"].startswith("TAFE"):
@@ -360,8 +392,10 @@ def render(by_rate: dict[float, list[dict]], delays: dict[float, list[float]], a
                   "average (answered req/s x mean latency, Little's law); a threaded server with more in flight than its "
                   f"{args.threads} threads is queueing. failed: no answer or not a 200/204 (timeouts after 10 s included). "
                   "client lag: the longest the load generator itself was late releasing a request (counted in the "
-                  "latencies). load avg: the 1-minute load average after each round; above the core count, other work "
-                  "competed for the cores."]
+                  "latencies). other work %: the share of the server's core that other processes (and interrupts) took "
+                  f"during each round's measurement; a rate where it passed {args.max_other:g}% was offered again, up to "
+                  f"twice ({args.reruns} re-runs in all at most), and the least disturbed try kept. load avg: the 1-minute load "
+                  "average after each round."]
     if goals:
         lines += ["", "Goal: TAFE p99 <= 0.25x Apache/mod_wsgi's p99 at the same offered rate, at a rate where TAFE's p99 < 20 ms."]
         for rate, tafe, apache in goals:

@@ -2,15 +2,15 @@
 
 A gevent ``StreamServer`` speaking just enough keep-alive HTTP/1.1 for ``http.client``.
 ``GET /user/<id>`` is answered with the user's segments after ``delay_ms(id)``: a
-lognormal lookup time (by default median 4 ms, sigma 0.45: p90 7.1, p99 11.4, p99.9
-16.1 ms), the long tail of a real user store where most lookups hit a cache and some go
+lognormal lookup time (by default median 3 ms, sigma 0.5: mean 3.4, p90 5.7, p99 9.6,
+p99.9 14.1 ms), the long tail of a real user store where most lookups hit a cache and some go
 to disk or another node. The quantile is picked by a hash of the user id, so the delay
 is a property of the request: the same request sequence gives every server the same
 delays, and the benchmark can print the upstream's own share of each percentile.
 ``--sigma 0`` makes every lookup take ``--median-ms`` (a constant delay). The service
 runs outside the servers being compared, so its own cost is the same for all of them.
 
-    python benchmarks/threads_vs_greenlets/upstream.py --port 9100 [--median-ms 4 --sigma 0.45]
+    python benchmarks/threads_vs_greenlets/upstream.py --port 9100 [--median-ms 3 --sigma 0.5]
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from statistics import NormalDist  # noqa: E402
 import gevent  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
-MEDIAN_MS = 4.0
-SIGMA = 0.45
+MEDIAN_MS = 3.0
+SIGMA = 0.5
 _NORMAL = NormalDist()
 
 
