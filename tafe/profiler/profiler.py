@@ -79,7 +79,6 @@ class Profiler:
         self._pending: list[tuple[BlockEvent, str]] = []
         self._flusher: Any = None
         self._fold_timer: Any = None
-        self.fold_due = True  # no fold scheduled yet: the next sampled request schedules one
         self._fork_hook = False
         self.tracer = Tracer(self.hub, self.threshold_s, self._on_block, self.sampled)
         self.watchdog = Watchdog(self.tracer.current, self.hub, self.threshold_s)
@@ -94,6 +93,7 @@ class Profiler:
                 self._saved_switch_interval = interval
                 sys.setswitchinterval(self.switch_interval_s)
             self.watchdog.start()
+            self._start_folding()
             self.installed = True
             if not self._fork_hook:
                 # The watchdog thread does not survive fork(): restart it in the child.
@@ -118,7 +118,7 @@ class Profiler:
         self._flush()
         if self._fold_timer is not None:
             self._fold_timer.close()
-            self._fold_timer, self.fold_due = None, True
+            self._fold_timer = None
         self.fold_metrics()
         if self.metrics is not None:
             self.metrics.close()
@@ -133,7 +133,7 @@ class Profiler:
             self.route_spans.clear()
             if self.metrics is not None:
                 self.metrics.folded.clear()
-            self._fold_timer, self.fold_due = None, True
+            self._start_folding()
             self.watchdog.after_fork()
 
     def close_span(self) -> None:
@@ -229,24 +229,17 @@ class Profiler:
         if running is sampled:
             entry.append(span)
         entry[0] += 1
-        if self.fold_due:
-            self.schedule_fold()
 
-    def schedule_fold(self) -> None:
-        """After a sampled request: count its spans and fold them into the span histogram
-        one period from now, off the request path (at most once a period whatever the
-        rate, nothing while idle). What waits is one period of sampled spans."""
-        if self.fold_due and self.installed:
-            self.fold_due = False
-            self._fold_timer = self.hub.loop.timer(FOLD_PERIOD_S, ref=False)
-            self._fold_timer.start(gevent.spawn_raw, self._fold_later)
-
-    def _fold_later(self) -> None:
+    def _start_folding(self) -> None:
+        """When sampling: count the sampled spans and fold them into the span histogram
+        every FOLD_PERIOD_S, off the request path (a timer that keeps no loop alive; what
+        waits is one period of sampled spans)."""
         if self._fold_timer is not None:
             self._fold_timer.close()
             self._fold_timer = None
-        self.fold_due = True
-        self.fold_metrics()
+        if self.sample > 0:
+            self._fold_timer = self.hub.loop.timer(FOLD_PERIOD_S, FOLD_PERIOD_S, ref=False)
+            self._fold_timer.start(gevent.spawn_raw, self.fold_metrics)
 
     def fold_metrics(self) -> None:
         """Count the sampled requests' spans and bring the Prometheus span histogram up

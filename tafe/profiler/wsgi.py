@@ -58,7 +58,7 @@ def middleware(app: WSGIApp, profiler: Profiler, route: RouteOf | None = None) -
     def recorded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         """A sampled request: the tracer hook appends its spans to its route's pending list."""
         g = getcurrent()
-        if g in sampled:  # nested: the outer middleware records the request
+        if g in sampled or not profiler.installed:  # nested: the outer middleware records it
             return app(environ, start_response)
         try:
             key = (environ.get("REQUEST_METHOD", "-"), route(environ) if route else environ.get("PATH_INFO") or "/")
@@ -81,12 +81,10 @@ def middleware(app: WSGIApp, profiler: Profiler, route: RouteOf | None = None) -
             if span >= threshold:
                 ended[g] = (start, environ, route_of)
         entry[0] += 1
-        if profiler.fold_due:
-            profiler.schedule_fold()
         return result
 
     profiler.request_codes.update((profiled.__code__, recorded.__code__))
-    return profiled
+    return recorded if rate >= 1.0 else profiled  # every request sampled: no draw, no hop
 
 
 class _Closing:
