@@ -160,8 +160,15 @@ def cores_busy_s(cpus: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def merge(name: str, command: str, rounds: list[dict]) -> dict:
-    """Pool the rounds of one server: one latency distribution, summed counts."""
+def merge(name: str, command: str, tries: list[dict], max_other: float) -> dict:
+    """Pool the rounds of one server: one latency distribution, summed counts.
+
+    Rounds during which other work took more than ``max_other`` % of the server's core are
+    left out when a quieter round exists (the table says which): they measure the machine.
+    """
+    quiet = any(r["other_pct"] <= max_other for r in tries)
+    left_out = lambda r: quiet and r["other_pct"] > max_other  # noqa: E731
+    rounds = [r for r in tries if not left_out(r)]
     latencies = [x for r in rounds for x in r["result"].latencies_ms]
     statuses: dict[int, int] = {}
     errors: dict[str, int] = {}
@@ -186,9 +193,9 @@ def merge(name: str, command: str, rounds: list[dict]) -> dict:
         # Little's law: requests inside the server (or queued for a connection) on average
         "in_flight": round(achieved * sum(latencies) / len(latencies) / 1000, 1) if latencies else 0.0,
         "client_lag_ms": round(max(r["result"].max_dispatch_lag_ms for r in rounds), 2),
-        "loadavg": " ".join(f"{r['loadavg']:.1f}" for r in rounds),
-        "other_pct": " ".join(f"{r['other_pct']:.0f}" for r in rounds),
-        "reruns": sum(r["reruns"] for r in rounds),
+        "loadavg": " ".join(f"{r['loadavg']:.1f}" for r in tries),
+        "other_pct": " ".join(f"{r['other_pct']:.0f}" + ("*" if left_out(r) else "") for r in tries),
+        "reruns": sum(r["reruns"] for r in tries),
         # CPU per request barely depends on what else runs: the steadiest figure on a busy machine
         "cpu_us": 1e6 * sum(r["cpu_s"] for r in rounds) / max(1, sum(r["result"].sent for r in rounds)),
         "latencies_ms": latencies,
@@ -262,7 +269,7 @@ def run_all(rates: list[float], chosen: dict[str, list[str]], port: int, request
             except RuntimeError as exc:
                 print(f"  {name}: FAILED: {exc}", flush=True)
     return {
-        rate: [merge(name, shlex.join(common.pinned(cmd, server_cpus)), rounds[name, rate]) for name, cmd in chosen.items()
+        rate: [merge(name, shlex.join(common.pinned(cmd, server_cpus)), rounds[name, rate], args.max_other) for name, cmd in chosen.items()
                if (name, rate) in rounds]
         for rate in rates
     }
@@ -391,11 +398,13 @@ def render(by_rate: dict[float, list[dict]], delays: dict[float, list[float]], a
                   "warm-up included; core %: that times the offered rate, how busy the server's one core was. req/s: "
                   "answers per measured second. in flight: requests inside the server or waiting for a connection, on "
                   "average (answered req/s x mean latency, Little's law); a threaded server with more in flight than its "
-                  f"{args.threads} threads is queueing. failed: no answer or not a 200/204 (timeouts after 10 s included). "
+                  f"{args.threads} threads is queueing. failed: not a 200/204, or no answer within 5 s after the last request was due. "
                   "client lag: the longest the load generator itself was late releasing a request (counted in the "
                   "latencies). other work %: the share of the server's core that other processes (and interrupts) took "
                   f"during each round's measurement; a rate where it passed {args.max_other:g}% was offered again, up to "
-                  f"twice ({args.reruns} re-runs in all at most), and the least disturbed try kept. load avg: the 1-minute load "
+                  f"twice ({args.reruns} re-runs in all at most), and the least disturbed try kept; a round still above "
+                  f"{args.max_other:g}% (marked *) is left out of the numbers when another round of that server and rate "
+                  "was quieter. load avg: the 1-minute load "
                   "average after each round."]
     if goals:
         lines += ["", "Goal: TAFE p99 <= 0.25x Apache/mod_wsgi's p99 at the same offered rate, at a rate where TAFE's p99 < 20 ms."]
@@ -414,9 +423,12 @@ def render(by_rate: dict[float, list[dict]], delays: dict[float, list[float]], a
 
 def failures(r: dict) -> str:
     """The failed count, with what went wrong when the client saw errors (timeouts, resets, never sent)."""
-    if not r["errors"]:
-        return str(r["failed"])
-    return f"{r['failed']} ({', '.join(f'{k} {v}' for k, v in sorted(r['errors'].items()))})"
+    reasons = dict(r["errors"])
+    if r["failed"] > sum(reasons.values()):
+        reasons["unanswered at the end"] = r["failed"] - sum(reasons.values())
+    if not r["failed"]:
+        return "0"
+    return f"{r['failed']} ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})"
 
 
 if __name__ == "__main__":
