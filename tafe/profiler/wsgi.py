@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import random
+from time import perf_counter
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs
-
-from time import perf_counter
 
 from greenlet import getcurrent
 
