@@ -133,7 +133,7 @@ def serve(name: str, cmd: list[str], port: int, rates: list[float], rnd: int, re
                 result = openloop.run(port, requests, rate, args.duration / args.rounds, warmup_s=args.warmup,
                                       connections=args.connections, arrivals=args.arrivals, seed=rnd)
                 cpu = common.group_cpu_seconds(proc.pid) - cpu0
-                other = 100 * max(0.0, machine.other_busy_s(proc.pid) - other0) / ((time.monotonic() - t0) * len(common.cores()))
+                other = 100 * max(0.0, machine.other_busy_s(proc.pid) - other0) / ((time.monotonic() - t0) * len(machine.cpus))
                 if attempt == 0 or other < out[rate]["other_pct"]:  # the least disturbed try is kept
                     out[rate] = {"result": result, "loadavg": os.getloadavg()[0], "cpu_s": cpu, "other_pct": other}
                 out[rate]["reruns"] = attempt
@@ -153,8 +153,9 @@ def serve(name: str, cmd: list[str], port: int, rates: list[float], rnd: int, re
 
 @dataclass
 class Machine:
-    """What else runs here: the benchmark's helpers (the upstream) and a bounded re-run budget."""
+    """What else runs here: the benchmark's cores, its helpers (the upstream) and a bounded re-run budget."""
 
+    cpus: list[int]
     helpers: list[int]
     reruns_left: int
 
@@ -163,7 +164,7 @@ class Machine:
         busy = 0
         for line in Path("/proc/stat").read_text().splitlines():
             name, *fields = line.split()
-            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in common.cores():
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cpus:
                 busy += sum(map(int, fields[:8])) - int(fields[3]) - int(fields[4])
         ours = sum(common.group_cpu_seconds(pid) for pid in (server_pid, *self.helpers)) + sum(os.times()[:2])
         return busy / os.sysconf("SC_CLK_TCK") - ours
@@ -320,6 +321,7 @@ def main() -> int:
     if selected("Apache"):
         missing = common.ensure_debian({"apache2": "apache2", str(MOD_DIR / "mod_wsgi.so"): "libapache2-mod-wsgi-py3"})
     server_cpus, load_cpus, pinning = common.split_cores()
+    all_cpus = sorted({*server_cpus, *load_cpus})
     os.sched_setaffinity(0, load_cpus)  # this process is the load generator
     info = common.machine_info(["apache2", "debian python3", "gunicorn", "locust"])
     out = common.OUT_DIR / "threads_vs_greenlets"
@@ -345,7 +347,7 @@ def main() -> int:
                     print(f"  skipped {n}: missing {missing}", flush=True)
                     del chosen[n]
             by_rate = {r: v for r, v in run_all(rates, chosen, port, bid_requests(users), args, env, server_cpus, out,
-                                                    Machine([up.pid], args.reruns)).items() if v}
+                                                    Machine(all_cpus, [up.pid], args.reruns)).items() if v}
     finally:
         common.stop(up)
     if not by_rate:
