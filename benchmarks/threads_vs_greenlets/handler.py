@@ -5,6 +5,10 @@ user's segments (the service answers after a few ms: the I/O wait that threads a
 greenlets handle so differently), then scores a set of campaigns on hashed features and
 answers a BidResponse, or 204.
 
+The CPU part is modest and the same file runs in every server: parsing ~15 us, scoring
+~30 us; about two thirds of the handler's CPU is ``http.client`` asking the user-data
+service (header parsing included), kept because a real lookup client costs CPU too.
+
 Stdlib only on purpose: Apache's mod_wsgi (Debian's libapache2-mod-wsgi-py3) embeds
 Debian's /usr/bin/python3, not the project's virtualenv, and must import this file as is.
 Under gevent, ``socket`` and ``queue`` are monkey-patched, so the same code yields while

@@ -173,7 +173,7 @@ class Machine:
 def merge(name: str, command: str, tries: list[dict], max_other: float) -> dict:
     """Pool the rounds of one server: one latency distribution, summed counts.
 
-    Rounds during which other work took more than ``max_other`` % of the server's core are
+    Rounds during which other work took more than ``max_other`` % of the cores are
     left out when a quieter round exists (the table says which): they measure the machine.
     """
     quiet = any(r["other_pct"] <= max_other for r in tries)
