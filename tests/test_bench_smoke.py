@@ -6,6 +6,7 @@ a server's stall in the latency of every request that was due during it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -105,7 +106,11 @@ def test_threads_vs_greenlets_runs_end_to_end_on_every_server_installed(tmp_path
     cmd += ["--rounds", "1", "--reruns", "0", "--connections", "8", "--chart", str(chart), *(a for s in servers for a in ("--only", s))]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "FAILED" not in out.stdout and chart.stat().st_size > 0
+    assert "FAILED" not in out.stdout
+    if "no chart: matplotlib is not installed" in out.stdout:  # the bench extra; CI installs only dev
+        assert importlib.util.find_spec("matplotlib") is None
+    else:
+        assert chart.stat().st_size > 0
     tables = out.stdout.split("### ")[1:]
     assert [t.split(" ", 1)[0] for t in tables] == ["30", "60"]
     for t in tables:
