@@ -54,6 +54,7 @@ def serve_in_process(
     lifecycle = Lifecycle()
     apps = build(settings, lifecycle=lifecycle, registry=CollectorRegistry())
     public, admin = apps.public, apps.admin
+    prof = None
     if settings.block_threshold_ms > 0:
         from tafe import profiler
 
@@ -83,7 +84,13 @@ def serve_in_process(
         if on_ready is not None:
             on_ready()
 
-    return server.run(servers, settings, lifecycle, on_started=started)
+    try:
+        return server.run(servers, settings, lifecycle, on_started=started)
+    finally:
+        # The last second's counts, before the master archives a retired worker's files.
+        apps.metrics.updates.fold()
+        if prof is not None:
+            prof.fold_metrics()
 
 
 def _fold_while_idle(updates: Immediate | Deferred) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import signal
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from conftest import ROOT, start_tafe
-from test_examples_http import check_response, post_bid
+from test_examples_http import check_response, post, post_bid
 
 DEMO = (ROOT / "tafe" / "data" / "demo-request.json").read_bytes()
 
@@ -53,3 +54,29 @@ def test_sighup_reloads_instead_of_killing_a_single_process():
 def test_sigint_stops_cleanly():
     server = start_tafe()
     assert server.stop(signal.SIGINT) == 0, server.output()
+
+
+def test_a_stopping_worker_writes_its_last_counts_to_the_multiprocess_files(tmp_path):
+    """A worker exiting within a second of its last requests (no drain grace) must not
+    take them along: the master archives what its files hold (tafe.metrics.retire_worker)."""
+    from tafe import metrics
+
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    server = start_tafe("--drain-grace-s", "0", "--block-threshold-ms", "10", "--profile-sample", "1", env=env)
+    try:
+        sent = 7
+        for _ in range(sent):
+            assert post(server.url, DEMO)[0] in (200, 204)
+    finally:
+        assert server.stop() == 0, server.output()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    try:
+        body, _ = metrics.exposition(None)  # type: ignore[arg-type]
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    text = body.decode()
+    counted = sum(
+        float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith('tafe_http_requests_total{route="bid"')
+    )
+    assert counted == sent, text
+    assert re.search(r'tafe_eventloop_span_seconds_count\{[^}]*\} [1-9]', text), text
