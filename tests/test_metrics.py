@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -65,7 +66,7 @@ def test_nothing_shows_before_the_fold_and_a_second_fold_adds_nothing():
 
 def test_a_fold_is_due_once_its_period_has_passed():
     updates = Deferred(period_s=0.0)
-    assert updates.due <= __import__("time").monotonic()
+    assert updates.due <= time.monotonic()
     assert Immediate().due == float("inf")  # the request path never folds for nothing
 
 
