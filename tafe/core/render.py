@@ -29,10 +29,15 @@ def _q(value: str) -> str:
 
 def notice_query(decision: Decision, bid: Bid) -> str:
     """The query string shared by a bid's win, billing and loss notices."""
-    # campaign and creative ids are URL-safe by construction (tafe.core.campaigns)
+    # Campaign and creative ids are URL-safe by construction (tafe.core.campaigns); the
+    # others nearly always are, so one check covers all three. Prices are on a
+    # 4-decimal grid: "%.4f" says so and costs less than the shortest repr.
+    rid, iid, model = decision.request_id, bid.imp_id, decision.versions.get("model", "")
+    if not _URL_SAFE(rid + iid + model):
+        rid, iid, model = _q(rid), _q(iid), _q(model)
     return (
-        f"r={_q(decision.request_id)}&i={_q(bid.imp_id)}&b={bid.bid_id}&c={bid.campaign_id}&cr={bid.creative.id}"
-        f"&m={_q(decision.versions.get('model', ''))}&bp={bid.price}"
+        f"r={rid}&i={iid}&b={bid.bid_id}&c={bid.campaign_id}&cr={bid.creative.id}"
+        f"&m={model}&bp={bid.price:.4f}"
         + (f"&d={_q(bid.deal_id)}" if bid.deal_id else "")
         + "&p=${AUCTION_PRICE}&cur=${AUCTION_CURRENCY}"
     )

@@ -3,23 +3,34 @@
 Only the fields TAFE acts on are read; everything else (and every unknown enum value)
 is ignored, as the spec demands. 2.5 ``ext`` locations and 2.6 fields are merged, the
 2.6 location winning. Fields defined by the spec must have their JSON type
-(``BadRequest("wrong_type:<path>")`` otherwise); values inside ``ext`` objects are
-exchange-specific, so a wrongly typed one there is ignored rather than refused.
+(``BadRequest("wrong_type:<path>")`` otherwise, the path without array indices);
+values inside ``ext`` objects are exchange-specific, so a wrongly typed one there is
+ignored rather than refused.
 
-JSON library: orjson. Measured on the real fixtures of ``../shared/openrtb/examples``
-by ``benchmarks/json_parse.py`` (see "JSON parsing" in ``benchmarks/RESULTS.md``) it
-decodes them about 1.5x faster than ujson (1.4x-1.7x per fixture), and it is
-stricter where hostile input is concerned: it refuses invalid UTF-8, lone
-surrogates, NaN/Infinity and out-of-range numbers (ujson accepts the last three) and
-stops at a nesting depth of 1024, each one a clean 400 here.
+Two steps. msgspec decodes the body straight into the wire structs below (``_W*``),
+which name the fields TAFE reads with their spec types: the type checks run in C,
+and the rest of the document is skipped without becoming Python objects (``ext``
+objects are kept as raw bytes, decoded only when they may hold a key we read). Then
+plain Python turns that into the ``BidRequest`` view: required ids, merged
+locations, bounds. Measured on the bid path (``benchmarks/json_parse.py``, "JSON
+parsing" in ``benchmarks/RESULTS.md``), that costs about a third of loading the
+body with orjson and reading it field by field in Python.
+
+Hostile input: the body must be UTF-8 (checked in one C call when it is not pure
+ASCII), nesting stops at the interpreter's recursion limit (``too_deep``), and a body
+msgspec cannot decode is classified by orjson, which names the fault (``not_utf8`` for
+lone surrogates, ``too_deep``, else ``not_json``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Annotated, Any, Union
 from urllib.parse import urlsplit
 
+import msgspec
 import orjson
+from msgspec import Meta, Raw, Struct
 
 from tafe.core.types import Audio, BidRequest, Deal, Imp, Video
 
@@ -31,9 +42,6 @@ MAX_IMPS = 100
 MAX_DEALS = 100  # per imp: every deal is tried against every fitting campaign
 MAX_USER_KEYS = 8
 MAX_ID_CHARS = 256  # request, imp and deal ids are echoed in the response and in three notice URLs per bid
-
-_loads = orjson.loads
-_JSONDecodeError = orjson.JSONDecodeError
 
 
 class BadRequest(ValueError):
@@ -48,94 +56,208 @@ def _fail_type(path: str) -> BadRequest:
     return BadRequest("wrong_type:" + path)
 
 
-# --- typed field readers ---------------------------------------------------------------
-# Each returns the default when the key is absent or null, the value when it has the
-# spec's JSON type, and raises BadRequest otherwise. ``bool`` is a subclass of ``int``
-# in Python but not a JSON number, hence the ``type(...) is`` checks.
+# --- the wire: what TAFE reads, with the spec's JSON types ------------------------------
+# Every field is optional here (absent and null alike decode to None); required ids
+# and cross-field rules are checked in Python below. ``bool`` is not a JSON number,
+# so ``int`` fields refuse true/false; flags (0/1 ints) also take booleans.
+
+_Int = Union[int, float, None]  # an integral float (30.0) is a JSON integer to many encoders
+_Num = Union[Annotated[float, Meta(ge=0.0)], None]  # prices: ints accepted, negatives refused
+_Flag = Union[int, bool, None]
+_Str = Union[str, None]
+_Strs = Union[tuple[str, ...], None]
+_Ints = Union[tuple[int, ...], None]
+_NO_EXT = Raw()
 
 
-def _obj(d: dict, key: str, path: str) -> dict | None:
-    v = d.get(key)
-    if v is None or type(v) is dict:
-        return v
-    raise _fail_type(path)
+class _W(Struct, gc=False):
+    """Decoded JSON holds no cycles, so the structs stay out of the garbage collector."""
 
 
-def _str(d: dict, key: str, path: str) -> str:
-    v = d.get(key)
-    if v is None:
-        return ""
-    if type(v) is str:
-        return v
-    raise _fail_type(path)
+class _WFormat(_W):
+    w: _Int = None
+    h: _Int = None
 
 
-def _int(d: dict, key: str, path: str) -> int | None:
-    v = d.get(key)
-    if v is None or type(v) is int:
-        return v
-    if type(v) is float and v.is_integer():  # 30.0 is a JSON integer to many encoders
-        return int(v)
-    raise _fail_type(path)
+class _WBanner(_W):
+    format: Union[tuple[_WFormat, ...], None] = None
+    w: _Int = None
+    h: _Int = None
 
 
-def _num(d: dict, key: str, path: str) -> float:
-    v = d.get(key)
-    if v is None:
-        return 0.0
-    t = type(v)
-    if t is float or t is int:
-        if v < 0:
-            raise BadRequest("negative:" + path)
-        return float(v)
-    raise _fail_type(path)
+class _WVideo(_W):
+    mimes: _Strs = None
+    w: _Int = None
+    h: _Int = None
+    minduration: _Int = None
+    maxduration: _Int = None
+    rqddurs: _Ints = None
+    protocols: _Ints = None
+    plcmt: _Int = None
+    placement: Any = None  # read (and type-checked) only without plcmt
+    ext: Raw = _NO_EXT
 
 
-def _flag(d: dict, key: str, path: str) -> bool:
-    v = d.get(key)
-    if v is None:
-        return False
-    if type(v) is int or type(v) is bool:
-        return v == 1
-    raise _fail_type(path)
+class _WAudio(_W):
+    mimes: _Strs = None
+    minduration: _Int = None
+    maxduration: _Int = None
 
 
-def _list(d: dict, key: str, path: str) -> list:
-    v = d.get(key)
-    if v is None:
-        return []
-    if type(v) is list:
-        return v
-    raise _fail_type(path)
+class _WNative(_W):
+    request: Union[str, dict[str, Raw], None] = None  # a JSON string (<= 2.5 style) or an object
 
 
-def _strs(d: dict, key: str, path: str) -> tuple[str, ...]:
-    v = d.get(key)
-    if v is None:  # the usual case, kept to one call
-        return ()
-    if type(v) is not list:
-        raise _fail_type(path)
-    for item in v:
-        if type(item) is not str:
-            raise _fail_type(path)
-    return tuple(v)
+class _WDeal(_W):
+    id: _Str = None
+    bidfloor: _Num = None
+    bidfloorcur: _Str = None
+    wseat: _Strs = None
+    wadomain: _Strs = None
 
 
-def _ints(d: dict, key: str, path: str) -> tuple[int, ...]:
-    v = _list(d, key, path)
-    for item in v:
-        if type(item) is not int:
-            raise _fail_type(path)
-    return tuple(v)
+class _WPmp(_W):
+    private_auction: _Flag = None
+    deals: Union[tuple[_WDeal, ...], None] = None
 
 
-def _lower(values: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple([v.lower() for v in values]) if values else ()
+class _WImp(_W):
+    id: _Str = None
+    banner: Union[_WBanner, None] = None
+    video: Union[_WVideo, None] = None
+    audio: Union[_WAudio, None] = None
+    native: Union[_WNative, None] = None
+    pmp: Union[_WPmp, None] = None
+    bidfloor: _Num = None
+    bidfloorcur: _Str = None
+    secure: _Flag = None
+    instl: _Flag = None
+    rwdd: _Flag = None
+    tagid: _Str = None
+    ext: Raw = _NO_EXT
 
 
-def _ext(d: dict) -> dict:
-    """An object's ``ext``: exchange-specific, so anything but an object counts as absent."""
-    v = d.get("ext")
+class _WPublisher(_W):
+    id: _Str = None
+
+
+class _WInventory(_W):
+    """What site, app and dooh share (dooh adds nothing TAFE reads)."""
+
+    domain: _Str = None
+    publisher: Union[_WPublisher, None] = None
+    cat: _Strs = None
+    sectioncat: _Strs = None
+    pagecat: _Strs = None
+
+
+class _WSite(_WInventory):
+    page: Any = None  # read (and type-checked) only without domain
+
+
+class _WApp(_WInventory):
+    bundle: _Str = None
+
+
+class _WGeo(_W):
+    country: _Str = None
+    region: _Str = None
+
+
+class _WDevice(_W):
+    devicetype: _Int = None
+    os: _Str = None
+    ifa: _Str = None
+    lmt: _Flag = None
+    dnt: _Flag = None
+    geo: Union[_WGeo, None] = None
+
+
+class _WEid(_W):
+    uids: Union[tuple[Any, ...], None] = None  # uid entries are read best effort
+
+
+class _WUser(_W):
+    id: _Str = None
+    buyeruid: _Str = None
+    consent: _Str = None
+    eids: Union[tuple[_WEid, ...], None] = None
+    ext: Raw = _NO_EXT
+
+
+class _WRegs(_W):
+    coppa: _Flag = None
+    gdpr: _Flag = None
+    us_privacy: _Str = None
+    gpp: _Str = None
+    ext: Raw = _NO_EXT
+
+
+class _WRequest(_W):
+    id: _Str = None
+    imp: Union[tuple[_WImp, ...], None] = None
+    site: Union[_WSite, None] = None
+    app: Union[_WApp, None] = None
+    dooh: Union[_WInventory, None] = None
+    device: Union[_WDevice, None] = None
+    user: Union[_WUser, None] = None
+    regs: Union[_WRegs, None] = None
+    tmax: _Int = None
+    at: _Int = None
+    cur: _Strs = None
+    bcat: _Strs = None
+    badv: _Strs = None
+    bapp: _Strs = None
+    wseat: _Strs = None
+    bseat: _Strs = None
+    test: _Flag = None
+
+
+_decode_request = msgspec.json.Decoder(_WRequest).decode
+_decode_any = msgspec.json.Decoder().decode
+_AT = re.compile(r" - at `\$\.?(.*)`$")
+_INDEX = re.compile(r"\[\d+\]")
+
+
+def _undecodable(body: bytes) -> BadRequest:
+    """Why a body is not JSON: orjson's message names the fault (run only on refusal)."""
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        msg = str(exc)
+        if "depth" in msg or "recursion" in msg:
+            return BadRequest("too_deep")
+        if "UTF-8" in msg or "surrogate" in msg:
+            return BadRequest("not_utf8")
+    return BadRequest("not_json")
+
+
+def _invalid(exc: msgspec.ValidationError) -> BadRequest:
+    """``Expected `str | null`, got `int` - at `$.imp[0].id``` -> ``wrong_type:imp.id``."""
+    msg = str(exc)
+    at = _AT.search(msg)
+    if at is None:
+        return BadRequest("not_object")  # only the document itself has no path
+    path = _INDEX.sub("", at.group(1))
+    if " >= " in msg:
+        return BadRequest("negative:" + path)
+    return _fail_type(path)
+
+
+# --- from the wire to the view ----------------------------------------------------------
+
+
+def _ext(raw: Raw, key: bytes) -> dict:
+    """An ``ext`` object, decoded only when ``key`` occurs in it; anything but an object is ``{}``."""
+    if not raw:
+        return {}
+    data = bytes(raw)
+    if key not in data:
+        return {}
+    try:
+        v = _decode_any(data)
+    except (msgspec.DecodeError, RecursionError):
+        return {}
     return v if type(v) is dict else {}
 
 
@@ -149,101 +271,99 @@ def _ext_flag(ext: dict, key: str) -> bool:
     return v == 1 or v == "1"
 
 
-# --- objects ---------------------------------------------------------------------------
+def _int(v: int | float | None, path: str) -> int | None:
+    if type(v) is float:
+        if not v.is_integer():
+            raise _fail_type(path)
+        return int(v)
+    return v
 
 
-def _sizes(banner: dict) -> tuple[tuple[int, int], ...]:
-    sizes: dict[tuple[int, int], None] = {}  # ordered and deduplicated in O(1) per entry
-    for fmt in _list(banner, "format", "imp.banner.format"):
-        if type(fmt) is not dict:
-            raise _fail_type("imp.banner.format")
-        w = _int(fmt, "w", "imp.banner.format.w")
-        h = _int(fmt, "h", "imp.banner.format.h")
-        if w and h:  # wratio/wmin-only formats carry no size
-            sizes[w, h] = None
-    w = _int(banner, "w", "imp.banner.w")
-    h = _int(banner, "h", "imp.banner.h")
-    if w and h:
-        sizes[w, h] = None
-    return tuple(sizes)
+def _lower(values: tuple[str, ...] | None) -> tuple[str, ...]:
+    return tuple([v.lower() for v in values]) if values else ()
 
 
-def _video(v: dict) -> Video:
-    plcmt = _int(v, "plcmt", "imp.video.plcmt")
-    return Video(
-        mimes=_strs(v, "mimes", "imp.video.mimes"),
-        w=_int(v, "w", "imp.video.w"),
-        h=_int(v, "h", "imp.video.h"),
-        minduration=_int(v, "minduration", "imp.video.minduration"),
-        maxduration=_int(v, "maxduration", "imp.video.maxduration"),
-        rqddurs=_ints(v, "rqddurs", "imp.video.rqddurs"),
-        protocols=_ints(v, "protocols", "imp.video.protocols"),
-        placement=plcmt if plcmt is not None else _int(v, "placement", "imp.video.placement"),
-    )
-
-
-def _audio(a: dict) -> Audio:
-    return Audio(
-        mimes=_strs(a, "mimes", "imp.audio.mimes"),
-        minduration=_int(a, "minduration", "imp.audio.minduration"),
-        maxduration=_int(a, "maxduration", "imp.audio.maxduration"),
-    )
-
-
-def _required_id(obj: dict, path: str, reason_prefix: str) -> str:
+def _required_id(value: str | None, reason_prefix: str) -> str:
     """A required id (request, imp, deal): a non-empty string, bounded because it is echoed."""
-    value = obj.get("id")
-    if value is None or value == "":
+    if not value:
         raise BadRequest(reason_prefix + "missing_id")
-    if type(value) is not str:
-        raise _fail_type(path)
     if len(value) > MAX_ID_CHARS:
         raise BadRequest(reason_prefix + "id_too_long")
     return value
 
 
-def _deals(pmp: dict) -> tuple[Deal, ...]:
-    raw = _list(pmp, "deals", "imp.pmp.deals")
+def _sizes(banner: _WBanner) -> tuple[tuple[int, int], ...]:
+    sizes: dict[tuple[int, int], None] = {}  # ordered and deduplicated in O(1) per entry
+    for fmt in banner.format or ():
+        w, h = fmt.w, fmt.h
+        if w and h:  # wratio/wmin-only formats carry no size
+            if type(w) is not int or type(h) is not int:
+                w, h = _int(w, "imp.banner.format.w"), _int(h, "imp.banner.format.h")
+            sizes[w, h] = None
+    w, h = banner.w, banner.h
+    if w and h:
+        if type(w) is not int or type(h) is not int:
+            w, h = _int(w, "imp.banner.w"), _int(h, "imp.banner.h")
+        sizes[w, h] = None
+    return tuple(sizes)
+
+
+def _video(v: _WVideo) -> Video:
+    if v.plcmt is not None:
+        placement = _int(v.plcmt, "imp.video.plcmt")
+    else:
+        placement = v.placement
+        if placement is not None and (type(placement) is not int and type(placement) is not float):
+            raise _fail_type("imp.video.placement")
+        placement = _int(placement, "imp.video.placement")
+    return Video(
+        mimes=v.mimes or (),
+        w=_int(v.w, "imp.video.w"),
+        h=_int(v.h, "imp.video.h"),
+        minduration=_int(v.minduration, "imp.video.minduration"),
+        maxduration=_int(v.maxduration, "imp.video.maxduration"),
+        rqddurs=v.rqddurs or (),
+        protocols=v.protocols or (),
+        placement=placement,
+    )
+
+
+def _audio(a: _WAudio) -> Audio:
+    return Audio(
+        mimes=a.mimes or (),
+        minduration=_int(a.minduration, "imp.audio.minduration"),
+        maxduration=_int(a.maxduration, "imp.audio.maxduration"),
+    )
+
+
+def _deals(pmp: _WPmp) -> tuple[Deal, ...]:
+    raw = pmp.deals
+    if not raw:
+        return ()
     if len(raw) > MAX_DEALS:
         raise BadRequest("too_many_deals")
-    deals = []
-    for d in raw:
-        if type(d) is not dict:
-            raise _fail_type("imp.pmp.deals")
-        deal_id = _required_id(d, "imp.pmp.deals.id", "deal_")
-        deals.append(
+    return tuple(
+        [
             Deal(
-                id=deal_id,
-                bidfloor=_num(d, "bidfloor", "imp.pmp.deals.bidfloor"),
-                bidfloorcur=_str(d, "bidfloorcur", "imp.pmp.deals.bidfloorcur") or "USD",
-                wseat=_strs(d, "wseat", "imp.pmp.deals.wseat"),
-                wadomain=_lower(_strs(d, "wadomain", "imp.pmp.deals.wadomain")),
+                id=_required_id(d.id, "deal_"),
+                bidfloor=d.bidfloor or 0.0,
+                bidfloorcur=d.bidfloorcur or "USD",
+                wseat=d.wseat or (),
+                wadomain=_lower(d.wadomain),
             )
-        )
-    return tuple(deals)
+            for d in raw
+        ]
+    )
 
 
-def _imp(i: Any) -> Imp:
-    if type(i) is not dict:
-        raise _fail_type("imp")
-    imp_id = _required_id(i, "imp.id", "imp_")
-    banner = _obj(i, "banner", "imp.banner")
-    video = _obj(i, "video", "imp.video")
-    audio = _obj(i, "audio", "imp.audio")
-    native = _obj(i, "native", "imp.native")
-    has_native = False
-    if native is not None:
-        req = native.get("request")
-        if req is not None and type(req) is not str and type(req) is not dict:
-            raise _fail_type("imp.native.request")
-        has_native = bool(req)
-    pmp = _obj(i, "pmp", "imp.pmp")
-    ext = _ext(i)
-    rewarded = _flag(i, "rwdd", "imp.rwdd")
-    if not rewarded:
-        prebid = ext.get("prebid")
+def _imp(i: _WImp) -> Imp:
+    imp_id = _required_id(i.id, "imp_")
+    banner, video, audio, native, pmp = i.banner, i.video, i.audio, i.native, i.pmp
+    rewarded = i.rwdd == 1
+    if not rewarded and (i.ext or (video is not None and video.ext)):
+        prebid = _ext(i.ext, b"is_rewarded_inventory").get("prebid")
         rewarded = (type(prebid) is dict and _ext_flag(prebid, "is_rewarded_inventory")) or (
-            video is not None and _ext_flag(_ext(video), "rewarded")
+            video is not None and _ext_flag(_ext(video.ext, b"rewarded"), "rewarded")
         )
     return Imp(
         id=imp_id,
@@ -251,57 +371,54 @@ def _imp(i: Any) -> Imp:
         has_banner=banner is not None,
         video=_video(video) if video is not None else None,
         audio=_audio(audio) if audio is not None else None,
-        native=has_native,
-        bidfloor=_num(i, "bidfloor", "imp.bidfloor"),
-        bidfloorcur=_str(i, "bidfloorcur", "imp.bidfloorcur") or "USD",
-        secure=_flag(i, "secure", "imp.secure"),
-        instl=_flag(i, "instl", "imp.instl"),
+        native=native is not None and bool(native.request),
+        bidfloor=i.bidfloor or 0.0,
+        bidfloorcur=i.bidfloorcur or "USD",
+        secure=i.secure == 1,
+        instl=i.instl == 1,
         rewarded=rewarded,
-        tagid=_str(i, "tagid", "imp.tagid"),
+        tagid=i.tagid or "",
         deals=_deals(pmp) if pmp is not None else (),
-        private_auction=_flag(pmp, "private_auction", "imp.pmp.private_auction") if pmp is not None else False,
+        private_auction=pmp is not None and pmp.private_auction == 1,
     )
 
 
-def _user_keys(user: dict | None, device: dict | None, lmt: bool) -> tuple[str, ...]:
+def _user_keys(user: _WUser | None, ifa: str) -> tuple[str, ...]:
     """Keys to look the user up by, in preference order: buyeruid, eids, ifa (unless lmt), user.id.
 
     Deduplicated, and at most ``MAX_USER_KEYS``: a request carrying thousands of eids
     must not turn into thousands of store lookups.
     """
+    if user is None:
+        return (ifa,) if ifa else ()
     keys: dict[str, None] = {}
-    if user is not None:
-        buyeruid = _str(user, "buyeruid", "user.buyeruid")
-        if buyeruid:
-            keys[buyeruid] = None
-        eids = user.get("eids")
-        path = "user.eids"
-        if eids is None:
-            eids = _ext(user).get("eids")
-            path = ""  # the 2.5 ext location: best effort
-        if eids is not None:
-            if type(eids) is not list:
-                if path:
-                    raise _fail_type(path)
-                eids = ()
+    if user.buyeruid:
+        keys[user.buyeruid] = None
+    if user.eids is not None:
+        for eid in user.eids:
+            if eid.uids is None:
+                raise _fail_type("user.eids.uids")
+            _add_uids(keys, eid.uids)
+    else:  # the 2.5 ext location: best effort
+        eids = _ext(user.ext, b"eids").get("eids")
+        if type(eids) is list:
             for eid in eids:
-                if type(eid) is not dict or type(eid.get("uids")) is not list:
-                    if path:
-                        raise _fail_type(path)
-                    continue
-                for uid in eid["uids"]:
-                    uid_id = uid.get("id") if type(uid) is dict else None
-                    if type(uid_id) is str and uid_id:
-                        keys[uid_id] = None
-    if device is not None and not lmt:
-        ifa = _str(device, "ifa", "device.ifa")
-        if ifa:
-            keys[ifa] = None
-    if user is not None:
-        user_id = _str(user, "id", "user.id")
-        if user_id:
-            keys[user_id] = None
+                if type(eid) is dict and type(eid.get("uids")) is list:
+                    _add_uids(keys, eid["uids"])
+    if ifa:
+        keys[ifa] = None
+    if user.id:
+        keys[user.id] = None
     return tuple(keys)[:MAX_USER_KEYS]
+
+
+def _add_uids(keys: dict[str, None], uids: Any) -> None:
+    for uid in uids:
+        uid_id = uid.get("id") if type(uid) is dict else None
+        if type(uid_id) is str and uid_id:
+            keys[uid_id] = None
+        if len(keys) >= MAX_USER_KEYS:
+            return
 
 
 def _host(page: str) -> str:
@@ -312,34 +429,36 @@ def _host(page: str) -> str:
     return host or ""
 
 
+def _decode(body: bytes) -> _WRequest:
+    if not body.isascii():
+        try:
+            body.decode()  # msgspec checks only the strings it reads
+        except UnicodeDecodeError:
+            raise BadRequest("not_utf8") from None
+    try:
+        return _decode_request(body)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None
+    except msgspec.DecodeError:
+        raise _undecodable(body) from None
+    except RecursionError:
+        raise BadRequest("too_deep") from None
+
+
 def parse(body: bytes) -> BidRequest:
     """Read a bid request; raise ``BadRequest`` when it is not one TAFE can answer."""
-    try:
-        root = _loads(body)
-    except _JSONDecodeError as exc:
-        msg = str(exc)
-        if "depth" in msg or "recursion" in msg:
-            raise BadRequest("too_deep") from None
-        if "UTF-8" in msg or "surrogate" in msg:
-            raise BadRequest("not_utf8") from None
-        raise BadRequest("not_json") from None
-    if type(root) is not dict:
-        raise BadRequest("not_object")
-    req_id = _required_id(root, "id", "")
-    raw_imps = root.get("imp")
-    if raw_imps is None or raw_imps == []:
+    root = _decode(body)
+    req_id = _required_id(root.id, "")
+    raw_imps = root.imp
+    if not raw_imps:
         raise BadRequest("missing_imp")
-    if type(raw_imps) is not list:
-        raise _fail_type("imp")
     if len(raw_imps) > MAX_IMPS:
         raise BadRequest("too_many_imps")
-    imps = tuple(_imp(i) for i in raw_imps)
-    if len({imp.id for imp in imps}) != len(imps):
+    imps = tuple([_imp(i) for i in raw_imps])
+    if len(imps) > 1 and len({imp.id for imp in imps}) != len(imps):
         raise BadRequest("duplicate_imp_id")
 
-    site = _obj(root, "site", "site")
-    app = _obj(root, "app", "app")
-    dooh = _obj(root, "dooh", "dooh")
+    site, app, dooh = root.site, root.app, root.dooh
     if site is not None and app is not None:
         raise BadRequest("site_and_app")
     if dooh is not None and (site is not None or app is not None):
@@ -348,53 +467,54 @@ def parse(body: bytes) -> BidRequest:
     inventory = site if site is not None else app if app is not None else dooh
     if inventory is not None:
         channel = "site" if site is not None else "app" if app is not None else "dooh"
-        name = channel + "."
-        domain = _str(inventory, "domain", name + "domain").lower()
-        if not domain and site is not None:
-            domain = _host(_str(site, "page", "site.page")).lower()
+        domain = (inventory.domain or "").lower()
+        if not domain and site is not None and site.page is not None:
+            if type(site.page) is not str:
+                raise _fail_type("site.page")
+            domain = _host(site.page).lower()
         if app is not None:
-            bundle = _str(app, "bundle", "app.bundle")
-        publisher = _obj(inventory, "publisher", name + "publisher")
-        if publisher is not None:
-            publisher_id = _str(publisher, "id", name + "publisher.id")
-        cats = (
-            _strs(inventory, "cat", name + "cat")
-            + _strs(inventory, "sectioncat", name + "sectioncat")
-            + _strs(inventory, "pagecat", name + "pagecat")
-        )
+            bundle = app.bundle or ""
+        if inventory.publisher is not None:
+            publisher_id = inventory.publisher.id or ""
+        cats = (inventory.cat or ()) + (inventory.sectioncat or ()) + (inventory.pagecat or ())
 
-    device = _obj(root, "device", "device")
+    device = root.device
     devicetype, os_name, country, region, ifa, lmt, dnt = None, "", "", "", "", False, False
     if device is not None:
-        devicetype = _int(device, "devicetype", "device.devicetype")
-        os_name = _str(device, "os", "device.os").lower()
-        ifa = _str(device, "ifa", "device.ifa")
-        lmt = _flag(device, "lmt", "device.lmt")
-        dnt = _flag(device, "dnt", "device.dnt")
-        geo = _obj(device, "geo", "device.geo")
+        devicetype = _int(device.devicetype, "device.devicetype")
+        os_name = (device.os or "").lower()
+        ifa = device.ifa or ""
+        lmt = device.lmt == 1
+        dnt = device.dnt == 1
+        geo = device.geo
         if geo is not None:
-            country = _str(geo, "country", "device.geo.country").upper()
-            region = _str(geo, "region", "device.geo.region")
+            country = (geo.country or "").upper()
+            region = geo.region or ""
 
-    user = _obj(root, "user", "user")
+    user = root.user
     consent = ""
     if user is not None:
-        consent = _str(user, "consent", "user.consent") or _ext_str(_ext(user), "consent")
+        consent = user.consent or _ext_str(_ext(user.ext, b"consent"), "consent")
 
-    regs = _obj(root, "regs", "regs")
+    regs = root.regs
     coppa = gdpr = False
     us_privacy = gpp = ""
     if regs is not None:
-        rext = _ext(regs)
-        coppa = _flag(regs, "coppa", "regs.coppa")
-        gdpr = _flag(regs, "gdpr", "regs.gdpr") if regs.get("gdpr") is not None else _ext_flag(rext, "gdpr")
-        us_privacy = _str(regs, "us_privacy", "regs.us_privacy") or _ext_str(rext, "us_privacy")
-        gpp = _str(regs, "gpp", "regs.gpp") or _ext_str(rext, "gpp")
+        coppa = regs.coppa == 1
+        us_privacy, gpp = regs.us_privacy or "", regs.gpp or ""
+        if regs.gdpr is not None:
+            gdpr = regs.gdpr == 1
+        if regs.gdpr is None or not us_privacy or not gpp:  # 2.5 keeps these in regs.ext
+            rext = _ext(regs.ext, b'"')
+            if regs.gdpr is None:
+                gdpr = _ext_flag(rext, "gdpr")
+            us_privacy = us_privacy or _ext_str(rext, "us_privacy")
+            gpp = gpp or _ext_str(rext, "gpp")
 
-    tmax = _int(root, "tmax", "tmax")
+    tmax = _int(root.tmax, "tmax")
     if tmax is not None and tmax <= 0:
         tmax = None  # "unknown": the configured default applies
-    at = _int(root, "at", "at")
+    at = _int(root.at, "at")
     return BidRequest(
         id=req_id,
         imps=imps,
@@ -410,16 +530,16 @@ def parse(body: bytes) -> BidRequest:
         ifa=ifa,
         lmt=lmt,
         dnt=dnt,
-        user_keys=_user_keys(user, device, lmt),
+        user_keys=_user_keys(user, "" if lmt else ifa),
         tmax=tmax,
-        at=at if at in (1, 2) else 2,
-        cur=_strs(root, "cur", "cur"),
-        bcat=_strs(root, "bcat", "bcat"),
-        badv=_lower(_strs(root, "badv", "badv")),
-        bapp=_strs(root, "bapp", "bapp"),
-        wseat=_strs(root, "wseat", "wseat"),
-        bseat=_strs(root, "bseat", "bseat"),
-        test=_flag(root, "test", "test"),
+        at=at if at == 1 or at == 2 else 2,
+        cur=root.cur or (),
+        bcat=root.bcat or (),
+        badv=_lower(root.badv),
+        bapp=root.bapp or (),
+        wseat=root.wseat or (),
+        bseat=root.bseat or (),
+        test=root.test == 1,
         coppa=coppa,
         gdpr=gdpr,
         consent=consent,
