@@ -207,6 +207,7 @@ def main() -> int:
     print(f"throughput: wrk -t1 -c{args.connections}, {len(body)}-byte OpenRTB POST, {args.duration:g} s per row and round, "
           f"{args.rounds} rounds, after {args.warmup:g} s warm-up\n{pinning}\n{common.format_machine(info)}", flush=True)
     best: dict[str, dict] = {}
+    per_round: dict[str, list[float]] = {}  # req/s of each row in each round, for the paired ratios
     port = common.free_port()
     with tempfile.TemporaryDirectory(prefix="tafe-tput-") as tmp:
         rows = [r for r in configs(args, port, Path(tmp), have, body) if chosen(r["name"])]
@@ -225,20 +226,24 @@ def main() -> int:
                 print(f"  round {rnd + 1}/{args.rounds} {row['name']}: {r['rps']:,.0f} req/s, p50 {r['p50_us'] / 1000:.2f} ms, "
                       f"p99 {r['p99_us'] / 1000:.2f} ms, answer {r['answer_status']} ({r['answer_bytes']} B), {errors} errors, "
                       f"load avg {r['loadavg']}", flush=True)
+                per_round.setdefault(row["name"], []).append(r["rps"])
                 if row["name"] not in best or r["rps"] > best[row["name"]]["rps"]:
                     best[row["name"]] = r
     results = [best[row["name"]] for row in rows if row["name"] in best]
     if not results:
         return 1
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    report = render(results, args, info, pinning, command, len(body))
+    report = render(results, args, info, pinning, command, len(body), per_round)
     print("\n" + report)
     if args.record:
         common.record(SECTION, "## Throughput of the CPU-bound bid path (wrk, closed loop)\n\n" + report)
     return 0
 
 
-def render(results: list[dict], args: argparse.Namespace, info: dict, pinning: str, command: str, body_len: int) -> str:
+def render(
+    results: list[dict], args: argparse.Namespace, info: dict, pinning: str, command: str, body_len: int,
+    per_round: dict[str, list[float]],
+) -> str:
     base = next((r for r in results if r["baseline"]), None)
     rows = []
     for r in results:
@@ -262,11 +267,16 @@ def render(results: list[dict], args: argparse.Namespace, info: dict, pinning: s
     if tafe and base:
         x = tafe["rps"] / base["rps"]
         tail = tafe["p99_us"] / max(tafe["p50_us"], 1)
+        # The two rows run back to back in each round: their ratio within a round is the
+        # least disturbed comparison, and the lowest one is what the goals are judged on.
+        paired = [t / g for t, g in zip(per_round.get(tafe["name"], []), per_round.get(base["name"], []))]
+        low = min(paired, default=x)
         lines += [
             "",
-            f"Goals, one worker direct vs `gunicorn -k gevent`: {x:.2f}x req/s with p99 = {tail:.1f}x p50. "
-            f"Issue 6 (>= 1.0x): {'met' if x >= 1.0 else 'NOT met'}; "
-            f"issue 2 (>= 2x and p99 <= 3x p50): {'met' if x >= 2.0 and tail <= 3.0 else 'NOT met'}.",
+            f"Goals, one worker direct vs `gunicorn -k gevent`: {x:.2f}x req/s (best rounds) with p99 = {tail:.1f}x p50; "
+            f"per round: {' '.join(f'{p:.2f}x' for p in paired)} (lowest {low:.2f}x). "
+            f"Issue 6 (>= 1.0x): {'met' if low >= 1.0 else 'NOT met'}; "
+            f"issue 2 (>= 2x in every round and p99 <= 3x p50): {'met' if low >= 2.0 and tail <= 3.0 else 'NOT met'}.",
         ]
     lines += ["", "Machine:", "", "```", common.format_machine(info), "```", "", "Command:", "", "```", command, "```"]
     lines += ["", "Servers and load as started:", "", "```"]
