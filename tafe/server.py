@@ -138,7 +138,10 @@ class Server:
             self._stream.close()
 
     def busy(self) -> bool:
-        return any(not conn.idle for conn in self.connections)
+        # A connection accepted just before the listener closed may have its greenlet
+        # spawned but not yet started (so not in self.connections): it counts as busy,
+        # or the process could exit under it and reset the client.
+        return len(self._pool) > len(self.connections) or any(not conn.idle for conn in self.connections)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (True) or ``timeout`` (False).
