@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: run test bench loadtest clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tafe/profiler/_accel.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -401,8 +401,8 @@ def render(args: argparse.Namespace, command: str, pinning: str, info: dict, mic
             + f" vs off, where valgrind and the watchdog's own CPU time predict {est('threshold-only') + wd:+.1f}% and "
             f"{est('100% sampled') + wd:+.1f}%. The off server's own rounds stray up to {spread:.0f}% from their median on "
             "this shared machine, so the HTTP rows cannot confirm or refute a difference of a few percent; what they "
-            "would show and valgrind cannot is the watchdog's indirect cost on the server's core (a GIL hand-off and "
-            "context switches at each of its ~100 wake-ups/s). The valgrind rows are the figures to decide on."]
+            "would show and valgrind cannot is the watchdog's indirect cost on the server's core (the context "
+            "switches at each of its ~100 wake-ups/s). The valgrind rows are the figures to decide on."]
     return "\n".join(lines)
 
 

@@ -2,8 +2,8 @@
 
 When the running span passes the threshold, the hub's thread is by definition not
 running the loop, so the only way to see *what* it is doing is from another thread:
-``sys._current_frames()[hub thread]``. The thread is started and paused with gevent's
-saved originals (``get_original``), so monkey-patching does not turn it into a greenlet.
+``sys._current_frames()[hub thread]``. The thread is a POSIX thread made in C, so
+monkey-patching does not turn it into a greenlet.
 
 While spans are short it wakes once per threshold; a span it finds older than half the
 threshold is then sampled every half threshold (the interval doubling whenever the
@@ -12,8 +12,11 @@ spread). Sampling early and often catches a span over
 the threshold even when this thread is scheduled late (a loaded host, or a wait for the
 GIL while the blocker runs pure Python); the profiler then names the code site most of
 the samples agree on, not code that merely ran after the culprit in the same span
-(such as the server writing the response). Each wake-up costs the hub's thread a GIL
-hand-off, which is why it does not wake more often.
+(such as the server writing the response). The wake-up loop itself is C
+(``_accel.Watch``): while spans are short it looks at the hook's span without the GIL,
+so the hub's thread pays nothing for it; it takes the GIL, and runs the sampling below,
+only for a span older than half the threshold. (A Python loop cost the hub's thread a
+GIL hand-off per wake-up: ~60-90 us each on these VMs, 100 a second.)
 
 Two best-effort settings keep the samples on time: the thread asks for real-time
 round-robin scheduling (honoured with CAP_SYS_NICE, e.g. as root; it runs microseconds
@@ -36,15 +39,13 @@ from typing import Any
 
 from gevent.monkey import get_original
 
+from ._accel import Watch
 from .stacks import Stack, extract, is_profiler
 
 Samples = tuple[tuple[Stack, float], ...]
 MAX_SAMPLES = 16
 
-_start_new_thread = get_original("_thread", "start_new_thread")
 _get_ident = get_original("_thread", "get_ident")
-_sleep = get_original("time", "sleep")
-_allocate_lock = get_original("_thread", "allocate_lock")
 _get_native_id = get_original("_thread", "get_native_id")
 
 
@@ -59,26 +60,49 @@ class Watchdog:
         # first sample): the samples of the latest long span.
         self.capture: tuple[float, Samples, int | None] | None = None
         self._schedstat = _open_schedstat()
-        self.wakeups = 0
-        self.errors = 0
-        self.realtime = False
-        self.native_id: int | None = None  # the watchdog thread's, for its CPU time
-        self.reading: tuple[float, int | None] = (0.0, None)  # (time, run-queue wait) at the last wake-up
-        self._generation = 0
+        self._loop: Watch | None = None
+        self._stats: dict[str, Any] = {"wakeups": 0, "errors": 0, "realtime": False, "native_id": None}
         self._span, self._interval, self._baseline = 0.0, self.period, None
         self._samples: Samples = ()
 
     def start(self) -> None:
         """Start the thread and wait (at most a second) until it runs: a span that blocks
         right after install is then watched too."""
-        self._generation += 1
-        running = _allocate_lock()
-        running.acquire()
-        _start_new_thread(self._run, (self._generation, running))
-        running.acquire(True, 1.0)
+        fd = self._schedstat if self._schedstat is not None else -1
+        self._span, self._samples, self._interval, self._baseline = 0.0, (), self.period, None
+        self._loop = Watch(self.current, self.period, self.threshold, self._sample, fd)
+        self._loop.start()
 
     def stop(self) -> None:
-        self._generation += 1  # the running thread sees it changed and ends
+        if self._loop is not None:
+            self._stats = self._loop.stats()
+            self._loop.stop()
+            self._loop = None
+
+    def _stat(self, name: str) -> Any:
+        return (self._loop.stats() if self._loop is not None else self._stats)[name]
+
+    @property
+    def wakeups(self) -> int:
+        return self._stat("wakeups")
+
+    @property
+    def errors(self) -> int:
+        return self._stat("errors")
+
+    @property
+    def realtime(self) -> bool:
+        return self._stat("realtime")
+
+    @property
+    def native_id(self) -> int | None:
+        """The watchdog thread's, for its CPU time."""
+        return self._stat("native_id")
+
+    @property
+    def reading(self) -> tuple[float, int | None]:
+        """(time, run-queue wait) at the last wake-up."""
+        return self._loop.readings()[0] if self._loop is not None else (0.0, None)
 
     def cpu_seconds(self) -> float | None:
         """CPU time the watchdog thread has used (Linux), to show what it costs."""
@@ -89,11 +113,12 @@ class Watchdog:
             return None
 
     def after_fork(self) -> None:
-        """In a forked child: the thread is gone and the schedstat file is the parent's."""
+        """In a forked child: the thread is gone (its loop object is left alone: it must
+        not be joined) and the schedstat file is the parent's."""
         if self._schedstat is not None:
             os.close(self._schedstat)
         self._schedstat = _open_schedstat()
-        self.capture, self.reading = None, (0.0, None)
+        self.capture, self._loop = None, None
         self.start()
 
     def runqueue_wait(self) -> int | None:
@@ -111,33 +136,16 @@ class Watchdog:
             os.close(self._schedstat)
             self._schedstat = None
 
-    def _run(self, generation: int, running: Any) -> None:
-        self.realtime = _prioritize()
-        self.native_id = _get_native_id()
-        running.release()
-        # The span being sampled (owned by this thread): its start, samples, sampling
-        # interval and run-queue baseline.
-        self._span, self._samples, self._interval, self._baseline = 0.0, (), self.period, None
-        while generation == self._generation:
-            self.wakeups += 1
-            try:
-                _sleep(self._wake())
-            except Exception:  # keep watching; count it
-                self.errors += 1
-                _sleep(self.period)
-
-    def _wake(self) -> float:
-        """Look at the span in progress, sample it if long enough; return how long to sleep."""
+    def _sample(self) -> float:
+        """A span older than half the threshold (called by the C loop, with the GIL):
+        sample its stack; return how long to sleep."""
         start, greenlet = self.current[0]
-        # The run-queue baseline of a span is the last reading taken before it started.
-        previous, self.reading = self.reading, (perf_counter(), self.runqueue_wait())
-        if greenlet is self.hub:
+        if greenlet is self.hub or self._loop is None:
             return self.threshold
-        age = self.reading[0] - start
-        if age < self.period:
-            # A young span: the loop is switching. Look again one threshold later (each
-            # wake-up costs the hub's thread a GIL hand-off, so not more often): a span
-            # over 1.5x the threshold is still sampled before it ends.
+        # The run-queue baseline of a span is the last reading taken before it started.
+        reading, previous = self._loop.readings()
+        age = perf_counter() - start
+        if age < self.period:  # it ended while this thread waited for the GIL
             return self.threshold
         frame = sys._current_frames().get(self.thread_id)
         stack = extract(frame)
@@ -147,7 +155,7 @@ class Watchdog:
         if self.current[0][0] != start or not stack or is_profiler(stack[-1][0]):
             return self.period
         if start != self._span:
-            self._baseline = previous[1] if previous[0] <= start else self.reading[1]
+            self._baseline = previous[1] if previous[0] <= start else reading[1]
             self._span, self._samples, self._interval = start, (), self.period
         elif len(self._samples) >= MAX_SAMPLES:
             self._samples, self._interval = self._samples[1::2], self._interval * 2
@@ -163,11 +171,3 @@ def _open_schedstat() -> int | None:
     except OSError:
         return None
 
-
-def _prioritize() -> bool:
-    """Ask the OS to run this thread as soon as it wakes; False where not permitted."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))  # 0: the calling thread
-        return True
-    except (AttributeError, OSError):
-        return False
