@@ -61,7 +61,8 @@ def serve_in_process(
         prof = profiler.install(
             threshold_ms=settings.block_threshold_ms, sample=settings.profile_sample, registry=apps.metrics.registry
         )
-        public = profiler.middleware(public, prof)
+        if prof.sample > 0:  # sampling needs the middleware; threshold-only does not
+            public = profiler.middleware(public, prof)
         admin = make_admin_app(
             settings, lifecycle=lifecycle, metrics=apps.metrics, mounts={"/debug/blocking": profiler.debug_app(prof)}
         )
@@ -73,7 +74,9 @@ def serve_in_process(
     _fold_while_idle(apps.metrics.updates)
 
     public_sock = listener or server.bind(settings.host, settings.port)
-    servers = [server.Server(public_sock, public, settings, lifecycle, metrics=apps.metrics)]
+    # Threshold-only: TAFE's server attributes spans to requests itself (no middleware).
+    attribute = prof if prof is not None and prof.sample == 0 else None
+    servers = [server.Server(public_sock, public, settings, lifecycle, metrics=apps.metrics, profiler=attribute)]
     if admin_listener is not None or settings.admin_port >= 0:
         admin_sock = admin_listener or server.bind(settings.admin_host, settings.admin_port)
         servers.append(server.Server(admin_sock, admin, settings, lifecycle, name="admin"))

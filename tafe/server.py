@@ -40,6 +40,7 @@ from tafe.settings import Settings
 
 if TYPE_CHECKING:
     from tafe.metrics import Metrics
+    from tafe.profiler import Profiler
 
 log = logging.getLogger("tafe.server")
 access_log = logging.getLogger("tafe.access")
@@ -82,12 +83,23 @@ class Server:
         *,
         name: str = "public",
         metrics: Metrics | None = None,
+        profiler: Profiler | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
         self.lifecycle = lifecycle
         self.name = name
         self.metrics = metrics  # counts the requests refused here (tafe_bad_requests_total)
+        # The greenlet profiler, attributing spans to requests without its middleware:
+        # each _respond frame serves one request (found on a blocked greenlet's stack).
+        self.profiler = profiler
+        self.span_over: Callable[[], bool] | None = None
+        if profiler is not None:
+            from tafe.profiler.profiler import default_route
+
+            self.route_of = default_route
+            profiler.serves_requests(_Connection._respond.__code__, "env", default_route)
+            self.span_over = profiler.span_over
         self.closing = False
         self.retiring = False  # replaced (SIGUSR2): answers close their connections, /ping stays 200
         self.connections: set[_Connection] = set()
@@ -450,6 +462,8 @@ class _Connection:
             return self.keep_alive
         finally:
             lifecycle.in_flight -= 1
+            if server.span_over is not None and server.span_over():  # a C call; rarely true
+                server.profiler.finish(env, server.route_of)
 
     def _log_access(self, request: http.Request, env: dict[str, Any]) -> None:
         duration_ms = round((_monotonic() - request.arrival) * 1000.0, 3)

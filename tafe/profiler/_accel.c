@@ -196,6 +196,16 @@ hook_restart(HookObject *self, PyObject *running)
     Py_RETURN_NONE;
 }
 
+/* Is the running span already over the threshold (and not the hub's)? One call at
+   the end of each request, so a server can keep a long span attributed to it. */
+static PyObject *
+hook_over(HookObject *self, PyObject *unused)
+{
+    if (self->running != self->hub && now_ns() - self->last_ns >= self->threshold_ns)
+        Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
 static PyObject *
 hook_get_threshold(HookObject *self, void *closure)
 {
@@ -230,6 +240,7 @@ hook_set_previous(HookObject *self, PyObject *value, void *closure)
 
 static PyMethodDef hook_methods[] = {
     {"restart", (PyCFunction)hook_restart, METH_O, "Start the running span now, run by the given greenlet."},
+    {"over", (PyCFunction)hook_over, METH_NOARGS, "True if the running span (not the hub's) is over the threshold."},
     {NULL}};
 
 static PyGetSetDef hook_getset[] = {

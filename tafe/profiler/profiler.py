@@ -57,11 +57,13 @@ class Profiler:
         self.switch_interval_s = None if switch_interval_ms is None else switch_interval_ms / 1000.0
         self._saved_switch_interval: float | None = None
         self.hub = gevent.get_hub()
-        # Code objects of the middleware's request frames: the request a greenlet serves
-        # is found on its stack when it blocks (``request_on``), so a request that does
-        # not block costs no bookkeeping. greenlet -> span durations of the sampled
-        # requests: filled by the middleware and the tracer hook.
-        self.request_codes: set[Any] = set()
+        # Code objects of request frames (the middleware's, or a server's: see
+        # ``serves_requests``) -> (name of their environ local, route function or None
+        # for their ``route_of`` local): the request a greenlet serves is found on its
+        # stack when it blocks (``request_on``), so a request that does not block costs
+        # no bookkeeping. greenlet -> span durations of the sampled requests: filled by
+        # the middleware and the tracer hook.
+        self.request_codes: dict[Any, tuple[str, RouteOf | None]] = {}
         self.sampled: dict[Any, list[float]] = {}
         # greenlet -> (span start, environ, route function) of a request that ended inside
         # a span already over the threshold: that span is still the request's.
@@ -82,6 +84,8 @@ class Profiler:
         self._fork_hook = False
         self.tracer = Tracer(self.hub, self.threshold_s, self._on_block, self.sampled)
         self.watchdog = Watchdog(self.tracer.current, self.hub, self.threshold_s)
+        # True when the running span (not the hub's) is over the threshold: a C call.
+        self.span_over: Callable[[], bool] = self.tracer.hook.over
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -208,7 +212,16 @@ class Profiler:
         if found is None:
             return None
         local = found.f_locals
-        return local["environ"], local["route_of"]
+        environ_local, route_of = codes[found.f_code]
+        return local[environ_local], route_of or local["route_of"]
+
+    def serves_requests(self, code: Any, environ_local: str, route_of: RouteOf = default_route) -> None:
+        """Attribute spans without the middleware, for a server that calls the app itself:
+        each frame running ``code`` serves one request, whose environ is its local
+        ``environ_local``. Unsampled requests then cost nothing here; the server must
+        call ``finish(environ, route_of)`` when a request ends with ``span_over()`` true
+        (a span still running past the threshold stays the request's)."""
+        self.request_codes[code] = (environ_local, route_of)
 
     def finish(self, environ: dict[str, Any], route_of: RouteOf, sampled: Any = None) -> None:
         """End of a request (called by the middleware in the greenlet that served it).

@@ -82,7 +82,7 @@ def middleware(app: WSGIApp, profiler: Profiler, route: RouteOf | None = None) -
         entry[0] += 1
         return result
 
-    profiler.request_codes.update((profiled.__code__, recorded.__code__))
+    profiler.request_codes.update({profiled.__code__: ("environ", None), recorded.__code__: ("environ", None)})
     return recorded if rate >= 1.0 else profiled  # every request sampled: no draw, no hop
 
 

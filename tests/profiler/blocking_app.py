@@ -1,7 +1,9 @@
-"""A foreign gevent WSGI app (stock pywsgi) with one blocking pattern per route.
+"""A foreign gevent WSGI app with one blocking pattern per route.
 
-Run as a real server process by the tests: ``python blocking_app.py THRESHOLD_MS SAMPLE``;
-prints ``LISTENING <port>`` once ready. Each blocking route holds the loop ~25 ms on the
+Run as a real server process by the tests: ``python blocking_app.py THRESHOLD_MS SAMPLE
+[SERVER]``, SERVER ``pywsgi`` (stock gevent.pywsgi with the profiler's middleware, the
+default) or ``tafe`` (TAFE's own server attributing spans itself, no middleware); prints
+``LISTENING <port>`` once ready. Each blocking route holds the loop ~25 ms on the
 line marked ``# CULPRIT <route>``; the tests read those markers for the expected line.
 """
 
@@ -21,6 +23,7 @@ import zlib
 from time import perf_counter
 
 import gevent
+import gevent.event
 from gevent.monkey import get_original
 from gevent.pywsgi import WSGIServer
 
@@ -114,7 +117,7 @@ ROUTES = {
 }
 
 
-def make_app(prof: profiler.Profiler):
+def make_app(prof: profiler.Profiler, wrap: bool = True):
     debug = profiler.debug_app(prof)
 
     def app(environ, start_response):
@@ -129,13 +132,26 @@ def make_app(prof: profiler.Profiler):
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"ok\n"]
 
-    return profiler.middleware(app, prof)
+    return profiler.middleware(app, prof) if wrap else app
 
 
 def main() -> None:
     threshold_ms = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0
     sample = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
     prof = profiler.install(threshold_ms=threshold_ms, sample=sample, log=False)
+    if len(sys.argv) > 3 and sys.argv[3] == "tafe":
+        from tafe import server as tafe_server
+        from tafe.lifecycle import Lifecycle
+        from tafe.settings import Settings
+
+        srv = tafe_server.Server(tafe_server.bind("127.0.0.1", 0), make_app(prof, wrap=False), Settings(), Lifecycle(), profiler=prof)
+        srv.start()
+        stop = gevent.event.Event()
+        gevent.signal_handler(signal.SIGTERM, stop.set)
+        print("LISTENING", srv.address[1], flush=True)
+        stop.wait()
+        prof.uninstall()
+        return
     server = WSGIServer(("127.0.0.1", 0), make_app(prof), log=None)
     server.start()
     gevent.signal_handler(signal.SIGTERM, server.close)

@@ -1,8 +1,10 @@
 """Blocking patterns in the request handlers of a real gevent server process.
 
-The server (blocking_app.py: stock gevent.pywsgi, nothing else from tafe) runs the
-profiler at its default 10 ms threshold; each blocking route holds the loop ~25 ms.
-The report is fetched over HTTP from its /debug/blocking endpoint.
+The server (blocking_app.py) is stock gevent.pywsgi with the profiler's middleware,
+nothing else from tafe, or TAFE's own server, which attributes spans to requests
+without the middleware; it runs the profiler at its default 10 ms threshold; each
+blocking route holds the loop ~25 ms. The report is fetched over HTTP from its
+/debug/blocking endpoint.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ CULPRITS = {m.group(1): (APP.name, n) for n, line in enumerate(APP.read_text().s
 
 
 class Server:
-    def __init__(self, threshold_ms: float, sample: float) -> None:
+    def __init__(self, threshold_ms: float, sample: float, kind: str = "pywsgi") -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, str(APP), str(threshold_ms), str(sample)],
+            [sys.executable, str(APP), str(threshold_ms), str(sample), kind],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(APP.parent),
         )
         line = self.proc.stdout.readline()
@@ -61,9 +63,9 @@ class Server:
         self.proc.stdout.close()
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = Server(threshold_ms=10, sample=0.0)
+@pytest.fixture(scope="module", params=["pywsgi", "tafe"])
+def server(request):
+    srv = Server(threshold_ms=10, sample=0.0, kind=request.param)
     try:
         yield srv
     finally:
