@@ -399,7 +399,7 @@ def _user_keys(user: _WUser | None, ifa: str) -> tuple[str, ...]:
             if eid.uids is None:
                 raise _fail_type("user.eids.uids")
             _add_uids(keys, eid.uids)
-    else:  # the 2.5 ext location: best effort
+    elif user.ext:  # the 2.5 ext location: best effort
         eids = _ext(user.ext, b"eids").get("eids")
         if type(eids) is list:
             for eid in eids:
@@ -481,7 +481,9 @@ def parse(body: bytes) -> BidRequest:
     device = root.device
     devicetype, os_name, country, region, ifa, lmt, dnt = None, "", "", "", "", False, False
     if device is not None:
-        devicetype = _int(device.devicetype, "device.devicetype")
+        devicetype = device.devicetype
+        if type(devicetype) is float:
+            devicetype = _int(devicetype, "device.devicetype")
         os_name = (device.os or "").lower()
         ifa = device.ifa or ""
         lmt = device.lmt == 1
@@ -494,7 +496,7 @@ def parse(body: bytes) -> BidRequest:
     user = root.user
     consent = ""
     if user is not None:
-        consent = user.consent or _ext_str(_ext(user.ext, b"consent"), "consent")
+        consent = user.consent or (_ext_str(_ext(user.ext, b"consent"), "consent") if user.ext else "")
 
     regs = root.regs
     coppa = gdpr = False
@@ -504,17 +506,21 @@ def parse(body: bytes) -> BidRequest:
         us_privacy, gpp = regs.us_privacy or "", regs.gpp or ""
         if regs.gdpr is not None:
             gdpr = regs.gdpr == 1
-        if regs.gdpr is None or not us_privacy or not gpp:  # 2.5 keeps these in regs.ext
+        if regs.ext and (regs.gdpr is None or not us_privacy or not gpp):  # 2.5 keeps these in regs.ext
             rext = _ext(regs.ext, b'"')
             if regs.gdpr is None:
                 gdpr = _ext_flag(rext, "gdpr")
             us_privacy = us_privacy or _ext_str(rext, "us_privacy")
             gpp = gpp or _ext_str(rext, "gpp")
 
-    tmax = _int(root.tmax, "tmax")
+    # Integral floats are rare: _int (a call) only for them.
+    tmax, at = root.tmax, root.at
+    if type(tmax) is float:
+        tmax = _int(tmax, "tmax")
     if tmax is not None and tmax <= 0:
         tmax = None  # "unknown": the configured default applies
-    at = _int(root.at, "at")
+    if type(at) is float:
+        at = _int(at, "at")
     return BidRequest(
         id=req_id,
         imps=imps,

@@ -25,6 +25,9 @@ class Score(NamedTuple):
     known_user: bool
 
 
+_new_score = tuple.__new__
+
+
 # Imported after CqsError and Score, which the submodules import from here.
 from tafe.cqs import features as _features  # noqa: E402
 from tafe.cqs import model as _model  # noqa: E402
@@ -100,7 +103,7 @@ class Snapshot:
             if len(self._imp_memo) >= self.MEMO_MAX:
                 self._imp_memo.clear()
             self._imp_memo[key] = zi
-        return Score(_model.sigmoid(self._bias + z + zi), known)
+        return _new_score(Score, (_model.sigmoid(self._bias + z + zi), known))  # Score(...) without its Python __new__
 
     def features(self, request: BidRequest, imp: Imp, now: float) -> tuple[list[str], UserState | None]:
         """The feature strings of one imp and the user state behind them (decision log)."""
