@@ -12,8 +12,8 @@ the deal floor; ``private_auction`` leaves only the deals.
 All money is integer micros. The result depends only on the inputs (``now`` included):
 bid ids are hashes, not random numbers. Only ``timings_us`` measures the clock.
 
-Costs are stated where they shaped the code: this loop runs for every candidate of
-every imp, and on the bid path a Python call costs about as much as a hash.
+Costs are stated where they shaped the code: the candidate loop runs for every
+candidate of every imp.
 """
 
 from __future__ import annotations
