@@ -64,6 +64,9 @@ class Profiler:
         # no bookkeeping. greenlet -> span durations of the sampled requests: filled by
         # the middleware and the tracer hook.
         self.request_codes: dict[Any, tuple[str, RouteOf | None]] = {}
+        # Source files of those servers: their code runs after the app in the same span,
+        # so a sample there names the app's code only if no sample caught the app.
+        self.server_files: set[str] = set()
         self.sampled: dict[Any, list[float]] = {}
         # greenlet -> (span start, environ, route function) of a request that ended inside
         # a span already over the threshold: that span is still the request's.
@@ -155,7 +158,7 @@ class Profiler:
             capture = self.watchdog.capture
             sample, baseline = None, None
             if capture is not None and capture[0] == start:
-                sample, baseline = dominant(capture[1]), capture[2]
+                sample, baseline = dominant(capture[1], self.server_files), capture[2]
             else:  # not sampled: the watchdog's last reading, if taken before the span began
                 at, waited = self.watchdog.reading
                 baseline = waited if at <= start else None
@@ -222,6 +225,7 @@ class Profiler:
         call ``finish(environ, route_of)`` when a request ends with ``span_over()`` true
         (a span still running past the threshold stays the request's)."""
         self.request_codes[code] = (environ_local, route_of)
+        self.server_files.add(code.co_filename)
 
     def finish(self, environ: dict[str, Any], route_of: RouteOf, sampled: Any = None) -> None:
         """End of a request (called by the middleware in the greenlet that served it).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sysconfig
 from types import FrameType
-from typing import Iterable
+from typing import Collection, Iterable
 
 Frame = tuple[str, int, str]
 Stack = tuple[Frame, ...]
@@ -67,11 +67,11 @@ def app_frame(stack: Stack) -> Frame | None:
     return stack[-1] if stack else None
 
 
-def dominant(samples: Iterable[tuple[Stack, float]]) -> tuple[Stack, float] | None:
-    """The culprit among the samples of one long span: samples with application code on
-    the stack first (after a handler returns, the server's own code runs on in the same
-    span, and a late sample may land there), then the application frame most samples
-    share, then the later sample."""
+def dominant(samples: Iterable[tuple[Stack, float]], server_files: Collection[str] = ()) -> tuple[Stack, float] | None:
+    """The culprit among the samples of one long span: samples in application code
+    first (after a handler returns, the server's own code runs on in the same span,
+    and a late sample may land there: library code, or ``server_files``), then the
+    application frame most samples share, then the later sample."""
     samples = list(samples)
     keys = [app_frame(stack) for stack, _ in samples]
     counts: dict[Frame | None, int] = {}
@@ -80,7 +80,7 @@ def dominant(samples: Iterable[tuple[Stack, float]]) -> tuple[Stack, float] | No
 
     def rank(i: int) -> tuple[bool, int, int]:
         key = keys[i]
-        return (key is not None and not is_library(key[0]), counts[key], i)
+        return (key is not None and not is_library(key[0]) and key[0] not in server_files, counts[key], i)
 
     best = max(range(len(samples)), key=rank, default=None)
     return None if best is None else samples[best]
