@@ -317,7 +317,8 @@ def render(args: argparse.Namespace, command: str, pinning: str, info: dict, mic
         f"the bid app and its metrics, socket calls) answering the same {body_len}-byte OpenRTB 2.5 request over keep-alive "
         "connections, as the issue's \"requests/s of a TAFE bid workload\" defines it. A keep-alive bid request costs "
         "this server 2 greenlet switches (it yields once per request; counted with a counting tracer: 2.00-2.07 per "
-        "request for 1 to 64 connections), so threshold-only pays the hook twice plus the middleware.",
+        "request for 1 to 64 connections), so threshold-only pays the hook twice plus one `span_over()` check at "
+        "the end of the request (the server attributes spans itself); 100% sampled adds the profiler's WSGI middleware.",
         "",
     ]
     if instructions:
