@@ -76,24 +76,41 @@ def events_for(report: dict, route: str) -> list[dict]:
     return [site for site in report["top"] if route in site["routes"]]
 
 
+def tally(report: dict, route: str, site_name: str) -> tuple[int, int]:
+    """(events of ``route`` named at ``site_name``, events named elsewhere from a stack
+    taken while blocked) so far."""
+    sites = events_for(report, route)
+    on_site = sum(s["routes"][route] for s in sites if s["site"].startswith(site_name))
+    misnamed = sum(s["while_blocked"] for s in sites if not s["site"].startswith(site_name))
+    return on_site, misnamed
+
+
 @pytest.mark.parametrize("path", ["/sleep", "/cpu", "/file", "/socket", "/zlib", "/hash", "/subprocess"])
 def test_each_block_is_caught_with_its_route_and_line(server: Server, path: str) -> None:
-    server.load(path)
-    report = server.report()
     route = "GET " + path
     filename, line = CULPRITS[path]
-    sites = events_for(report, route)
-    culprit = [s for s in sites if s["site"].startswith(f"{filename}:{line} ")]
-    assert culprit, f"no site at {filename}:{line} for {route}: {[s['site'] for s in sites]}"
-    site = culprit[0]
-    # Every request caught, once, on the culprit's line, attributed to its route.
-    others = [(s["site"], s["count"], s["example"]["captured"], s["example"]["blocked_stack"][-3:]) for s in sites if s is not site]
-    assert site["routes"][route] == REQUESTS, (site, others)
+    name = f"{filename}:{line} "
+    # Every request caught, once, on the culprit's line, attributed to its route. A stack
+    # taken while blocked must never name another line. A block may go unsampled only if
+    # the host held the watchdog thread off for most of it (a VM's stolen time is not
+    # visible to the run-queue reading): that gets one more batch, which must be whole.
+    for attempt in range(2):
+        on_site, misnamed = tally(server.report(), route, name)
+        server.load(path)
+        report = server.report()
+        sites = events_for(report, route)
+        now_on_site, now_misnamed = tally(report, route, name)
+        detail = [(s["site"], s["routes"][route], s["example"]["captured"], s["example"]["blocked_stack"][-3:]) for s in sites]
+        assert now_misnamed == misnamed, detail
+        if now_on_site - on_site == REQUESTS:
+            break
+    assert now_on_site - on_site == REQUESTS, (attempt, detail)
+    site = next(s for s in sites if s["site"].startswith(name))
     assert site["while_blocked"] == site["count"], site
     assert 20 <= site["p50_ms"] <= 1000 and site["max_ms"] >= 24, site
     example = site["example"]
     assert example["route"] == route and example["request_id"]
-    assert f"{filename}:{line} " in " | ".join(example["blocked_stack"]) + " |"
+    assert name in " | ".join(example["blocked_stack"]) + " |"
 
 
 def coop_blocking(report: dict) -> int:
