@@ -65,7 +65,10 @@ def _convert(amount: float, currency: str, fx_micros: dict[str, int]) -> int | N
     rate = fx_micros.get(currency.upper())
     if rate is None:
         return None
-    micros = round(amount * MICROS)
+    try:
+        micros = round(amount * MICROS)
+    except OverflowError:  # amount * MICROS is inf beyond ~1.8e302: int arithmetic instead
+        micros = int(amount) * MICROS
     return -(-micros * rate // MICROS)
 
 
