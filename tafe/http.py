@@ -37,7 +37,8 @@ Rules, on the way out (``response_head``):
 - Status line, headers and (by the shell) body go out as one bytes object, one write.
 - A finite body always gets ``Content-Length``; 1xx, 204 and 304 get no body and no
   length. A streamed body of unknown length is chunked on HTTP/1.1 and delimited by
-  closing the connection on HTTP/1.0. A ``Content-Length`` given by the app is kept.
+  closing the connection on HTTP/1.0. A ``Content-Length`` given by the app is kept,
+  except on 1xx and 204, where RFC 9110 (8.6) forbids one.
 - The app's own ``Connection`` and ``Transfer-Encoding`` headers are dropped (framing
   and hop-by-hop headers are the server's);
   ``Connection: close`` from the app closes the connection after the answer.
@@ -396,6 +397,8 @@ def response_head(
                 given = int(value)
             except ValueError:
                 raise ValueError(f"bad Content-Length from the app: {value!r}") from None
+            if code < 200 or code == 204:
+                continue
         elif lname == "transfer-encoding":
             continue  # the server frames the body, not the app
         append(f"{name}: {value}\r\n")

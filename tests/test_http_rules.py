@@ -45,6 +45,9 @@ def test_reader_expect_continue_only_while_the_body_is_awaited():
         ("200 OK", [("A", "b")], 5, True, True, ["A: b", "Content-Length: 5"], 5, True),
         ("204 No Content", [], 0, True, True, [], 0, True),
         ("304 Not Modified", [], 0, True, True, [], 0, True),
+        # RFC 9110 8.6: never a length on a 204; a 304 may state the representation's.
+        ("204 No Content", [("Content-Length", "0"), ("A", "b")], 0, True, True, ["A: b"], 0, True),
+        ("304 Not Modified", [("Content-Length", "7")], 0, True, True, ["Content-Length: 7"], 0, True),
         ("200 OK", [("Content-Length", "3")], None, True, True, ["Content-Length: 3"], 3, True),
         ("200 OK", [], None, True, True, ["Transfer-Encoding: chunked"], http.CHUNKED, True),
         ("200 OK", [], None, True, False, ["Connection: close"], http.UNTIL_CLOSE, False),

@@ -114,7 +114,8 @@ def make_public_app(
         if counter is None:
             counter = counters[key] = updates.counter(metrics.requests.labels(name, status[:3]))
         counter.inc()
-        headers = [*headers, ("Content-Length", str(len(body)))]
+        if status[:3] != "204":  # a 204 has no body and must not say a length (RFC 9110 8.6)
+            headers = [*headers, ("Content-Length", str(len(body)))]
         start_response(status, headers)
         now = time.monotonic()
         latency[name].observe(now - start)
