@@ -12,7 +12,7 @@ import zlib
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tafe.handlers import make_admin_app, make_public_app
+from tafe.handlers import bid, make_admin_app, make_public_app
 from tafe.lifecycle import Lifecycle
 from tafe.metrics import Metrics
 from tafe.settings import Settings
@@ -54,8 +54,10 @@ def call(app, method="POST", path="/openrtb2/bid", body=b"", headers=None, query
 
     out = b"".join(app(env, start_response))
     hdrs = {k.lower(): v for k, v in seen["headers"]}
-    assert int(hdrs["content-length"]) == len(out)
-    return int(seen["status"][:3]), hdrs, out
+    status = int(seen["status"][:3])
+    # Every answer states its length, except a 204, which must not (RFC 9110 8.6).
+    assert hdrs.get("content-length") == (None if status == 204 else str(len(out))), (status, hdrs)
+    return status, hdrs, out
 
 
 def sample(metrics, name, **labels):
@@ -183,6 +185,34 @@ def test_response_gzip_when_accepted_and_worth_it(env):
     assert "content-encoding" not in headers and json.loads(body)["id"] == "req-1"
     app, _, _ = env(gzip_min_bytes=100)
     assert "content-encoding" not in call(app, body=BANNER)[1]
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("gzip", True), ("gzip, deflate, br", True), ("x-gzip", True), ("*", True), ("GZip", True),
+    ("", False), ("identity", False), ("deflate, br", False),
+    ("gzip;q=0, identity", False), ("gzip; q=0.5", True), ("br;q=1, GZIP;Q=0", False),
+    ("*;q=0", False), ("deflate;q=1, *;q=0.1", True), ("*;q=1, gzip;q=0", False), ("gzip;q=oops", False),
+])
+def test_accept_encoding_weights(value, expected):
+    assert bid.accepts_gzip(value) is expected
+
+
+def test_response_not_gzipped_when_refused_by_weight(env):
+    app, _, _ = env(gzip_min_bytes=100)
+    status, headers, body = call(app, body=BANNER, headers={"Accept-Encoding": "gzip;q=0, identity"})
+    assert status == 200 and "content-encoding" not in headers and json.loads(body)["id"] == "req-1"
+
+
+def test_gzip_members_are_one_body_and_trailing_bytes_refused(env):
+    app, _, _ = env()
+    half = len(BANNER) // 2
+    members = gzip.compress(BANNER[:half]) + gzip.compress(BANNER[half:])
+    assert call(app, body=members, headers={"Content-Encoding": "gzip"})[0] == 200
+    assert call(app, body=gzip.compress(BANNER) + b"\0" * 8, headers={"Content-Encoding": "gzip"})[0] == 200
+    status, _, out = call(app, body=gzip.compress(BANNER) + b"junk", headers={"Content-Encoding": "gzip"})
+    assert (status, out) == (400, b"bad_gzip\n")
+    app, _, _ = env(max_inflated_bytes=len(BANNER) - 1)  # each member fits, the whole does not
+    assert call(app, body=members, headers={"Content-Encoding": "gzip"})[0] == 413
 
 
 def test_deadline_already_short_at_arrival(env):

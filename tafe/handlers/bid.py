@@ -56,17 +56,51 @@ def read_body(environ: dict[str, Any], max_bytes: int) -> bytes:
 
 
 def inflate(body: bytes, max_bytes: int) -> bytes:
-    """Gunzip with a hard cap: a gzip bomb stops at ``max_bytes`` + 1, never exhausting memory."""
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = d.decompress(body, max_bytes + 1)
-    except zlib.error:
-        raise BadRequest("bad_gzip") from None
-    if len(out) > max_bytes or d.unconsumed_tail:
-        raise TooLarge()
-    if not d.eof:
-        raise BadRequest("bad_gzip")  # truncated stream
-    return out
+    """Gunzip with a hard cap: a gzip bomb stops at ``max_bytes`` + 1, never exhausting
+    memory. Concatenated members are one body (RFC 1952); bytes after the last member
+    that are not one are refused rather than dropped, except zero padding."""
+    parts: list[bytes] = []
+    room = max_bytes
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out = d.decompress(body, room + 1)
+        except zlib.error:
+            raise BadRequest("bad_gzip") from None
+        if len(out) > room or d.unconsumed_tail:
+            raise TooLarge()
+        if not d.eof:
+            raise BadRequest("bad_gzip")  # truncated stream
+        body = d.unused_data
+        if not parts and not body:
+            return out  # the usual case: one member
+        parts.append(out)
+        room -= len(out)
+        if not body.strip(b"\0"):
+            return b"".join(parts)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether ``Accept-Encoding`` allows gzip: listed (or ``*``) without ``q=0`` (RFC 9110 12.5.3)."""
+    value = accept_encoding.lower()
+    if ";" not in value:  # the usual "gzip, deflate, br": no weights to read
+        return "gzip" in value or "*" in value
+    star = False
+    for item in value.split(","):
+        coding, _, params = item.partition(";")
+        coding, q = coding.strip(), 1.0
+        for param in params.split(";"):
+            name, _, weight = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(weight)
+                except ValueError:
+                    q = 0.0
+        if coding == "gzip" or coding == "x-gzip":
+            return q > 0
+        if coding == "*":
+            star = q > 0
+    return star
 
 
 class BidHandler:
@@ -183,7 +217,7 @@ class BidHandler:
         for bid in decision.bids:
             observe(bid.price)
         headers.append(_JSON)
-        if len(out) >= self.gzip_min and "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+        if len(out) >= self.gzip_min and accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING", "")):
             out = zlib.compress(out, 1, wbits=31)
             headers.append(("Content-Encoding", "gzip"))
             headers.append(("Vary", "Accept-Encoding"))
