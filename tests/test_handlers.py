@@ -12,7 +12,8 @@ import zlib
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tafe.handlers import bid, make_admin_app, make_public_app
+from tafe.handlers import make_admin_app, make_public_app
+from tafe.handlers.bid import accepts_gzip
 from tafe.lifecycle import Lifecycle
 from tafe.metrics import Metrics
 from tafe.settings import Settings
@@ -194,7 +195,7 @@ def test_response_gzip_when_accepted_and_worth_it(env):
     ("*;q=0", False), ("deflate;q=1, *;q=0.1", True), ("*;q=1, gzip;q=0", False), ("gzip;q=oops", False),
 ])
 def test_accept_encoding_weights(value, expected):
-    assert bid.accepts_gzip(value) is expected
+    assert accepts_gzip(value) is expected
 
 
 def test_response_not_gzipped_when_refused_by_weight(env):
