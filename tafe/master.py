@@ -125,6 +125,18 @@ class ListenError(OSError):
     """A listener could not be opened; the message names the address."""
 
 
+def run_directory(given: str | os.PathLike[str] | None, prefix: str) -> Path:
+    """The directory for runtime files: ``given``, created if missing, else a new temporary one."""
+    if not given:
+        return Path(tempfile.mkdtemp(prefix=prefix))
+    path = Path(given)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"run_dir {str(path)!r}: {exc.strerror or exc}") from None
+    return path
+
+
 def bind(host: str, port: int) -> socket.socket:
     """The shared listening socket (what ``tafe.server.bind`` does, without importing gevent)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -172,7 +184,7 @@ class Master:
         self._public = listen is None  # clients reach the workers directly (no Nginx in front)
         self.worker_overrides = dict(worker_overrides or {})
         self._own_run_dir = not (run_dir or settings.run_dir)
-        self.run_dir = Path(run_dir or settings.run_dir or tempfile.mkdtemp(prefix="tafe-"))
+        self.run_dir = run_directory(run_dir or settings.run_dir, prefix="tafe-")
         self.metrics_dir = self.run_dir / "metrics"
         self.listener: socket.socket | None = None
         self.admin_listener: socket.socket | None = None
@@ -500,15 +512,18 @@ def _main(argv: list[str]) -> int:
     """``python -m tafe.master serve ...``: the same command line, unpatched."""
     from tafe import cli, logs
 
-    args = cli.build_parser(only="serve").parse_args(argv)
-    settings = cli.settings_from_args(args)
-    logs.configure(settings)
+    parser = cli.build_parser(only="serve")
+    args = parser.parse_args(argv)
 
     def reload() -> Settings:
         return cli.settings_from_args(args)
 
     try:
+        settings = reload()
+        logs.configure(settings)
         return run(settings, reload)
+    except SettingsError as exc:
+        parser.exit(2, f"tafe: {exc}\n")
     except KeyboardInterrupt:
         return 130
 

@@ -26,13 +26,11 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 from tafe import logs, nginx
-from tafe.master import ListenError, Master, describe_exit
+from tafe.master import ListenError, Master, bind, describe_exit, run_directory
 from tafe.settings import Settings, demo_curl
 
 log = logging.getLogger("tafe.up")
@@ -54,15 +52,30 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     logs.configure(settings)
-
-    def reload() -> Settings:
-        return settings_from_args(args)
-
     binary = nginx.ensure_binary(settings)
     if binary is None:
         log.warning("serving without Nginx: the workers listen on the public port themselves")
-        return Master(settings, reload=reload).serve()
-    return Node(settings, binary, reload).run()
+        return Master(settings, reload=lambda: settings_from_args(args)).serve()
+    port = settings.port
+    if port == 0:
+        try:
+            port = free_port(settings.host)
+        except ListenError as exc:
+            log.error("%s", exc)
+            return 1
+
+    def pinned() -> Settings:  # a reload keeps the port picked for --port 0
+        fresh = settings_from_args(args)
+        return fresh.with_overrides(port=port) if fresh.port == 0 else fresh
+
+    return Node(pinned(), binary, pinned).run()
+
+
+def free_port(host: str) -> int:
+    """A port for Nginx, which cannot listen on port 0 itself. Another process could
+    take it before Nginx binds it: Nginx's start-up then fails and says so."""
+    with bind(host, 0) as sock:
+        return sock.getsockname()[1]
 
 
 def nginx_budget_s(settings: Settings) -> float:
@@ -76,7 +89,7 @@ class Node:
     def __init__(self, settings: Settings, binary: str, reload: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
         self._own_run_dir = not settings.run_dir
-        self.run_dir = Path(settings.run_dir or tempfile.mkdtemp(prefix="tafe-up-"))
+        self.run_dir = run_directory(settings.run_dir, prefix="tafe-up-")
         if os.geteuid() == 0:
             os.chmod(self.run_dir, 0o755)  # Nginx's workers run as "nobody" under root
         self.master = Master(

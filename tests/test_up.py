@@ -138,6 +138,35 @@ def test_sighup_rolling_restart_under_load_drops_nothing():
         node.proc.stop()
 
 
+def test_port_0_and_a_new_run_dir(tmp_path):
+    # Nginx cannot listen on port 0: TAFE picks the port, logs it, and keeps it on SIGHUP.
+    run_dir = tmp_path / "not" / "yet"
+    node = Node("--port", "0", "--run-dir", str(run_dir))
+    try:
+        assert not node.url.endswith(":0") and bid(node.url)[0] == 200
+        assert (run_dir / "nginx").is_dir()
+        mark = len(node.proc.lines)
+        os.kill(node.proc.pid, signal.SIGHUP)
+        node.proc.wait_for("rolling restart done", start=mark, timeout=60)
+        assert node.proc.wait_for("nginx config unchanged: not reloaded", start=mark)
+        assert bid(node.url)[0] == 200
+    finally:
+        node.proc.stop()
+    assert run_dir.is_dir()  # the user's: left in place
+
+
+@pytest.mark.parametrize("command", [["up"], ["serve", "--workers", "2"]], ids=["up", "serve-prefork"])
+def test_a_run_dir_that_cannot_be_made_is_a_clear_error(tmp_path, command):
+    (tmp_path / "file").write_text("")
+    proc = Proc(*command, "--port", "0", "--run-dir", str(tmp_path / "file" / "run"))
+    try:
+        assert proc.proc.wait(30) == 2
+        assert proc.wait_for(r"tafe: run_dir '.*/file/run': Not a directory")
+        assert "Traceback" not in "".join(proc.lines)
+    finally:
+        proc.stop()
+
+
 def test_sigterm_under_load_answers_every_accepted_request_and_leaves_nothing():
     node = Node("--drain-grace-s", "6")
     tree = node.everything()
