@@ -543,7 +543,7 @@ def parse(body: bytes) -> BidRequest:
         user_keys=_user_keys(user, "" if lmt else ifa),
         tmax=tmax,
         at=at if at == 1 or at == 2 else 2,
-        cur=root.cur or (),
+        cur=tuple([c.upper() for c in root.cur]) if root.cur else (),  # ISO 4217, like bidfloorcur
         bcat=root.bcat or (),
         badv=_lower(root.badv),
         bapp=root.bapp or (),
