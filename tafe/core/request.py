@@ -433,6 +433,8 @@ def _host(page: str) -> str:
 
 def _decode(body: bytes) -> _WRequest:
     if not body.isascii():
+        if body.startswith(b"\xef\xbb\xbf"):  # RFC 8259 8.1: parsers may ignore a BOM
+            body = body[3:]
         try:
             body.decode()  # msgspec checks only the strings it reads
         except UnicodeDecodeError:
