@@ -347,6 +347,13 @@ def test_notice_urls_default_to_the_host_the_exchange_used(env):
     assert bid["nurl"].startswith("https://10.0.0.5:8080/notice/win?")
     bid = json.loads(call(app, body=BANNER, headers={"Host": "[::1]:9000"})[2])["seatbid"][0]["bid"][0]
     assert bid["burl"].startswith("http://[::1]:9000/notice/bill?")
+    # Behind Nginx terminating TLS: the scheme it was reached by, from X-Forwarded-Proto.
+    tls = {"Host": "bidder.example", "X-Forwarded-Proto": "https"}
+    bid = json.loads(call(app, body=BANNER, headers=tls)[2])["seatbid"][0]["bid"][0]
+    assert bid["nurl"].startswith("https://bidder.example/notice/win?")
+    tls["X-Forwarded-Proto"] = "gopher"
+    bid = json.loads(call(app, body=BANNER, headers=tls)[2])["seatbid"][0]["bid"][0]
+    assert bid["nurl"].startswith("http://bidder.example/notice/win?")
 
 
 def test_no_bid_reasons_logged_at_debug_only(env, caplog):

@@ -129,7 +129,7 @@ class BidHandler:
         self.nbr = settings.nbr_in_response
         self.seat = settings.seat
         self.notice_base = settings.notice_base_url.rstrip("/")  # empty: from each request's Host
-        self._bases: dict[str, str] = {}
+        self._bases: dict[tuple[str, str | None], str] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
         self._bids: dict[str, Any] = {}  # prometheus children per exchange, bound once
         self._no_bids = {r: metrics.updates.counter(metrics.no_bids.labels(r.label)) for r in NoBidReason}
@@ -137,19 +137,23 @@ class BidHandler:
         self._bad: dict[str, Any] = {}
 
     def _base_of(self, environ: dict[str, Any]) -> str:
-        """``scheme://host[:port]`` the exchange reached us by (Nginx passes the Host through).
+        """``scheme://host[:port]`` the exchange reached us by (Nginx passes the Host through,
+        and the scheme as ``X-Forwarded-Proto``: https when it terminates TLS).
 
         Used when no notice base URL is configured: the listening port is not known
         before binding (port 0) and the public one is Nginx's anyway.
         """
-        host = environ.get("HTTP_HOST", "")
-        base = self._bases.get(host)
+        key = (environ.get("HTTP_HOST", ""), environ.get("HTTP_X_FORWARDED_PROTO"))
+        base = self._bases.get(key)
         if base is None:
+            host, scheme = key
             if not _HOST(host):
                 host = f"{environ.get('SERVER_NAME', '127.0.0.1')}:{environ.get('SERVER_PORT', '80')}"
-            base = f"{environ.get('wsgi.url_scheme', 'http')}://{host}"
+            if scheme not in ("http", "https"):
+                scheme = environ.get("wsgi.url_scheme", "http")
+            base = f"{scheme}://{host}"
             if len(self._bases) < 64:  # a few real hosts; a client inventing Host values is not cached
-                self._bases[environ.get("HTTP_HOST", "")] = base
+                self._bases[key] = base
         return base
 
     def _bad_request(self, reason: str) -> Response:
