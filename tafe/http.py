@@ -16,6 +16,8 @@ Rules, on the way in (``RequestReader``):
   The body may hold at most ``max_body_bytes``: more is 413, decided as soon as a
   ``Content-Length`` says so, before the body is read. Anything llhttp rejects is 400.
   After an error the reader is dead (``error`` is set): the shell answers it and closes.
+- An HTTP/1.1 request has exactly one ``Host`` header, and an HTTP/1.0 one at most one
+  (RFC 9112 3.2): otherwise 400. So is an HTTP/0.9 request line (llhttp accepts it).
 - Keep-alive follows llhttp: HTTP/1.1 unless ``Connection: close``; HTTP/1.0 only with
   ``Connection: keep-alive``. After a request that does not keep the connection alive
   (or an ``Upgrade``/``CONNECT``, which TAFE does not speak), later bytes are ignored
@@ -217,6 +219,7 @@ class RequestReader:
         length = -1
         expect = False
         padded = False
+        hosts = 0
         for name, value in headers:
             padded = padded or value.endswith(_OWS)  # llhttp keeps trailing whitespace
             n = len(name)
@@ -226,6 +229,14 @@ class RequestReader:
                     length = int(value)  # llhttp has checked it is digits
                 elif name == b"expect":
                     expect = value.lower().rstrip(b" \t") == b"100-continue"
+            elif n == 4 and name.lower() == b"host":
+                hosts += 1
+        if hosts != 1:
+            version = self._parser.get_http_version()
+            if version == "0.9":
+                raise HttpError(400, "HTTP/0.9 is not served")
+            if hosts or version != "1.0":
+                raise HttpError(400, "missing or repeated Host header")
         if padded:
             headers[:] = [(name, value.rstrip(b" \t")) for name, value in headers]
         if length > self._max_body:

@@ -27,12 +27,12 @@ def test_reader_head_trickling_past_the_limit_is_431_before_it_ends():
 
 def test_reader_expect_continue_only_while_the_body_is_awaited():
     reader = http.RequestReader(1000, 1000)
-    reader.feed(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n", 0.0)
+    reader.feed(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n", 0.0)
     assert reader.send_continue
     reader.feed(b"ok", 0.0)
     assert not reader.send_continue
     reader = http.RequestReader(1000, 1000)
-    reader.feed(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok", 0.0)
+    reader.feed(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok", 0.0)
     assert not reader.send_continue
     reader = http.RequestReader(1000, 1000)
     reader.feed(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n", 0.0)
