@@ -26,7 +26,9 @@ from tafe.settings import Settings
 
 log = logging.getLogger("tafe.nginx")
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "nginx" / "tafe.conf.template"
+# nginx/tafe.conf.template, through a symlink in the package data so that a wheel
+# (not only the source tree) carries it.
+TEMPLATE = Path(__file__).resolve().parent / "data" / "nginx.conf.template"
 DEFAULT_UPSTREAM = "127.0.0.1:8090"
 INSTALL_HINT = "install it from Debian's packages: sudo apt-get install -y nginx"
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")

@@ -57,6 +57,13 @@ def test_render_derives_every_limit_from_the_settings(tmp_path: Path):
     assert str(tmp_path / "tmp" / "client_body") in text
 
 
+def test_the_template_is_package_data_and_the_shipped_file():
+    # In the package (so a wheel carries it), and the very file nginx/ holds.
+    package = Path(nginx.__file__).resolve().parent
+    assert nginx.TEMPLATE.parent.parent == package and nginx.TEMPLATE.is_file()
+    assert nginx.TEMPLATE.resolve() == (ROOT / "nginx" / "tafe.conf.template").resolve()
+
+
 def test_every_directive_is_explained():
     """Every paragraph of directives in the template carries a comment saying why."""
     paragraphs = re.split(r"\n\s*\n", nginx.TEMPLATE.read_text())
