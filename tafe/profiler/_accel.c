@@ -20,8 +20,9 @@
  * Watch(hook, period_s, threshold_s, on_long, schedstat_fd): a POSIX thread. At each
  * wake-up it reads the hub thread's run-queue wait (pread of /proc schedstat, if
  * fd >= 0) and the span in progress; a span of a non-hub greenlet older than period_s
- * is handed to on_long() under the GIL, which returns the seconds to sleep next;
- * otherwise it sleeps threshold_s. stop() ends and joins the thread.
+ * is handed to on_long() under the GIL, which returns the seconds to sleep next; one
+ * older than a fifth of period_s is looked at again when period_s old; otherwise it
+ * sleeps threshold_s. stop() ends and joins the thread.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -333,7 +334,14 @@ watch_main(void *arg)
         int64_t start = __atomic_load_n(&hook->last_ns, __ATOMIC_ACQUIRE);
         PyObject *running = __atomic_load_n(&hook->running, __ATOMIC_ACQUIRE);
         interval = w->threshold_ns;
-        if (running != hook->hub && now - start >= w->period_ns) {
+        int64_t age = now - start;
+        if (running != hook->hub && age < w->period_ns && age >= w->period_ns / 5) {
+            /* Already long for a loop whose spans last ~0.1 ms: look again when it is
+               period_s old, not a whole threshold later, so that a span just over the
+               threshold is sampled too. Short spans (the usual case) keep one wake-up
+               per threshold. */
+            interval = w->period_ns - age;
+        } else if (running != hook->hub && age >= w->period_ns) {
             /* A long span: the loop is blocked (or about to switch). Python samples it. */
             PyGILState_STATE g = PyGILState_Ensure();
             if (!__atomic_load_n(&w->stopping, __ATOMIC_ACQUIRE)) {

@@ -1,7 +1,8 @@
 """Blocking events aggregated by code site, in memory bounded whatever the traffic.
 
 A site is the innermost application frame of the stack taken while the loop was
-blocked (or, when the watchdog could not take one, at the yield). Per site we keep a
+blocked (or, when the watchdog could not take one, at the yield; ``(not sampled)`` if
+that one shows no application code either). Per site we keep a
 count, total and max duration, fixed log-bucket quantiles, the routes it hurt, one
 example request and its distinct full stacks; every collection has a cap, and what
 falls beyond a cap is counted in an ``(other)`` entry instead of growing memory.
@@ -15,9 +16,10 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from typing import Any
 
-from .stacks import Frame, Stack, app_frame, collapsed_frame, format_frame, format_stack
+from .stacks import Frame, Stack, app_frame, collapsed_frame, format_frame, format_stack, is_library
 
 OTHER = "(other)"
+NOT_SAMPLED = "(not sampled)"  # a long span with no stack that names application code
 
 
 class LogBuckets:
@@ -114,7 +116,12 @@ class Aggregate:
 
     def site_key(self, event: BlockEvent) -> Frame | str:
         frame = app_frame(event.stack)
-        key: Frame | str = frame if frame is not None else "(unknown)"
+        key: Frame | str = frame if frame is not None else NOT_SAMPLED
+        if event.blocked is None and frame is not None and is_library(frame[0]):
+            # Not sampled while blocked (a span just over the threshold may end before
+            # the watchdog looks), and the stack at yield shows no application code:
+            # not a culprit to name (gevent's socket code, the server's loop).
+            key = NOT_SAMPLED
         if key not in self.sites and len(self.sites) >= self.max_sites:
             return OTHER
         return key

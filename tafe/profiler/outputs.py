@@ -68,6 +68,7 @@ class Metrics:
         )
         # route -> (span counts per bucket, seconds) already added to the span histogram.
         self.folded: dict[str, tuple[list[int], float]] = {}
+        self.registered = True
 
     def fold(self, route_spans: RouteSpans) -> None:
         """Add the sampled spans recorded since the last fold to the span histogram.
@@ -97,8 +98,17 @@ class Metrics:
         self.blocking_seconds.labels(site).inc(seconds)
 
     def close(self) -> None:
+        self.registered = False
         for metric in (self.spans, self.blocking, self.blocking_seconds):
             try:
                 self.registry.unregister(metric)
             except KeyError:  # pragma: no cover - already gone
                 pass
+
+    def reopen(self) -> None:
+        """Register the same metrics again (a profiler started again after uninstall):
+        their values carry on."""
+        if not self.registered:
+            for metric in (self.spans, self.blocking, self.blocking_seconds):
+                self.registry.register(metric)
+            self.registered = True

@@ -22,7 +22,7 @@ import greenlet
 from .aggregate import OTHER, Aggregate, BlockEvent, RouteSpans
 from .outputs import Metrics, RateLimitedLog
 from .stacks import dominant, extract, format_stack
-from .tracer import Tracer
+from .tracer import AlreadyInstalled, Tracer, installed_here
 from .watchdog import Watchdog
 
 RouteOf = Callable[[dict[str, Any]], str]
@@ -95,6 +95,8 @@ class Profiler:
     def start(self) -> "Profiler":
         if not self.installed:
             self.tracer.install(self.threshold_s)
+            if self.metrics is not None:
+                self.metrics.reopen()
             interval = sys.getswitchinterval()
             if self.switch_interval_s is not None and self.switch_interval_s < interval:
                 self._saved_switch_interval = interval
@@ -156,9 +158,9 @@ class Profiler:
     def _on_block(self, origin: Any, start: float, span: float, frame: Any = None) -> None:
         try:
             capture = self.watchdog.capture
-            sample, baseline = None, None
+            sample, baseline, run = None, None, None
             if capture is not None and capture[0] == start:
-                sample, baseline = dominant(capture[1], self.server_files), capture[2]
+                sample, baseline, run = dominant(capture[1], self.server_files), capture[2], capture[3]
             else:  # not sampled: the watchdog's last reading, if taken before the span began
                 at, waited = self.watchdog.reading
                 baseline = waited if at <= start else None
@@ -177,9 +179,9 @@ class Profiler:
                 route = self.route_name(environ, route_of)
                 request_id = self.request_id(environ)
             else:
-                route = "greenlet " + greenlet_name(origin)
+                route = "greenlet " + greenlet_name(origin, run)
                 request_id = None
-            event = BlockEvent(span, time.time(), route, request_id, greenlet_name(origin), blocked, yielded, blocked_at, stalled)
+            event = BlockEvent(span, time.time(), route, request_id, greenlet_name(origin, run), blocked, yielded, blocked_at, stalled)
             site = self.aggregate.add(event, self.threshold_s)
             for listener in self.listeners:
                 listener(event)
@@ -323,11 +325,14 @@ class Profiler:
         return render_text(self.report(top))
 
 
-def greenlet_name(g: Any) -> str:
+def greenlet_name(g: Any, run: Any = None) -> str:
+    """The function ``g`` runs (``run``: as seen while it ran, if it has ended since)."""
     if g is None:
         return "?"
-    run = getattr(g, "_run", None) or getattr(g, "run", None)
-    if run is None or getattr(run, "__self__", None) is g:  # no function: a finished gevent Greenlet
+    live = getattr(g, "_run", None) or getattr(g, "run", None)
+    if live is not None and getattr(live, "__self__", None) is not g:
+        run = live
+    if run is None:  # no function: a finished gevent Greenlet (its _run is its own method)
         return "main" if getattr(g, "parent", 0) is None else type(g).__name__
     name = getattr(run, "__qualname__", None) or type(run).__name__
     module = getattr(run, "__module__", None)
@@ -345,14 +350,22 @@ def install(
     log_per_second: float = 5.0,
     switch_interval_ms: float | None = 1.0,
 ) -> Profiler:
-    """Start profiling the calling thread's hub: call after monkey-patching, in each worker.
+    """Start profiling the calling thread's hub, once: in each worker of a pre-forking
+    server (gunicorn's ``post_fork`` will do, before or after monkey-patching), or once
+    before it forks (a forked child keeps its parent's profiler running). Raises
+    ``RuntimeError`` if one is installed already; ``Profiler(...).start()`` nests one in
+    it instead (as ``no_blocking`` does).
 
     ``registry``: a prometheus_client CollectorRegistry for the metrics, or None.
+    ``max_sites``: code sites tracked (more fall into ``(other)``); ``max_routes``:
+    routes whose sampled spans are tracked.
     ``log``: the logger for one JSON line per blocking event (default ``tafe.profiler``),
     or False for none. ``switch_interval_ms``: lower the interpreter's GIL switch
     interval to this while installed (so the watchdog samples pure-Python blockers
     promptly); None leaves it alone.
     """
+    if installed_here():  # before the new one registers its metrics
+        raise AlreadyInstalled()
     return Profiler(
         threshold_ms,
         sample,

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any, Iterator
 
 from .aggregate import BlockEvent
-from .profiler import Profiler, install
+from .profiler import Profiler
 
 
 class BlockingSpanError(AssertionError):
@@ -42,7 +42,8 @@ class no_blocking:
         self.profiler: Profiler | None = None
 
     def __enter__(self) -> "no_blocking":
-        self.profiler = install(threshold_ms=self.limit_ms, log=False)
+        # Started directly, not with install(): it nests in a profiler already there.
+        self.profiler = Profiler(threshold_ms=self.limit_ms, log=False).start()
         self.profiler.listeners.append(self._on_event)
         return self
 

@@ -23,6 +23,19 @@ from ._accel import Hook
 OnBlock = Callable[[Any, float, float], None]
 
 
+class AlreadyInstalled(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__(
+            "a tafe profiler is already installed in this thread (after a fork, the parent's carries on in the "
+            "child): use that one, or uninstall() it first"
+        )
+
+
+def installed_here() -> bool:
+    """Whether a profiler's hook is greenlet's tracer in the calling thread."""
+    return isinstance(greenlet.gettrace(), Hook)
+
+
 class Tracer:
     """Installs the hook in the calling thread, chained to the tracer found there."""
 
@@ -41,7 +54,7 @@ class Tracer:
         self.hook.restart(greenlet.getcurrent())
 
     def install(self, threshold_s: float) -> None:
-        previous = greenlet.gettrace()
+        previous = greenlet.gettrace()  # may be another profiler's hook: they nest
         self._configure(threshold_s, previous)
         self._threshold = threshold_s
         self.previous = previous

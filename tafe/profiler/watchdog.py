@@ -5,8 +5,9 @@ running the loop, so the only way to see *what* it is doing is from another thre
 ``sys._current_frames()[hub thread]``. The thread is a POSIX thread made in C, so
 monkey-patching does not turn it into a greenlet.
 
-While spans are short it wakes once per threshold; a span it finds older than half the
-threshold is then sampled every half threshold (the interval doubling whenever the
+While spans are short it wakes once per threshold (and, finding a span already a tenth
+of the threshold old, again when it is half the threshold old); a span it finds older
+than half the threshold is then sampled every half threshold (the interval doubling whenever the
 span's 16 samples are thinned to 8, so memory stays bounded and samples stay evenly
 spread). Sampling early and often catches a span over
 the threshold even when this thread is scheduled late (a loaded host, or a wait for the
@@ -57,17 +58,19 @@ class Watchdog:
         self.period = max(threshold_s / 2, 0.0005)
         self.thread_id = _get_ident()  # the hub's thread: the caller's
         # (span start, ((stack, seconds into the span), ...), run-queue wait (ns) at the
-        # first sample): the samples of the latest long span.
-        self.capture: tuple[float, Samples, int | None] | None = None
+        # first sample, the function its greenlet runs): the latest long span's samples.
+        self.capture: tuple[float, Samples, int | None, Any] | None = None
         self._schedstat = _open_schedstat()
         self._loop: Watch | None = None
         self._stats: dict[str, Any] = {"wakeups": 0, "errors": 0, "realtime": False, "native_id": None}
-        self._span, self._interval, self._baseline = 0.0, self.period, None
+        self._span, self._interval, self._baseline, self._run = 0.0, self.period, None, None
         self._samples: Samples = ()
 
     def start(self) -> None:
         """Start the thread and wait (at most a second) until it runs: a span that blocks
         right after install is then watched too."""
+        if self._schedstat is None:  # closed by close(): started again
+            self._schedstat = _open_schedstat()
         fd = self._schedstat if self._schedstat is not None else -1
         self._span, self._samples, self._interval, self._baseline = 0.0, (), self.period, None
         self._loop = Watch(self.current, self.period, self.threshold, self._sample, fd)
@@ -145,8 +148,8 @@ class Watchdog:
         # The run-queue baseline of a span is the last reading taken before it started.
         reading, previous = self._loop.readings()
         age = perf_counter() - start
-        if age < self.period:  # it ended while this thread waited for the GIL
-            return self.threshold
+        if age < self.period:  # it ended while this thread waited for the GIL; as in C:
+            return self.period - age if age >= self.period / 5 else self.threshold
         frame = sys._current_frames().get(self.thread_id)
         stack = extract(frame)
         del frame
@@ -157,10 +160,13 @@ class Watchdog:
         if start != self._span:
             self._baseline = previous[1] if previous[0] <= start else reading[1]
             self._span, self._samples, self._interval = start, (), self.period
+            # What the greenlet runs, for its name: a gevent Greenlet forgets it when it
+            # ends, possibly before the switch that ends this span.
+            self._run = getattr(greenlet, "_run", None)
         elif len(self._samples) >= MAX_SAMPLES:
             self._samples, self._interval = self._samples[1::2], self._interval * 2
         self._samples += ((stack, age),)
-        self.capture = (start, self._samples, self._baseline)
+        self.capture = (start, self._samples, self._baseline, self._run)
         return self._interval
 
 

@@ -46,7 +46,7 @@ def middleware(app: WSGIApp, profiler: Profiler, route: RouteOf | None = None) -
             finish(environ, route_of)
             raise
         if type(result) is not list:
-            return _Closing(result, lambda: finish(environ, route_of))
+            return _Closing(result, environ, route_of, lambda: finish(environ, route_of))
         # A list stays as is (servers set Content-Length from a one-item list) and the
         # request ends now; the common case, inlined (this runs on every request).
         start, running = current[0]
@@ -70,7 +70,7 @@ def middleware(app: WSGIApp, profiler: Profiler, route: RouteOf | None = None) -
             finish(environ, route_of, g)
             raise
         if type(result) is not list:
-            return _Closing(result, lambda: finish(environ, route_of, g))
+            return _Closing(result, environ, route_of, lambda: finish(environ, route_of, g))
         # Profiler.finish, inlined: this runs on every sampled request.
         del sampled[g]
         start, running = current[0]
@@ -82,21 +82,30 @@ def middleware(app: WSGIApp, profiler: Profiler, route: RouteOf | None = None) -
         entry[0] += 1
         return result
 
-    profiler.request_codes.update({profiled.__code__: ("environ", None), recorded.__code__: ("environ", None)})
+    profiler.request_codes.update(
+        {profiled.__code__: ("environ", None), recorded.__code__: ("environ", None), _Closing.__iter__.__code__: ("environ", None)}
+    )
     return recorded if rate >= 1.0 else profiled  # every request sampled: no draw, no hop
 
 
 class _Closing:
-    """The app's iterable, ending the request's attribution when the server closes it."""
+    """The app's iterable, ending the request's attribution when the server closes it.
 
-    __slots__ = ("_result", "_done")
+    The server iterates it after the middleware has returned: ``__iter__``'s frame
+    stands for the request meanwhile (a request frame for ``Profiler.request_on``), so
+    a body generator that blocks between chunks is still the request's."""
 
-    def __init__(self, result: Iterable[bytes], done: Callable[[], None]) -> None:
+    __slots__ = ("_result", "_environ", "_route_of", "_done")
+
+    def __init__(self, result: Iterable[bytes], environ: dict[str, Any], route_of: RouteOf, done: Callable[[], None]) -> None:
         self._result = result
+        self._environ = environ
+        self._route_of = route_of
         self._done = done
 
     def __iter__(self) -> Any:
-        return iter(self._result)
+        environ, route_of = self._environ, self._route_of  # noqa: F841 - read from this frame
+        yield from self._result
 
     def close(self) -> None:
         try:

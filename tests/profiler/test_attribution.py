@@ -81,3 +81,38 @@ def test_nested_middlewares_name_the_outer_route_and_other_greenlets_their_funct
     routes = {e.route for e in seen}
     assert "GET /outer" in routes and "GET /inner" not in routes, routes
     assert any(r.startswith("greenlet ") and r.endswith("worker") for r in routes), routes
+
+
+def test_block_in_a_streamed_body_between_two_yields(events) -> None:
+    prof, seen = events
+
+    def body():
+        yield b"a"
+        gevent.sleep(0)
+        block(0.025)
+        gevent.sleep(0)  # the span ends here, while the server iterates the body
+        yield b"b"
+
+    def server(environ, start_response):  # the server iterates after the app returned
+        result = profiler.middleware(lambda e, s: body(), prof)(environ, start_response)
+        chunks = list(result)
+        result.close()
+        return chunks
+
+    serve(server, {"REQUEST_METHOD": "GET", "PATH_INFO": "/stream", "HTTP_X_REQUEST_ID": "r-3"})
+    mine = [e for e in seen if e.duration >= 0.024]
+    assert [(e.route, e.request_id) for e in mine] == [("GET /stream", "r-3")], seen
+
+
+def a_job_that_ends_blocking() -> None:
+    block(0.025)
+
+
+def test_a_greenlet_that_blocks_as_it_ends_is_named_by_its_function(events) -> None:
+    # gevent forgets a Greenlet's function when it ends, before the switch that ends
+    # the span: the name is the one the watchdog saw while it blocked.
+    prof, seen = events
+    gevent.spawn(a_job_that_ends_blocking).join()
+    gevent.sleep(0.01)
+    name = f"{__name__}.a_job_that_ends_blocking"
+    assert [(e.route, e.greenlet) for e in seen] == [("greenlet " + name, name)], seen

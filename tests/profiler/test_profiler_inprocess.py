@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 import time
@@ -245,3 +246,69 @@ def test_watchdog_restarts_in_a_forked_child() -> None:
     child = json.loads(data)
     assert child["report_pid"] == child["pid"] == pid
     assert child["captured"] == "while_blocked" and child["site"].endswith(f":{line_of('# BLOCKER')} blocker"), child
+
+
+def test_started_again_after_uninstall_it_exports_its_metrics_again() -> None:
+    registry = CollectorRegistry()
+    site = format_frame((__file__, line_of("# BLOCKER"), "blocker"))
+    prof = profiler.install(threshold_ms=10, registry=registry, log=False)
+    try:
+        for _ in range(2):
+            gevent.spawn(blocker, 0.025).join()
+            gevent.sleep(0.01)
+            prof.uninstall()
+            assert registry.get_sample_value("tafe_eventloop_blocking_total", {"site": site}) is None
+            prof.start()
+            assert prof.watchdog._schedstat is not None or sys.platform != "linux"
+        assert registry.get_sample_value("tafe_eventloop_blocking_total", {"site": site}) == 2
+    finally:
+        prof.uninstall()
+
+
+def test_install_twice_is_refused_but_no_blocking_nests() -> None:
+    prof = profiler.install(threshold_ms=50, log=False)
+    try:
+        with pytest.raises(RuntimeError, match="already installed"):
+            profiler.install(threshold_ms=10, log=False)
+        with pytest.raises(profiler.BlockingSpanError):
+            with profiler.no_blocking(limit_ms=10):
+                blocker(0.025)
+        assert greenlet.gettrace() is prof.tracer.hook  # restored to the outer one
+    finally:
+        prof.uninstall()
+
+
+def test_an_unsampled_span_seen_only_in_library_code_names_no_culprit() -> None:
+    import gevent._socketcommon as sc
+
+    in_gevent = ((sc.__file__, 687, "recv_into"),)
+    in_app = ((__file__, 10, "handler"), (sc.__file__, 687, "recv_into"))
+    agg = Aggregate()
+    names = [
+        agg.add(BlockEvent(0.012, 0.0, "GET /a", None, "g", None, in_gevent)),  # at yield, library only
+        agg.add(BlockEvent(0.012, 0.0, "GET /a", None, "g", None, None)),  # no stack at all
+        agg.add(BlockEvent(0.012, 0.0, "GET /a", None, "g", None, in_app)),  # at yield, in the app
+        agg.add(BlockEvent(0.012, 0.0, "GET /a", None, "g", in_gevent, None)),  # sampled while blocked
+    ]
+    assert names == ["(not sampled)", "(not sampled)", format_frame(in_app[0]), format_frame(in_gevent[0])]
+
+
+def test_a_block_just_over_the_threshold_is_sampled_while_blocked() -> None:
+    # The watchdog wakes once per threshold while spans are short; one it finds already
+    # a tenth of the threshold old is looked at again at half the threshold, so a block
+    # of 1.4x the threshold is sampled, not only seen when it yields. Twenty blocks,
+    # one more batch if the host held the watchdog off (see test_profiler_server).
+    for attempt in range(2):
+        prof = profiler.install(threshold_ms=10, log=False)
+        seen: list[BlockEvent] = []
+        prof.listeners.append(seen.append)
+        try:
+            for _ in range(20):
+                gevent.spawn(blocker, 0.014).join()
+                gevent.sleep(random.uniform(0.001, 0.011))  # any phase against the wake-ups
+        finally:
+            prof.uninstall()
+        mine = [e for e in seen if e.duration >= 0.0135]
+        if len(mine) == 20 and all(e.blocked is not None for e in mine):
+            break
+    assert len(mine) == 20 and all(e.blocked is not None for e in mine), [(e.duration, e.blocked is not None) for e in mine]
