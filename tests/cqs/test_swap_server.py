@@ -112,10 +112,17 @@ def test_stores_swapped_while_serving_lose_no_request(tmp_path, workers):
         make_store(watch_dir / "s3.cqss", "s3")
         for c in clients:
             c.wait_version("s3")
-        with urllib.request.urlopen(server.admin_url + "/metrics", timeout=5) as resp:
-            metrics = resp.read().decode()
-        assert 'tafe_cqs_active_info{kind="store",version="s3"} 1.0' in metrics
-        assert 'tafe_cqs_active_info{kind="store",version="s1"} 0.0' in metrics
+        # Each worker swaps on its own, and the clients' connections may all be on one
+        # of them: the gauge (the max over live workers) settles when every one has.
+        want = ['tafe_cqs_active_info{kind="store",version="s3"} 1.0', 'tafe_cqs_active_info{kind="store",version="s1"} 0.0']
+        deadline = time.monotonic() + 20
+        while True:
+            with urllib.request.urlopen(server.admin_url + "/metrics", timeout=5) as resp:
+                metrics = resp.read().decode()
+            if all(line in metrics for line in want) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert all(line in metrics for line in want), [ln for ln in metrics.splitlines() if "cqs_active" in ln]
     finally:
         for c in clients:
             c.stop.set()
