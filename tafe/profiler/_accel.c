@@ -1,7 +1,7 @@
 /* The profiler's two hot loops in C: the greenlet switch hook and the watchdog's wake-ups.
  *
  * Why C: measured on the bid workload (benchmarks/profiler_overhead.py), a Python hook
- * added 564 ns per greenlet switch (a Python frame per call; this one: 113-245 ns), two switches
+ * added 564 ns per greenlet switch (a Python frame per call; this one: 113-291 ns), two switches
  * per keep-alive request; and a Python watchdog thread cost ~60-90 us of the server's
  * core per wake-up on these VMs (a GIL hand-off and the interpreter's sleep loop),
  * 100 wake-ups a second. Here the hook is a plain C call (one clock read, a few

@@ -4,7 +4,7 @@ It runs on every greenlet switch of the hub's thread, so it is written in C
 (``_accel.Hook``, see ``_accel.c``): one clock read and a few stores per switch, a
 dictionary look-up only while requests are being sampled, and a call into Python
 (``on_block``) only for spans over the threshold. The same hook as a Python closure
-added 564 ns per switch in ``benchmarks/profiler_overhead.py`` (this one: 113-245 ns
+added 564 ns per switch in ``benchmarks/profiler_overhead.py`` (this one: 113-291 ns
 in its recorded runs), and a keep-alive request makes two switches.
 
 greenlet calls the hook after the switch, in the target greenlet, with
