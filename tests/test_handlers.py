@@ -214,6 +214,9 @@ def test_gzip_members_are_one_body_and_trailing_bytes_refused(env):
     assert (status, out) == (400, b"bad_gzip\n")
     app, _, _ = env(max_inflated_bytes=len(BANNER) - 1)  # each member fits, the whole does not
     assert call(app, body=members, headers={"Content-Encoding": "gzip"})[0] == 413
+    app, _, _ = env()
+    many = gzip.compress(BANNER) + gzip.compress(b"") * 100  # a CPU sink, not a body
+    assert call(app, body=many, headers={"Content-Encoding": "gzip"})[:3:2] == (400, b"bad_gzip\n")
 
 
 def test_deadline_already_short_at_arrival(env):

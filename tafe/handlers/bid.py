@@ -55,6 +55,9 @@ def read_body(environ: dict[str, Any], max_bytes: int) -> bytes:
     return body
 
 
+MAX_GZIP_MEMBERS = 64
+
+
 def inflate(body: bytes, max_bytes: int) -> bytes:
     """Gunzip with a hard cap: a gzip bomb stops at ``max_bytes`` + 1, never exhausting
     memory. Concatenated members are one body (RFC 1952); bytes after the last member
@@ -78,6 +81,8 @@ def inflate(body: bytes, max_bytes: int) -> bytes:
         room -= len(out)
         if not body.strip(b"\0"):
             return b"".join(parts)
+        if len(parts) >= MAX_GZIP_MEMBERS:  # thousands of tiny members: CPU, not data
+            raise BadRequest("bad_gzip")
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
