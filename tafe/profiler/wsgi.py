@@ -46,7 +46,7 @@ def middleware(app: WSGIApp, profiler: Profiler, route: RouteOf | None = None) -
             finish(environ, route_of)
             raise
         if type(result) is not list:
-            return _Closing(result, environ, route_of, lambda: finish(environ, route_of))
+            return _Closing(result, environ, route_of, finish)
         # A list stays as is (servers set Content-Length from a one-item list) and the
         # request ends now; the common case, inlined (this runs on every request).
         start, running = current[0]
@@ -70,7 +70,7 @@ def middleware(app: WSGIApp, profiler: Profiler, route: RouteOf | None = None) -
             finish(environ, route_of, g)
             raise
         if type(result) is not list:
-            return _Closing(result, environ, route_of, lambda: finish(environ, route_of, g))
+            return _Closing(result, environ, route_of, finish, g)
         # Profiler.finish, inlined: this runs on every sampled request.
         del sampled[g]
         start, running = current[0]
@@ -95,13 +95,16 @@ class _Closing:
     stands for the request meanwhile (a request frame for ``Profiler.request_on``), so
     a body generator that blocks between chunks is still the request's."""
 
-    __slots__ = ("_result", "_environ", "_route_of", "_done")
+    __slots__ = ("_result", "_environ", "_route_of", "_finish", "_sampled")
 
-    def __init__(self, result: Iterable[bytes], environ: dict[str, Any], route_of: RouteOf, done: Callable[[], None]) -> None:
+    def __init__(
+        self, result: Iterable[bytes], environ: dict[str, Any], route_of: RouteOf, finish: Callable[..., None], sampled: Any = None
+    ) -> None:
         self._result = result
         self._environ = environ
         self._route_of = route_of
-        self._done = done
+        self._finish = finish  # Profiler.finish
+        self._sampled = sampled  # the greenlet of a sampled request
 
     def __iter__(self) -> Any:
         environ, route_of = self._environ, self._route_of  # noqa: F841 - read from this frame
@@ -113,7 +116,7 @@ class _Closing:
             if close is not None:
                 close()
         finally:
-            self._done()
+            self._finish(self._environ, self._route_of, self._sampled)
 
 
 def debug_app(profiler: Profiler) -> WSGIApp:
