@@ -74,7 +74,7 @@ def bench_json(files: list[Path], rounds: int) -> tuple[list[list[object]], dict
 
 
 def bench_core(files: list[Path], rounds: int) -> list[list[object]]:
-    from tafe.core.decide import decide
+    from tafe.core.decide import Inputs, decide
     from tafe.core.render import render
     from tafe.core.request import parse
     from tafe.handlers import build
@@ -87,10 +87,10 @@ def bench_core(files: list[Path], rounds: int) -> list[list[object]]:
     for f in files:
         body = f.read_bytes()
         request = parse(body)
-        decision = decide(request, snapshot, campaigns, now)
+        decision = decide(request, Inputs(snapshot, campaigns, now))
         stages = {
             "parse": (parse, body),
-            "decide": (lambda r: decide(r, snapshot, campaigns, now), request),
+            "decide": (lambda r: decide(r, Inputs(snapshot, campaigns, now)), request),
             "render": (lambda d: render(d, seat="tafe", notice_base="http://127.0.0.1:8080"), decision),
         }
         times = {k: min(per_call_us(fn, arg) for _ in range(rounds)) for k, (fn, arg) in stages.items()}

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from tafe.money import node_settings
 from tafe.settings import Settings, SettingsError, demo_curl
 
 log = logging.getLogger("tafe.master")
@@ -185,6 +186,8 @@ class Master:
         self.worker_overrides = dict(worker_overrides or {})
         self._own_run_dir = not (run_dir or settings.run_dir)
         self.run_dir = run_directory(run_dir or settings.run_dir, prefix="tafe-")
+        # Made once for every worker: the money state's directory and the notice keys.
+        self.settings = settings = node_settings(settings, self.run_dir)
         self.metrics_dir = self.run_dir / "metrics"
         self.listener: socket.socket | None = None
         self.admin_listener: socket.socket | None = None
@@ -299,7 +302,8 @@ class Master:
         """Rolling restart, one slot at a time (new worker ready, then old one drains)."""
         if settings is None or self.stopping:
             return
-        self.settings = settings.with_overrides(workers=self.settings.workers, host=self.settings.host, port=self.settings.port)
+        settings = settings.with_overrides(workers=self.settings.workers, host=self.settings.host, port=self.settings.port)
+        self.settings = node_settings(settings.with_overrides(state=settings.state or self.settings.state), self.run_dir, self.settings)
         self._roll = list(range(self.n))
         self._rolling = True
         log.info("rolling restart of %d workers", self.n)
@@ -337,14 +341,15 @@ class Master:
             "--listen-fd", str(self.listener.fileno()),
             "--ready-fd", str(ready_w),
             "--slot", str(slot),
-            "--settings", json.dumps(dataclasses.asdict(settings)),
+            "--settings", json.dumps({**dataclasses.asdict(settings), "notice_keys": ""}),
         ]  # fmt: skip
         if self.admin_listener is not None:
             cmd += ["--admin-fd", str(self.admin_listener.fileno())]
             fds.append(self.admin_listener.fileno())
         if cause:
             cmd += ["--restart-cause", cause]
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        # The notice keys go by environment, not on the command line (which any local user can read).
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir), "TAFE_NOTICE_KEYS": settings.notice_keys}
         try:
             proc = subprocess.Popen(
                 cmd, pass_fds=fds, env=env, process_group=0, preexec_fn=child_preexec(signal.SIGTERM)

@@ -64,7 +64,19 @@ class Metrics:
             "tafe_cqs_active_info", "Active CQS model and store versions (value 1)", ["kind", "version"], registry=registry,
             multiprocess_mode="livemax",
         )
-        self.notices = Counter("tafe_notices_total", "Win, billing, loss, impression and click notices", ["kind"], registry=registry)
+        self.notices = Counter(
+            "tafe_notices_total", "Win, billing, loss, impression and click notices, by kind and outcome (accepted, duplicate or"
+            " why refused)", ["kind", "outcome"], registry=registry,
+        )  # fmt: skip
+        # Money, per campaign, in the bid currency, as the worker's last sync with the
+        # money state saw it (about once a second); the most recent worker's value wins.
+        money = {"registry": registry, "multiprocess_mode": "livemostrecent"}
+        self.campaign_budget = Gauge("tafe_campaign_budget", "Budget of the current period", ["campaign"], **money)
+        self.campaign_spend = Gauge("tafe_campaign_spend", "Spend committed in the current period (billing notices)", ["campaign"], **money)
+        self.campaign_reserved = Gauge("tafe_campaign_reserved", "Budget reserved by bids awaiting their notices", ["campaign"], **money)
+        self.campaign_left = Gauge("tafe_campaign_budget_left", "Budget neither spent, reserved nor floated to a worker", ["campaign"], **money)
+        self.campaign_pacing = Gauge("tafe_campaign_pacing_rate", "Even pacing: spend allowed per second now", ["campaign"], **money)
+        self.money_errors = Counter("tafe_money_state_errors_total", "Failed calls to the money state, by call", ["call"], registry=registry)
         self.worker_restarts = worker_restarts(registry)
 
 

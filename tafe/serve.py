@@ -72,6 +72,7 @@ def serve_in_process(
 
     swap.watch(apps.holder, settings, logging.getLogger("tafe.cqs"))
     _fold_while_idle(apps.metrics.updates)
+    _keep_money(apps)
 
     public_sock = listener or server.bind(settings.host, settings.port)
     # Threshold-only: TAFE's server attributes spans to requests itself (no middleware).
@@ -90,6 +91,8 @@ def serve_in_process(
     try:
         return server.run(servers, settings, lifecycle, on_started=started)
     finally:
+        # Reservations still queued reach the state, floats go back to the other workers.
+        apps.money.close(apps.metrics)
         # The last second's counts, before the master archives a retired worker's files.
         apps.metrics.updates.fold()
         if prof is not None:
@@ -112,6 +115,36 @@ def _fold_while_idle(updates: Immediate | Deferred) -> None:
                 updates.fold()
 
     gevent.spawn(fold_forever)
+
+
+SYNC_S = 1.0  # floats are renewed this often (the state's lease lasts 5 s)
+SHORT_SYNC_S = 0.05  # at most this often when a float ran short
+
+
+def _keep_money(apps: object) -> None:
+    """The worker's money loop: sync floats every second (sooner when one ran short),
+    write the buffered events and sync the state to disk off the event loop."""
+    import gevent
+
+    money, metrics = apps.money, apps.metrics  # type: ignore[attr-defined]
+    pool = gevent.get_hub().threadpool
+
+    def persist(events: bytes) -> None:  # in a thread: both may wait on the disk
+        money.events.write(events)
+        money.state.flush()
+
+    def loop() -> None:
+        last = time.monotonic()
+        while True:
+            gevent.sleep(SHORT_SYNC_S)
+            due = time.monotonic() - last >= SYNC_S
+            if money.banker.short or (due and money.banker.budgeted):
+                money.sync(metrics, time.time())
+            if due:
+                last = time.monotonic()
+                pool.spawn(persist, money.events.take()).join()
+
+    gevent.spawn(loop)
 
 
 def _announce(servers: list, apps: object, curl: bool = True) -> None:

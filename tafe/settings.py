@@ -70,6 +70,16 @@ class Settings:
     notice_base_url: str = _opt("", "base URL put in nurl/burl/lurl; empty: the scheme and Host header each bid request came in by")
     seat: str = _opt("tafe", "seat id in seatbid[].seat")
 
+    # --- money -------------------------------------------------------------------------
+    budget_period_s: int = _opt(86400, "length of a budget period (seconds); periods start at multiples of it since the Unix epoch (a day: UTC midnight)")
+    spend_on: str = _opt("bill", "which notice counts as spend: bill (the burl; OpenRTB 2.5+) or win (exchanges that bill on the nurl)")
+    reservation_ttl_s: int = _opt(300, "a bid's reserved budget is released if no billing, loss or win notice comes this long after the bid")
+    notice_ttl_s: int = _opt(3600, "notices (and tracking URLs) are accepted this long after their bid, then refused as expired")
+    notice_keys: str = _opt("", "notice signing keys 'kid:secret[,kid:secret]' (the first signs, all verify); empty: notice_keys_file, else a random key per node", cli=False)
+    notice_keys_file: str = _opt("", "file holding the notice signing keys ('kid:secret' pairs, one per line or comma-separated)")
+    state: str = _opt("", "directory of the embedded money state (budgets, reservations, frequency counts) shared by the node's workers; empty: a new temporary one (forgotten when the node stops)")
+    event_log: str = _opt("", "directory for the event files (win, bill, loss, impression, click: JSON lines, rotated hourly, one file per worker); empty: no event files")
+
     # --- learning ---------------------------------------------------------------------
     decision_log: str = _opt("", "JSON-lines file of sampled bid decisions for training; empty disables it")
     decision_log_sample: float = _opt(0.01, "fraction of decisions written to the decision log")

@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from tafe import serve
 
     # environ={}: the master already resolved file, environment and command line.
-    settings = settings_mod.load(environ={}, overrides=json.loads(args.settings))
+    overrides = json.loads(args.settings)
+    overrides["notice_keys"] = os.environ.get("TAFE_NOTICE_KEYS", "")  # secrets stay off the command line
+    settings = settings_mod.load(environ={}, overrides=overrides)
     logs.configure(settings)
     if settings.cpu_affinity:
         pin_cpu(args.slot)

@@ -93,7 +93,7 @@ def test_bid(env):
     (bid,) = resp["seatbid"][0]["bid"]
     assert resp["seatbid"][0]["seat"] == "tafe"
     assert bid["impid"] == "1" and bid["price"] == 2.0 and bid["w"] == 300 and bid["h"] == 250 and bid["mtype"] == 1
-    assert bid["nurl"].startswith("https://bid.test/notice/win?r=req-1&i=1&b=" + bid["id"])
+    assert bid["nurl"].startswith("https://bid.test/notice/win?t=")
     assert "${AUCTION_PRICE}" in bid["burl"] and "${AUCTION_LOSS}" in bid["lurl"]
     assert resp["ext"]["cqs"]["model"] == "stub-1"
     assert sample(metrics, "tafe_bids_total", exchange="default") == 1
@@ -270,32 +270,81 @@ def test_routes_404_405(env):
     assert sample(metrics, "tafe_http_requests_total", route="other", status="404") == 2
 
 
+def _notice(app, url, price="1.23", **macros):
+    """Call a notice URL as the exchange would, macros filled in."""
+    path, _, query = url.removeprefix("https://bid.test").partition("?")
+    fill = {"${AUCTION_PRICE}": price, "${AUCTION_CURRENCY}": "USD", "${AUCTION_LOSS}": "102", "${AUCTION_MIN_TO_WIN}": "1.1"}
+    fill.update(macros)
+    for macro, value in fill.items():
+        query = query.replace(macro, value)
+    return call(app, "GET", path, query=query)
+
+
 def test_notices_round_trip_from_a_bid(env):
     app, metrics, _ = env()
     bid = json.loads(call(app, body=BANNER)[2])["seatbid"][0]["bid"][0]
     for kind, url in (("win", bid["nurl"]), ("bill", bid["burl"]), ("loss", bid["lurl"])):
-        path, _, query = url.removeprefix("https://bid.test").partition("?")
-        query = query.replace("${AUCTION_PRICE}", "1.23").replace("${AUCTION_CURRENCY}", "USD").replace("${AUCTION_LOSS}", "102")
-        assert call(app, "GET", path, query=query)[0] == 204
-        assert sample(metrics, "tafe_notices_total", kind=kind) == 1
+        assert _notice(app, url)[0] == 204
+        assert sample(metrics, "tafe_notices_total", kind=kind, outcome="accepted") == 1
 
 
-def test_bill_notice_is_idempotent(env):
+def test_bill_notice_counts_once_and_moves_spend(env):
     app, metrics, _ = env()
-    query = "r=req-9&i=1&b=abc&c=c-banner&p=1.5"
+    bid = json.loads(call(app, body=BANNER)[2])["seatbid"][0]["bid"][0]
     for _ in range(3):
-        assert call(app, "GET", "/notice/bill", query=query)[0] == 204
-    assert call(app, "POST", "/notice/bill", query="r=req-9&i=1&b=other&p=1.5")[0] == 204
-    assert sample(metrics, "tafe_notices_total", kind="bill") == 2
-    assert sample(metrics, "tafe_notices_total", kind="bill_duplicate") == 2
+        assert _notice(app, bid["burl"], price="1.5")[0] == 204
+    assert sample(metrics, "tafe_notices_total", kind="bill", outcome="accepted") == 1
+    assert sample(metrics, "tafe_notices_total", kind="bill", outcome="duplicate") == 2
 
 
-@pytest.mark.parametrize("price", ["WEp8nGN8dZf7zQ-cDgYJdA", "${AUCTION_PRICE}", "-1", "inf", "", "%ZZ"])
-def test_notice_tolerates_encrypted_or_odd_prices(env, price):
+def test_forged_and_tampered_notices_are_refused(env):
     app, metrics, _ = env()
-    assert call(app, "GET", "/notice/win", query=f"r=x&i=1&b=2&p={price}")[0] == 204
-    assert call(app, "GET", "/notice/win", query="garbage&&==&p")[0] == 204
-    assert sample(metrics, "tafe_notices_total", kind="win") == 2
+    assert call(app, "GET", "/notice/bill", query="r=x&i=1&b=y&p=999999")[0] == 403  # the old, unsigned form
+    bid = json.loads(call(app, body=BANNER)[2])["seatbid"][0]["bid"][0]
+    token = bid["burl"].split("t=")[1].split("&")[0]
+    tampered = bid["burl"].replace(token, token[:-2] + ("AA" if not token.endswith("AA") else "BB"))
+    assert _notice(app, tampered)[0] == 403
+    assert sample(metrics, "tafe_notices_total", kind="bill", outcome="unsigned") == 1
+    assert sample(metrics, "tafe_notices_total", kind="bill", outcome="bad_token") == 1
+    assert sample(metrics, "tafe_notices_total", kind="bill", outcome="accepted") == 0
+
+
+@pytest.mark.parametrize(
+    "price,status,outcome",
+    [
+        ("WEp8nGN8dZf7zQ-cDgYJdA", 202, "encrypted_price"),
+        ("${AUCTION_PRICE}", 400, "bad_price"),
+        ("-1", 400, "bad_price"),
+        ("inf", 400, "bad_price"),
+        ("nan", 400, "bad_price"),
+        ("", 400, "bad_price"),
+        ("%ZZ", 400, "bad_price"),
+        ("999", 400, "bad_price"),  # above our own bid price
+        ("2.0", 204, "accepted"),  # exactly our bid price
+    ],
+)
+def test_notice_prices(env, price, status, outcome):
+    app, metrics, _ = env()
+    bid = json.loads(call(app, body=BANNER)[2])["seatbid"][0]["bid"][0]
+    assert bid["price"] == 2.0
+    assert _notice(app, bid["nurl"], price=price)[0] == status
+    assert sample(metrics, "tafe_notices_total", kind="win", outcome=outcome) == 1
+
+
+def test_click_redirects_only_to_the_declared_landing_url(env):
+    app, metrics, _ = env()
+    bid = json.loads(call(app, body=BANNER)[2])["seatbid"][0]["bid"][0]
+    click = bid["adm"].split('href="')[1].split('"')[0] if "/track/click" in bid["adm"] else None
+    if click is None:  # the test campaign's markup has no click macro: build the URL from the pixel's token
+        click = bid["nurl"].replace("/notice/win", "/track/click").split("&")[0]
+    status, headers, _ = _notice(app, click)
+    landing = test_campaigns().by_id[bid["cid"]].landing_url
+    if landing:
+        assert (status, headers["location"]) == (302, landing)
+    else:
+        assert status == 404
+    status, headers, _ = call(app, "GET", "/track/click", query="t=k.x.y&url=https://evil.example")
+    assert status == 403 and "location" not in headers
 
 
 def test_admin_app():
@@ -379,12 +428,3 @@ def test_unexpected_error_is_logged_with_its_traceback(env, caplog):
         call(app, body=BANNER)
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert record.exc_info and "model bug" in str(record.exc_info[1])
-
-
-def test_dedupe_forgets_the_oldest_first():
-    from tafe.handlers.notices import Dedupe
-
-    d = Dedupe(2)
-    assert d.first(("a",)) and d.first(("b",)) and not d.first(("a",))  # "a" refreshed
-    assert d.first(("c",))  # evicts "b", the least recently seen
-    assert d.first(("b",)) and not d.first(("c",))

@@ -61,6 +61,12 @@ class Targeting:
 
 
 @dataclass(frozen=True, slots=True)
+class FrequencyCap:
+    impressions: int
+    window_s: int
+
+
+@dataclass(frozen=True, slots=True)
 class Campaign:
     id: str
     advertiser: str
@@ -72,6 +78,10 @@ class Campaign:
     bundle: str = ""
     deals: frozenset[str] = frozenset()
     creatives: tuple[Creative, ...] = ()
+    budget_micros: int = 0  # per budget period; 0: no budget
+    pacing: str = "even"
+    frequency_cap: FrequencyCap | None = None
+    landing_url: str = ""
     # Its categories and their tier-1 parents: a bcat of "IAB7" blocks "IAB7-39" too.
     cat_family: frozenset[str] = field(init=False, repr=False, compare=False)
 
@@ -238,6 +248,10 @@ def _campaign(c: Any, where: str) -> Campaign:
         bundle=str(c.get("bundle", "")),
         deals=frozenset(_strings(c, "deals", where)),
         creatives=tuple(_creative(cr, f"{where} creatives[{i}]") for i, cr in enumerate(creatives)),
+        budget_micros=to_micros(c["daily_budget"]) if "daily_budget" in c else 0,
+        pacing=c.get("pacing", "even"),
+        frequency_cap=FrequencyCap(**c["frequency_cap"]) if "frequency_cap" in c else None,
+        landing_url=c.get("landing_url", ""),
     )
 
 

@@ -1,4 +1,4 @@
-"""``decide(request, models, campaigns, now) -> Decision``: which imps to bid on, with what, at what price.
+"""``decide(request, inputs) -> Decision``: which imps to bid on, with what, at what price.
 
 For each imp, the creatives whose format and size fit are filtered by media details,
 targeting, ``imp.secure`` and the request's blocks (bcat, badv, bapp); the user is
@@ -8,6 +8,12 @@ The price is that value (second price, ``at=2``) or the value shaded by
 ``first_price_shade`` (first price, ``at=1``), raised to the floor only when the value
 itself clears it. Deals are bid on by the campaigns set up for them, priced against
 the deal floor; ``private_auction`` leaves only the deals.
+
+Money comes in as values (``Inputs``): a campaign the user has seen ``frequency_cap``
+times is skipped; a budgeted campaign bids only when its price fits in the float this
+worker holds for it (what is left is passed in, less what earlier imps of the same
+request took), and each such bid comes back as a reservation in the ``Decision`` for
+the shell to apply.
 
 All money is integer micros. The result depends only on the inputs (``now`` included):
 bid ids are hashes, not random numbers. Only ``timings_us`` measures the clock.
@@ -19,15 +25,17 @@ candidate of every imp.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from time import perf_counter_ns
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 from xxhash import xxh3_64_hexdigest
 
 from tafe.core.campaigns import MICROS, Campaign, Campaigns
+from tafe.core.privacy import may_use_history
 from tafe.core.types import Bid, BidRequest, Creative, Decision, Imp, MediaType, NoBidReason
 
-__all__ = ["Scorer", "decide", "no_bid"]
+__all__ = ["Inputs", "Scorer", "decide", "no_bid"]
 
 PRICE_STEP = 100  # micros: prices are sent with 4 decimals
 
@@ -35,8 +43,11 @@ PRICE_STEP = 100  # micros: prices are sent with 4 decimals
 _STAGE = {
     NoBidReason.NO_ELIGIBLE_CAMPAIGN: 0,
     NoBidReason.BLOCKED: 1,
-    NoBidReason.UNKNOWN_USER: 2,
-    NoBidReason.BELOW_FLOOR: 3,
+    NoBidReason.FREQUENCY_CAP: 2,
+    NoBidReason.UNKNOWN_USER: 3,
+    NoBidReason.BELOW_FLOOR: 4,
+    NoBidReason.PACING: 5,
+    NoBidReason.BUDGET: 6,
 }
 
 
@@ -47,6 +58,23 @@ class Scorer(Protocol):
 
     def score(self, request: BidRequest, imp: Imp, now: float) -> Any:  # -> Score(value, known_user)
         ...
+
+
+@dataclass(slots=True)
+class Inputs:
+    """Everything ``decide`` reads besides the request: runtime state comes in as values."""
+
+    models: Scorer
+    campaigns: Campaigns
+    now: float  # unix seconds
+    # Budgeted campaigns: nanos this worker may still reserve for each (its float). A
+    # campaign absent from it has no budget. None: no campaign has one.
+    budgets: Mapping[str, int] | None = None
+    exhausted: frozenset[str] = frozenset()  # budgeted campaigns with nothing left this period
+    # The user's impressions per campaign within that campaign's cap window (only
+    # campaigns with a frequency cap need be present). None: the user is not known or
+    # may not be looked up, so nothing can be counted against a cap.
+    impressions: Mapping[str, int] | None = None
 
 
 # A way to bid on an imp: (deal id, "" for the open auction; floor in micros of our
@@ -138,9 +166,22 @@ def _bid_id(request_id: str, imp_id: str, now_us: int) -> str:
     return xxh3_64_hexdigest(f"{request_id}\x00{imp_id}\x00{now_us}".encode())
 
 
-def decide(request: BidRequest, models: Scorer, campaigns: Campaigns, now: float) -> Decision:
+def _capped(campaigns: Campaigns, impressions: Mapping[str, int] | None) -> frozenset[str]:
+    if not impressions:
+        return frozenset()
+    out = []
+    for cid, n in impressions.items():
+        campaign = campaigns.by_id.get(cid)
+        cap = campaign.frequency_cap if campaign is not None else None
+        if cap is not None and n >= cap.impressions:
+            out.append(cid)
+    return frozenset(out)
+
+
+def decide(request: BidRequest, inputs: Inputs) -> Decision:
     """Bid on each imp a campaign can serve above its floor, or say why not."""
     t_start = perf_counter_ns()
+    models, campaigns, now = inputs.models, inputs.campaigns, inputs.now
     cur = campaigns.currency
     versions = models.versions
     seat = campaigns.seat
@@ -148,8 +189,12 @@ def decide(request: BidRequest, models: Scorer, campaigns: Campaigns, now: float
         return no_bid(request.id, NoBidReason.BLOCKED, cur=cur, versions=versions)
     if request.cur and cur not in request.cur:
         return no_bid(request.id, NoBidReason.NO_ELIGIBLE_CAMPAIGN, cur=cur, versions=versions)
-    # COPPA, or GDPR without consent: contextual only, the user is not looked up.
-    scored = dataclasses.replace(request, user_keys=()) if request.coppa or (request.gdpr and not request.consent) else request
+    # A user whose history may not be used is scored from the request alone.
+    scored = dataclasses.replace(request, user_keys=()) if request.user_keys and may_use_history(request) else request
+    capped = _capped(campaigns, inputs.impressions)
+    budgets = inputs.budgets
+    taken: dict[str, int] = {}  # nanos reserved by this request's earlier imps, per campaign
+    reservations: list[tuple[str, str, int]] = []
     shade = campaigns.first_price_shade if request.at == 1 else 1.0
     pivot = campaigns.score_pivot
     blocks = bool(request.bcat or request.badv or request.bapp)
@@ -184,16 +229,20 @@ def decide(request: BidRequest, models: Scorer, campaigns: Campaigns, now: float
             ):
                 stage = stage or 1
                 continue
+            if capped and campaign.id in capped:
+                stage = max(stage, 2)
+                continue
             if score is None:
                 t0 = perf_counter_ns()
                 score = models.score(scored, imp, now)
                 score_ns += perf_counter_ns() - t0
                 s = min(max(float(score.value), 0.0), 1.0)
             if known_only and not score.known_user:
-                stage = 2
+                stage = max(stage, 3)
                 continue
-            stage = 3
+            stage = max(stage, 4)
             value = min(int(base * s / pivot), top)
+            left = budgets.get(campaign.id) if budgets is not None else None
             for lane in lanes:  # deals first, then the open auction
                 deal_id, floor, wadomain = lane
                 if deal_id and (deal_id not in campaign.deals or (wadomain and not any(d in wadomain for d in campaign.adomain))):
@@ -203,6 +252,9 @@ def decide(request: BidRequest, models: Scorer, campaigns: Campaigns, now: float
                     price = _price(value, floor, shade)
                     if price is None:
                         continue
+                if left is not None and price > left - taken.get(campaign.id, 0):
+                    stage = max(stage, 6 if campaign.id in inputs.exhausted else 5)
+                    continue
                 key = (1 if deal_id else 0, value, -rank)
                 if best is None or key > best[0]:
                     best = (key, campaign, creative, lane, price)
@@ -211,22 +263,31 @@ def decide(request: BidRequest, models: Scorer, campaigns: Campaigns, now: float
             furthest = max(furthest, stage)
             continue
         _, campaign, creative, lane, price = best
+        bid_id = _bid_id(request.id, imp.id, round(now * 1_000_000))
+        if budgets is not None and campaign.id in budgets:
+            taken[campaign.id] = taken.get(campaign.id, 0) + price
+            reservations.append((campaign.id, bid_id, price))
         bids.append(
             Bid(
-                bid_id=_bid_id(request.id, imp.id, round(now * 1_000_000)),
+                bid_id=bid_id,
                 imp_id=imp.id,
                 price=price / MICROS,
+                price_micros=price,
                 campaign_id=campaign.id,
                 creative=creative,
                 adomain=campaign.adomain,
                 cat=campaign.cat,
                 deal_id=lane[0],
                 cqs=s,
+                secure=secure,
             )
         )
     total_us = (perf_counter_ns() - t_start) / 1000
     timings = {"decide": total_us, "score": score_ns / 1000}
     if bids:
-        return Decision(request_id=request.id, bids=tuple(bids), cur=cur, versions=versions, timings_us=timings)
+        return Decision(
+            request_id=request.id, bids=tuple(bids), cur=cur, versions=versions, timings_us=timings,
+            reservations=tuple(reservations),
+        )
     reason = next((r for r, s in _STAGE.items() if s == furthest), NoBidReason.NO_ELIGIBLE_CAMPAIGN)
     return Decision(request_id=request.id, no_bid=reason, cur=cur, versions=versions, timings_us=timings)

@@ -28,6 +28,9 @@ class NoBidReason(enum.Enum):
     BLOCKED_PUBLISHER = ("blocked_publisher", 7)
     UNSUPPORTED_DEVICE = ("unsupported_device", 6)
     TECHNICAL_ERROR = ("technical_error", 1)
+    FREQUENCY_CAP = ("frequency_cap", 0)  # the user saw the fitting campaigns often enough
+    PACING = ("pacing", 0)  # budget left, but not yet: even pacing holds it for later
+    BUDGET = ("budget", 0)  # the fitting campaigns' budgets are spent (or reserved) for the period
 
     def __init__(self, label: str, nbr: int) -> None:
         self.label = label
@@ -144,12 +147,14 @@ class Bid:
     bid_id: str
     imp_id: str
     price: float  # CPM in the decision's currency, rounded to the cent-of-a-cent (4 d.p.)
+    price_micros: int  # the same, exact: CPM micros (an impression at this price costs as many nanos)
     campaign_id: str
     creative: Creative
     adomain: tuple[str, ...]
     cat: tuple[str, ...]
     deal_id: str = ""
     cqs: float = 0.0
+    secure: bool = False  # the imp needs https markup: tracking URLs in the markup are https too
 
 
 @dataclass(slots=True)
@@ -160,3 +165,6 @@ class Decision:
     cur: str = "USD"
     versions: dict[str, str] = field(default_factory=dict)  # active model/store versions
     timings_us: dict[str, float] = field(default_factory=dict)  # per-stage cost, microseconds
+    # The budget each bid of a budgeted campaign holds until it is billed, lost or times
+    # out: (campaign id, bid id, nanos). The shell applies them to the worker's floats.
+    reservations: tuple[tuple[str, str, int], ...] = ()

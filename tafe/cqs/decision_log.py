@@ -26,6 +26,7 @@ import random
 
 import orjson
 
+from tafe.core.privacy import may_use_history
 from tafe.core.types import BidRequest, Decision
 from tafe.cqs import Snapshot
 from tafe.cqs.features import SPEC
@@ -45,7 +46,7 @@ class DecisionLog:
     def record(self, request: BidRequest, decision: Decision, snapshot: Snapshot, now: float) -> None:
         if not decision.bids or self._fd < 0 or self._random() >= self.sample:
             return
-        if request.coppa or (request.gdpr and not request.consent):
+        if may_use_history(request) is not None:
             return
         imps = {imp.id: imp for imp in request.imps}
         lines = []

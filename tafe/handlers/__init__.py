@@ -9,9 +9,13 @@ serves operators (``/metrics``, ``/ping``, mounted debug apps) on another listen
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
 import time
 from typing import Any, Callable, Iterable, NamedTuple
+
+import orjson
 
 from prometheus_client import CollectorRegistry
 
@@ -20,10 +24,15 @@ from tafe.core.campaigns import Campaigns
 from tafe.cqs import open_snapshot
 from tafe.cqs.decision_log import DecisionLog
 from tafe.cqs.swap import Holder
+from tafe.events import EventSink, NullSink, RotatingFiles
 from tafe.handlers.bid import BidHandler
-from tafe.handlers.notices import KINDS, NoticeHandler
+from tafe.handlers.notices import KINDS, TRACKS, NoticeHandler
 from tafe.lifecycle import Lifecycle
 from tafe.metrics import Metrics, cooperative, exposition
+from tafe.money import keys_of, node_settings
+from tafe.money.banker import Banker, period_of
+from tafe.money.embedded import EmbeddedState
+from tafe.money.state import State
 from tafe.settings import Settings
 
 __all__ = ["Apps", "build", "make_admin_app", "make_public_app"]
@@ -43,6 +52,37 @@ class Apps(NamedTuple):
     holder: Holder  # .current: the active CQS snapshot
     metrics: Metrics
     campaigns: Campaigns
+    money: "Money"
+
+
+class Money(NamedTuple):
+    """A worker's side of the money loop: what the shell syncs, flushes and closes."""
+
+    banker: Banker
+    state: State
+    events: EventSink
+    settings: Settings
+
+    def sync(self, metrics: Metrics, now: float, *, final: bool = False) -> None:
+        """Report reservations and take new floats; publish the accounts as gauges."""
+        try:
+            self.banker.sync(self.state, now, final=final)
+        except Exception:
+            metrics.money_errors.labels("reserve").inc()
+            log.warning("money state sync failed; budgeted campaigns bid only from the floats they hold", exc_info=True)
+            return
+        for cid, account in self.banker.accounts.items():
+            metrics.campaign_budget.labels(cid).set(account.budget / 1e9)
+            metrics.campaign_spend.labels(cid).set(account.spent / 1e9)
+            metrics.campaign_reserved.labels(cid).set(account.reserved / 1e9)
+            metrics.campaign_left.labels(cid).set(account.left / 1e9)
+            metrics.campaign_pacing.labels(cid).set(account.rate / 1e9)
+
+    def close(self, metrics: Metrics) -> None:
+        """Report what is queued and give the floats back, so other workers can use them at once."""
+        self.sync(metrics, time.time(), final=True)
+        self.events.close()
+        self.state.flush()
 
 
 def _ping(lifecycle: Lifecycle) -> tuple[str, list, bytes]:
@@ -58,11 +98,23 @@ def make_public_app(
     metrics: Metrics,
     holder: Any,
     campaigns: Campaigns,
+    money: Money | None = None,
     decision_log: Any = None,
 ) -> WSGIApp:
-    """Bids on ``POST /openrtb2/bid[/{exchange}]``, notices on ``/notice/{win,bill,loss}``, ``GET /ping``."""
-    bid = BidHandler(settings, metrics=metrics, holder=holder, campaigns=campaigns, decision_log=decision_log)
-    notice = NoticeHandler(metrics)
+    """Bids on ``POST /openrtb2/bid[/{exchange}]``, notices on ``/notice/{win,bill,loss}``, tracking on
+    ``/track/{imp,click}``, ``GET /ping``. Without ``money``, a fresh state of its own."""
+    if money is None:
+        settings = node_settings(settings)
+        money = open_money(settings, campaigns)
+        money.sync(metrics, time.time())
+    bid = BidHandler(
+        settings, metrics=metrics, holder=holder, campaigns=campaigns, banker=money.banker, state=money.state,
+        keys=keys_of(settings), decision_log=decision_log,
+    )  # fmt: skip
+    notice = NoticeHandler(
+        metrics=metrics, campaigns=campaigns, state=money.state, keys=keys_of(settings), events=money.events,
+        notice_ttl_s=settings.notice_ttl_s, period_s=settings.budget_period_s, spend_on=settings.spend_on,
+    )  # fmt: skip
     exchanges: set[str] = set()
     updates = metrics.updates
     latency = {r: updates.histogram(metrics.latency.labels(r)) for r in ("bid", "notice", "ping", "other")}
@@ -84,9 +136,9 @@ def make_public_app(
                 return "bid", "405 Method Not Allowed", [*_TEXT, ("Allow", "POST")], b"POST only\n"
             exchange = exchange_of(path) if len(path) > len(_BID_PREFIX) + 1 else "default"
             return ("bid", *bid(environ, exchange))
-        if path.startswith("/notice/"):
-            kind = path[8:]
-            if kind not in KINDS:
+        if path.startswith("/notice/") or path.startswith("/track/"):
+            kind = path[8:] if path[1] == "n" else path[7:]
+            if kind not in (KINDS if path[1] == "n" else TRACKS):
                 return "notice", "404 Not Found", _TEXT, b"not found\n"
             if method not in ("GET", "POST", "HEAD"):
                 return "notice", "405 Method Not Allowed", [*_TEXT, ("Allow", "GET, POST")], b"GET or POST\n"
@@ -126,10 +178,48 @@ def make_public_app(
     return app
 
 
+def campaigns_report(money: Money, campaigns: Campaigns, now: float) -> dict[str, Any]:
+    """``/debug/campaigns``: each campaign's budget, spend, reservations, pacing and capped users, read from the state."""
+    period = period_of(now, money.settings.budget_period_s)
+    accounts = money.state.accounts(period)
+    out = []
+    for c in campaigns.campaigns:
+        a = accounts.get(c.id)
+        entry: dict[str, Any] = {"id": c.id, "pacing": c.pacing if c.budget_micros else None}
+        if c.budget_micros:
+            entry.update(
+                budget=c.budget_micros / 1e6,
+                spent=a.spent / 1e9 if a else 0.0,
+                reserved=a.reserved / 1e9 if a else 0.0,
+                floated=a.floated / 1e9 if a else 0.0,
+                left=a.left / 1e9 if a else c.budget_micros / 1e6,
+                pacing_rate_per_s=a.rate / 1e9 if a else 0.0,
+            )
+        if c.frequency_cap is not None:
+            entry["frequency_cap"] = {"impressions": c.frequency_cap.impressions, "window_s": c.frequency_cap.window_s}
+        out.append(entry)
+    caps = {c.id: c.frequency_cap.window_s for c in campaigns.campaigns if c.frequency_cap is not None}
+    limits = {c.id: c.frequency_cap.impressions for c in campaigns.campaigns if c.frequency_cap is not None}
+    capped = money.state.capped_users(limits, caps, now) if caps else {}
+    for entry in out:
+        if entry["id"] in capped:
+            entry["capped_users"] = capped[entry["id"]]
+    return {
+        "currency": campaigns.currency, "period": period, "period_s": money.settings.budget_period_s,
+        "period_start": period * money.settings.budget_period_s, "campaigns": out,
+    }  # fmt: skip
+
+
 def make_admin_app(
-    settings: Settings, *, lifecycle: Lifecycle, metrics: Metrics, mounts: dict[str, WSGIApp] | None = None
+    settings: Settings,
+    *,
+    lifecycle: Lifecycle,
+    metrics: Metrics,
+    mounts: dict[str, WSGIApp] | None = None,
+    money: Money | None = None,
+    campaigns: Campaigns | None = None,
 ) -> WSGIApp:
-    """``GET /metrics`` (Prometheus text), ``GET /ping``, and apps mounted by path prefix."""
+    """``GET /metrics`` (Prometheus text), ``GET /ping``, ``GET /debug/campaigns``, and apps mounted by path prefix."""
     mounted = sorted((mounts or {}).items(), key=lambda kv: -len(kv[0]))  # longest prefix first
     registry = metrics.registry
 
@@ -150,6 +240,9 @@ def make_admin_app(
             status, headers = "200 OK", [("Content-Type", content_type)]
         elif path == "/ping":
             status, headers, body = _ping(lifecycle)
+        elif path == "/debug/campaigns" and money is not None and campaigns is not None:
+            body = orjson.dumps(campaigns_report(money, campaigns, time.time()), option=orjson.OPT_INDENT_2) + b"\n"
+            status, headers = "200 OK", [("Content-Type", "application/json")]
         else:
             status, headers, body = "404 Not Found", _TEXT, b"not found\n"
         start_response(status, [*headers, ("Content-Length", str(len(body)))])
@@ -173,17 +266,32 @@ def _decision_log(settings: Settings) -> DecisionLog | None:
     return DecisionLog(settings.decision_log, settings.decision_log_sample)
 
 
+def open_money(settings: Settings, campaigns: Campaigns) -> Money:
+    """The worker's banker on the node's money state, synced once so that it bids at once."""
+    state = EmbeddedState(settings.state)
+    banker = Banker(
+        campaigns.campaigns, worker=f"{socket.gethostname()}:{os.getpid()}", period_s=settings.budget_period_s,
+        reservation_ttl_s=settings.reservation_ttl_s,
+    )  # fmt: skip
+    events: EventSink = RotatingFiles(settings.event_log) if settings.event_log else NullSink()
+    return Money(banker, state, events, settings)
+
+
 def build(settings: Settings, *, lifecycle: Lifecycle | None = None, registry: CollectorRegistry | None = None) -> Apps:
     """Load the campaigns and the CQS snapshot named by the settings and wire both apps."""
     lifecycle = lifecycle or Lifecycle()
     metrics = Metrics(registry if registry is not None else CollectorRegistry(), deferred=cooperative())
     campaigns = campaigns_mod.load(settings.campaigns, seat=settings.seat, currency=settings.currency)
+    settings = node_settings(settings)  # a worker's master has filled these in already
+    money = open_money(settings, campaigns)
+    money.sync(metrics, time.time())
     holder = Holder(open_snapshot(settings.model, settings.store))
     for kind, version in holder.current.versions.items():
         metrics.model_info.labels(kind, version).set(1)
     holder.on_swap.append(lambda old, new: _show_versions(metrics, old.versions, new.versions))
     public = make_public_app(
-        settings, lifecycle=lifecycle, metrics=metrics, holder=holder, campaigns=campaigns, decision_log=_decision_log(settings)
-    )
-    admin = make_admin_app(settings, lifecycle=lifecycle, metrics=metrics)
-    return Apps(public=public, admin=admin, holder=holder, metrics=metrics, campaigns=campaigns)
+        settings, lifecycle=lifecycle, metrics=metrics, holder=holder, campaigns=campaigns, money=money,
+        decision_log=_decision_log(settings),
+    )  # fmt: skip
+    admin = make_admin_app(settings, lifecycle=lifecycle, metrics=metrics, money=money, campaigns=campaigns)
+    return Apps(public=public, admin=admin, holder=holder, metrics=metrics, campaigns=campaigns, money=money)

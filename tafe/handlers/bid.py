@@ -13,12 +13,18 @@ import time
 import zlib
 from typing import Any
 
+from xxhash import xxh3_64_hexdigest
+
 from tafe.core.campaigns import Campaigns
-from tafe.core.decide import decide, no_bid
+from tafe.core.decide import Inputs, decide, no_bid
+from tafe.core.privacy import may_use_history
 from tafe.core.render import render
 from tafe.core.request import BadRequest, parse
-from tafe.core.types import NoBidReason
+from tafe.core.types import BidRequest, Decision, NoBidReason
 from tafe.metrics import Metrics
+from tafe.money.banker import Banker
+from tafe.money.state import State
+from tafe.money.token import Keys, NoticeFields, sign
 from tafe.settings import Settings
 
 log = logging.getLogger("tafe.bid")
@@ -118,11 +124,18 @@ class BidHandler:
         metrics: Metrics,
         holder: Any,
         campaigns: Campaigns,
+        banker: Banker,
+        state: State,
+        keys: Keys,
         decision_log: Any = None,
     ) -> None:
         self.metrics = metrics
         self.holder = holder
         self.campaigns = campaigns
+        self.banker = banker
+        self.state = state
+        self.keys = keys
+        self.caps = {c.id: c.frequency_cap for c in campaigns.campaigns if c.frequency_cap is not None}
         self.decision_log = decision_log
         self.max_body = settings.max_body_bytes
         self.max_inflated = settings.max_inflated_bytes
@@ -179,6 +192,36 @@ class BidHandler:
             return "200 OK", [_JSON, *headers], render(no_bid(request_id, reason), seat=self.seat, notice_base="", nbr_in_response=True)
         return "204 No Content", headers, b""
 
+    def _impressions(self, user: str, now: float) -> dict[str, int] | None:
+        """The user's impressions per capped campaign within its window; None for no usable user."""
+        if not user:
+            return None
+        try:
+            times = self.state.frequency(user)
+        except Exception:  # state unreadable: count every capped campaign as at its cap
+            self.metrics.money_errors.labels("frequency").inc()
+            log.warning("money state unreadable: capped campaigns do not bid", exc_info=True)
+            return {cid: cap.impressions for cid, cap in self.caps.items()}
+        out = {}
+        for cid, seen in times.items():
+            cap = self.caps.get(cid)
+            if cap is not None:
+                since = now - cap.window_s
+                out[cid] = sum(1 for t in seen if t > since)
+        return out
+
+    def _tokens(self, request: BidRequest, decision: Decision, user: str, ts: int) -> list[str]:
+        model, keys = decision.versions.get("model", ""), self.keys
+        return [
+            sign(
+                NoticeFields(
+                    request.id, b.imp_id, b.bid_id, b.campaign_id, b.creative.id, user, b.price_micros, ts, model, b.deal_id
+                ),
+                keys,
+            )
+            for b in decision.bids
+        ]
+
     def __call__(self, environ: dict[str, Any], exchange: str) -> Response:
         arrival = environ.get("tafe.arrival") or time.monotonic()
         version = environ.get("HTTP_X_OPENRTB_VERSION", "")
@@ -208,15 +251,27 @@ class BidHandler:
 
         snapshot = self.holder.current
         now = time.time()
-        decision = decide(request, snapshot, self.campaigns, now)
+        user = xxh3_64_hexdigest(request.user_keys[0].encode()) if request.user_keys and may_use_history(request) is None else ""
+        banker = self.banker
+        inputs = Inputs(
+            snapshot, self.campaigns, now, budgets=banker.floats, exhausted=banker.exhausted,
+            impressions=self._impressions(user, now) if self.caps else None,
+        )  # fmt: skip
+        decision = decide(request, inputs)
         if self.decision_log is not None:
             self.decision_log.record(request, decision, snapshot, now)
         if not decision.bids:
+            if decision.no_bid is NoBidReason.PACING or decision.no_bid is NoBidReason.BUDGET:
+                banker.short = True  # a float ran short: the sync loop tops it up soon
             return self._no_bid(request.id, decision.no_bid or NoBidReason.NO_ELIGIBLE_CAMPAIGN, exchange, headers)
-        out = render(decision, seat=self.seat, notice_base=self.notice_base or self._base_of(environ))
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline:  # before reserving: a late bid costs nothing
             self.metrics.over_deadline.inc()
             return self._no_bid(request.id, NoBidReason.DEADLINE, exchange, headers)
+        banker.apply(decision, now)
+        out = render(
+            decision, seat=self.seat, notice_base=self.notice_base or self._base_of(environ),
+            tokens=self._tokens(request, decision, user, int(now)),
+        )  # fmt: skip
 
         counter = self._bids.get(exchange)
         if counter is None:

@@ -1,86 +1,200 @@
-"""Win, billing and loss notices: ``GET`` or ``POST /notice/{win,bill,loss}?<state>``.
+"""Notices and tracking: ``/notice/{win,bill,loss}`` and ``/track/{imp,click}``, each ``?t=<token>``.
 
-The URLs were written by ``tafe.core.render`` and carry their own state (request,
-imp and bid ids, campaign, creative, model version, our price), so nothing is kept
-per bid. Each notice becomes one ``tafe.notice`` log line for the training join.
-Billing notices are retried by exchanges until they get a 200/204, so they are
-deduplicated on (request, imp, bid) in a bounded set. ``${AUCTION_PRICE}`` is often
-encrypted by the exchange: a price that is not a number is kept as text, not refused.
+Every URL was written by TAFE at render time with a signed token (``tafe.money.token``)
+that holds the whole bid, so a notice needs no per-bid state to be understood, and a
+forged or altered one is refused before it can touch money. Rules, in order:
+
+1. The token must verify (``unsigned``, ``bad_token``: 403; ``expired``: 410).
+2. Win and bill need the clearing price ``p`` (``${AUCTION_PRICE}``): a plain number,
+   at least 0 and at most our own bid price, in our currency (``cur``, when filled in).
+   Anything else is ``bad_price`` (400), except a price the exchange encrypted, which is
+   logged and counted as ``encrypted_price`` and changes nothing yet (202).
+3. The money state applies it once per bid, whichever worker gets each retry:
+   bill (or win, with ``spend_on = win``) commits the price as spend and releases the
+   bid's reservation; win lowers the reservation to the clearing price; loss releases it.
+   A second time is ``duplicate`` (still 204: the exchange must stop retrying).
+4. The first of win, bill and impression counts one impression of the campaign for the
+   user (frequency caps). A click answers 302 to the campaign's declared ``landing_url``,
+   never to a URL taken from the request.
+
+Every outcome is counted in ``tafe_notices_total{kind,outcome}`` and every accepted or
+duplicate notice goes to the event sink. If the money state fails, the answer is 503
+(``state_error``) so the exchange retries later.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
+import time
+from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qsl
 
+from tafe.core.campaigns import Campaigns
+from tafe.events import EventSink
 from tafe.metrics import Metrics
+from tafe.money.banker import period_of
+from tafe.money.state import BidRef, State
+from tafe.money.token import Keys, NoticeFields, verify
 
 log = logging.getLogger("tafe.notice")
 
 KINDS = ("win", "bill", "loss")
-_FIELDS = {"r": "request", "i": "imp", "b": "bid", "c": "campaign", "cr": "creative", "m": "model", "bp": "bid_price",
-           "d": "deal", "p": "price", "cur": "currency", "l": "loss"}
+TRACKS = ("imp", "click")
+OUTCOMES = (
+    "accepted", "duplicate", "unsigned", "bad_token", "expired", "bad_price", "encrypted_price", "unknown_campaign",
+    "state_error",
+)  # fmt: skip
+Response = tuple[str, list[tuple[str, str]], bytes]
+
 _MAX_QUERY = 4096
+_TEXT = ("Content-Type", "text/plain; charset=utf-8")
+_NO_STORE = ("Cache-Control", "no-store")
+_STATUS = {
+    "unsigned": "403 Forbidden", "bad_token": "403 Forbidden", "expired": "410 Gone", "bad_price": "400 Bad Request",
+    "encrypted_price": "202 Accepted", "unknown_campaign": "404 Not Found", "state_error": "503 Service Unavailable",
+}  # fmt: skip
+# A 1x1 transparent GIF: what an <img> impression pixel expects back.
+PIXEL = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00"
+    b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
 
 
-class Dedupe:
-    """A bounded set remembering the most recent keys (oldest forgotten first).
-
-    Locked so that threaded WSGI servers may share it too (a gevent lock once patched).
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._seen: OrderedDict[tuple, None] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def first(self, key: tuple) -> bool:
-        """True the first time a key is seen (while remembered)."""
-        with self._lock:
-            seen = self._seen
-            if key in seen:
-                seen.move_to_end(key)
-                return False
-            seen[key] = None
-            if len(seen) > self.size:
-                seen.popitem(last=False)
-            return True
-
-
-def _price(text: str) -> float | None:
+def clearing_nanos(text: str, bid_price_micros: int, currency: str, ours: str) -> int | str:
+    """The clearing price of one impression in nanos (CPM micros), or why it is refused."""
+    if currency and not currency.startswith("${") and currency.upper() != ours:
+        return "bad_price"
+    if not text or text.startswith("${") or text.startswith("%24%7B"):
+        return "bad_price"  # missing, or a macro the exchange did not fill in
     try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if value >= 0 and value != float("inf") else None
+        value = Decimal(text)
+    except InvalidOperation:
+        # Not a number: exchanges that encrypt send base64url ciphertext here.
+        return "encrypted_price" if len(text) >= 16 and text.replace("-", "").replace("_", "").isalnum() else "bad_price"
+    if not value.is_finite() or value < 0:
+        return "bad_price"
+    micros = int((value * 1_000_000).to_integral_value(rounding="ROUND_HALF_UP"))
+    return micros if micros <= bid_price_micros else "bad_price"
 
 
 class NoticeHandler:
-    """Counts and logs a notice; the answer is always an empty 204 (the spec allows 200 or 204)."""
+    """``(environ, kind) -> (status, headers, body)`` for notice kinds and tracking kinds."""
 
-    def __init__(self, metrics: Metrics, *, dedupe_size: int = 100_000) -> None:
-        self.bills = Dedupe(dedupe_size)
-        self._counters = {k: metrics.updates.counter(metrics.notices.labels(k)) for k in (*KINDS, "bill_duplicate")}
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        campaigns: Campaigns,
+        state: State,
+        keys: Keys,
+        events: EventSink,
+        notice_ttl_s: int,
+        period_s: int,
+        spend_on: str = "bill",
+    ) -> None:
+        self.campaigns = campaigns
+        self.state = state
+        self.keys = keys
+        self.events = events
+        self.ttl = notice_ttl_s
+        self.period_s = period_s
+        self.spend_on = spend_on
+        self.metrics = metrics
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._log_budget = _LogBudget()
 
-    def __call__(self, environ: dict[str, Any], kind: str) -> tuple[str, list[tuple[str, str]], bytes]:
-        query = environ.get("QUERY_STRING", "")[:_MAX_QUERY]
-        fields: dict[str, Any] = {}
-        for key, value in parse_qsl(query, keep_blank_values=True):
-            name = _FIELDS.get(key)
-            if name is not None:
-                fields[name] = value[:256]
-        if "price" in fields:
-            price = _price(fields["price"])
-            if price is None:
-                fields["price_raw"] = fields.pop("price")  # encrypted or unsubstituted macro
+    def _count(self, kind: str, outcome: str) -> None:
+        counter = self._counters.get((kind, outcome))
+        if counter is None:
+            counter = self._counters[(kind, outcome)] = self.metrics.updates.counter(self.metrics.notices.labels(kind, outcome))
+        counter.inc()
+
+    def __call__(self, environ: dict[str, Any], kind: str) -> Response:
+        now = time.time()
+        query = dict(parse_qsl(environ.get("QUERY_STRING", "")[:_MAX_QUERY], keep_blank_values=True))
+        fields = verify(query.get("t", ""), self.keys, now, self.ttl)
+        if isinstance(fields, str):
+            return self._refuse(kind, fields, query)
+        campaign = self.campaigns.by_id.get(fields.campaign)
+        if campaign is None or (kind == "click" and not campaign.landing_url):  # e.g. a campaign since removed
+            return self._refuse(kind, "unknown_campaign", query, fields)
+        bid = BidRef(
+            bid_id=fields.bid_id, campaign=fields.campaign, period=period_of(fields.ts, self.period_s),
+            nanos=fields.price_micros, user=fields.user, expires=fields.ts + self.ttl,
+        )
+        price: int | str = 0
+        if kind in ("win", "bill"):
+            price = clearing_nanos(query.get("p", ""), fields.price_micros, query.get("cur", ""), self.campaigns.currency)
+            if isinstance(price, str):
+                return self._refuse(kind, price, query, fields)
+        cap = campaign.frequency_cap
+        try:
+            if kind == "bill" or (kind == "win" and self.spend_on == "win"):
+                first = self.state.commit(bid, price, now)
+            elif kind in ("win", "loss"):
+                first = self.state.release(kind, bid, price, now)
             else:
-                fields["price"] = price
-        if kind == "bill" and not self.bills.first((fields.get("request"), fields.get("imp"), fields.get("bid"))):
-            kind = "bill_duplicate"
-        self._counters[kind].inc()
-        fields["kind"] = kind
-        log.info("notice %s", kind, extra={"fields": fields})
+                first = self.state.first_seen(kind, bid)
+            if kind != "loss" and kind != "click" and cap is not None and fields.user:
+                self.state.count_impression(bid, cap.impressions, now)
+        except Exception:
+            log.exception("money state failed on a %s notice for bid %s", kind, fields.bid_id)
+            self._count(kind, "state_error")
+            return _STATUS["state_error"], [_TEXT], b"state_error\n"
+        outcome = "accepted" if first else "duplicate"
+        self._count(kind, outcome)
+        self.events.emit(_event(kind, outcome, fields, now, query, price))
+        if kind == "click":
+            return "302 Found", [("Location", campaign.landing_url), _NO_STORE], b""
+        if kind == "imp":
+            return "200 OK", [("Content-Type", "image/gif"), _NO_STORE], PIXEL
         return "204 No Content", [], b""
+
+    def _refuse(self, kind: str, reason: str, query: dict[str, str], fields: NoticeFields | None = None) -> Response:
+        self._count(kind, reason)
+        if self._log_budget.take():
+            log.info(
+                "%s notice refused: %s", kind, reason,
+                extra={"fields": {"kind": kind, "outcome": reason, "bid": fields.bid_id if fields else "",
+                                  "price": query.get("p", "")[:64]}},
+            )  # fmt: skip
+        if reason == "encrypted_price" and fields is not None:
+            self.events.emit(_event(kind, reason, fields, time.time(), query, 0))
+        return _STATUS[reason], [_TEXT], reason.encode() + b"\n"
+
+
+def _event(kind: str, outcome: str, f: NoticeFields, now: float, query: dict[str, str], price: int | str) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "event": kind, "outcome": outcome, "ts": round(now, 3), "bid_ts": f.ts, "request_id": f.request_id,
+        "imp_id": f.imp_id, "bid_id": f.bid_id, "campaign": f.campaign, "creative": f.creative, "user": f.user,
+        "bid_price": f.price_micros / 1e6, "model": f.model,
+    }  # fmt: skip
+    if f.deal:
+        event["deal"] = f.deal
+    if kind in ("win", "bill"):
+        event["price"] = price / 1e6 if isinstance(price, int) else None
+        if outcome == "encrypted_price":
+            event["price_raw"] = query.get("p", "")[:256]
+    if kind == "loss":
+        event["loss"] = query.get("l", "")[:16]
+        mtw = query.get("mtw", "")
+        if mtw and not mtw.startswith("${"):
+            event["min_to_win"] = mtw[:32]
+    return event
+
+
+class _LogBudget:
+    """At most ``per_s`` log lines a second for refused notices: a forger cannot flood the log."""
+
+    def __init__(self, per_s: int = 10) -> None:
+        self.per_s = per_s
+        self._second = 0
+        self._n = 0
+
+    def take(self) -> bool:
+        second = int(time.monotonic())
+        if second != self._second:
+            self._second, self._n = second, 0
+        self._n += 1
+        return self._n <= self.per_s

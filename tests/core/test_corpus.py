@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tafe.core.decide import decide
+from tafe.core.decide import Inputs, decide
 from tafe.core.render import render
 from tafe.core.request import BadRequest, parse
 
@@ -37,7 +37,7 @@ def test_corpus_is_there():
 def test_valid(path):
     want = expect(path)
     request = parse(path.read_bytes())
-    decision = decide(request, FixedScorer(want.get("score", 0.5)), CAMPAIGNS, NOW)
+    decision = decide(request, Inputs(FixedScorer(want.get("score", 0.5)), CAMPAIGNS, NOW))
     body = render(decision, seat="tafe", notice_base="http://tafe.test")
     if "nbr" in want:
         assert decision.bids == ()

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tafe.core.campaigns import from_dict
-from tafe.core.decide import _convert, _price, decide, no_bid
+from tafe.core.decide import Inputs, _convert, _price, decide, no_bid
 from tafe.core.request import parse
 from tafe.core.types import NoBidReason
 
@@ -62,30 +62,30 @@ def test_money_compares_exactly_where_floats_would_not():
     assert 0.1 + 0.2 > 0.3  # the float trap
     doc = copy.deepcopy(DOC)
     doc["campaigns"][0]["base_cpm"] = 0.3
-    d = decide(req([{**BANNER, "bidfloor": 0.3}]), FixedScorer(0.5), from_dict(doc), NOW)
+    d = decide(req([{**BANNER, "bidfloor": 0.3}]), Inputs(FixedScorer(0.5), from_dict(doc), NOW))
     assert [b.price for b in d.bids] == [0.3]
-    d = decide(req([{**BANNER, "bidfloor": 0.1 + 0.2}]), FixedScorer(0.5), from_dict(doc), NOW)
+    d = decide(req([{**BANNER, "bidfloor": 0.1 + 0.2}]), Inputs(FixedScorer(0.5), from_dict(doc), NOW))
     assert [b.price for b in d.bids] == [0.3]  # 0.30000000000000004 is 300000 micros, not above 0.3
 
 
 def test_value_scales_with_score_and_clips_to_max():
     c = camps()
-    prices = [decide(req([BANNER]), FixedScorer(s), c, NOW).bids[0].price for s in (0.25, 0.5, 0.75, 1.0)]
+    prices = [decide(req([BANNER]), Inputs(FixedScorer(s), c, NOW)).bids[0].price for s in (0.25, 0.5, 0.75, 1.0)]
     assert prices == [1.0, 2.0, 3.0, 4.0]  # base 2.0 at the 0.5 pivot; max 5.0 not reached
-    assert decide(req([BANNER]), FixedScorer(0.0), c, NOW).no_bid is NoBidReason.BELOW_FLOOR
+    assert decide(req([BANNER]), Inputs(FixedScorer(0.0), c, NOW)).no_bid is NoBidReason.BELOW_FLOOR
     high = camps(score_pivot=0.1)
-    assert decide(req([BANNER]), FixedScorer(0.9), high, NOW).bids[0].price == 5.0
+    assert decide(req([BANNER]), Inputs(FixedScorer(0.9), high, NOW)).bids[0].price == 5.0
 
 
 def test_score_out_of_range_is_clamped():
     c = camps()
-    assert decide(req([BANNER]), FixedScorer(7.0), c, NOW).bids[0].price == 4.0
-    assert decide(req([BANNER]), FixedScorer(-1.0), c, NOW).no_bid is NoBidReason.BELOW_FLOOR
+    assert decide(req([BANNER]), Inputs(FixedScorer(7.0), c, NOW)).bids[0].price == 4.0
+    assert decide(req([BANNER]), Inputs(FixedScorer(-1.0), c, NOW)).no_bid is NoBidReason.BELOW_FLOOR
 
 
 def test_scored_once_per_imp_and_not_at_all_without_candidates():
     scorer = FixedScorer()
-    decide(req([{"id": "1", "banner": {"format": [{"w": 300, "h": 250}, {"w": 728, "h": 90}]}}, {"id": "2", "banner": {"w": 1, "h": 1}}]), scorer, camps(), NOW)
+    decide(req([{"id": "1", "banner": {"format": [{"w": 300, "h": 250}, {"w": 728, "h": 90}]}}, {"id": "2", "banner": {"w": 1, "h": 1}}]), Inputs(scorer, camps(), NOW))
     assert scorer.calls == 1
 
 
@@ -99,44 +99,44 @@ def test_contextual_only_under_coppa_or_gdpr_without_consent():
     for fields, keys in (({}, ("u",)), ({"regs": {"coppa": 1}}, ()), ({"regs": {"gdpr": 1}}, ()),
                          ({"regs": {"gdpr": 1}, "user": {"buyeruid": "u", "consent": "C"}}, ("u",))):
         spy = Spy()
-        decide(req([BANNER], **fields), spy, c, NOW)
+        decide(req([BANNER], **fields), Inputs(spy, c, NOW))
         assert spy.keys == keys, fields
 
 
 def test_deterministic_and_bid_ids_unique():
     c = camps()
     r = req([BANNER, {**BANNER, "id": "2"}])
-    a, b = decide(r, FixedScorer(), c, NOW), decide(r, FixedScorer(), c, NOW)
+    a, b = decide(r, Inputs(FixedScorer(), c, NOW)), decide(r, Inputs(FixedScorer(), c, NOW))
     assert a.bids == b.bids
     assert len({bid.bid_id for bid in a.bids}) == 2
-    later = decide(r, FixedScorer(), c, NOW + 1)
+    later = decide(r, Inputs(FixedScorer(), c, NOW + 1))
     assert {bid.bid_id for bid in later.bids}.isdisjoint(bid.bid_id for bid in a.bids)
 
 
 def test_decision_carries_versions_timings_and_currency():
-    d = decide(req([BANNER]), FixedScorer(), camps(), NOW)
+    d = decide(req([BANNER]), Inputs(FixedScorer(), camps(), NOW))
     assert d.versions == {"model": "stub-1", "store": ""} and d.cur == "USD" and d.request_id == "r"
     assert set(d.timings_us) == {"decide", "score"} and all(v >= 0 for v in d.timings_us.values())
     assert d.bids[0].cqs == 0.5
 
 
 def test_best_value_wins_across_campaigns_and_formats():
-    d = decide(req([{"id": "1", "banner": {"w": 300, "h": 250}, "video": {"mimes": ["video/mp4"]}, "native": {"request": "{}"}}]), FixedScorer(), camps(), NOW)
+    d = decide(req([{"id": "1", "banner": {"w": 300, "h": 250}, "video": {"mimes": ["video/mp4"]}, "native": {"request": "{}"}}]), Inputs(FixedScorer(), camps(), NOW))
     assert d.bids[0].campaign_id == "c-video" and d.bids[0].price == 5.0
 
 
 def test_no_bid_reason_is_the_furthest_stage_over_imps():
     c = camps()
-    d = decide(req([{"id": "1", "banner": {"w": 1, "h": 1}}, {**BANNER, "id": "2", "bidfloor": 99}], bcat=[]), FixedScorer(), c, NOW)
+    d = decide(req([{"id": "1", "banner": {"w": 1, "h": 1}}, {**BANNER, "id": "2", "bidfloor": 99}], bcat=[]), Inputs(FixedScorer(), c, NOW))
     assert d.no_bid is NoBidReason.BELOW_FLOOR
-    d = decide(req([{"id": "1", "banner": {"w": 1, "h": 1}}, {**BANNER, "id": "2"}], bcat=["IAB22-2"]), FixedScorer(), c, NOW)
+    d = decide(req([{"id": "1", "banner": {"w": 1, "h": 1}}, {**BANNER, "id": "2"}], bcat=["IAB22-2"]), Inputs(FixedScorer(), c, NOW))
     assert d.no_bid is NoBidReason.BLOCKED
 
 
 def test_seat_from_campaigns():
     c = from_dict(DOC, seat="acme")
-    assert decide(req([BANNER], wseat=["acme"]), FixedScorer(), c, NOW).bids
-    assert decide(req([BANNER], bseat=["acme"]), FixedScorer(), c, NOW).no_bid is NoBidReason.BLOCKED
+    assert decide(req([BANNER], wseat=["acme"]), Inputs(FixedScorer(), c, NOW)).bids
+    assert decide(req([BANNER], bseat=["acme"]), Inputs(FixedScorer(), c, NOW)).no_bid is NoBidReason.BLOCKED
 
 
 def test_no_bid_helper():

@@ -1,14 +1,14 @@
-"""render(): the BidResponse shape, notice URLs that carry the join state, no-bid bodies."""
+"""render(): the BidResponse shape, notice and tracking URLs, no-bid bodies."""
 
 from __future__ import annotations
 
 import json
 from urllib.parse import parse_qs, urlsplit
 
-from tafe.core.decide import decide, no_bid
-from tafe.core.render import render
+from tafe.core.decide import Inputs, decide, no_bid
+from tafe.core.render import markup, render
 from tafe.core.request import parse
-from tafe.core.types import NoBidReason
+from tafe.core.types import Creative, MediaType, NoBidReason
 
 from .stub import FixedScorer, test_campaigns
 
@@ -16,7 +16,7 @@ NOW = 1_700_000_000.0
 
 
 def bid_response(body: dict, **kw) -> dict:
-    decision = decide(parse(json.dumps(body).encode()), FixedScorer(), test_campaigns(), NOW)
+    decision = decide(parse(json.dumps(body).encode()), Inputs(FixedScorer(), test_campaigns(), NOW))
     return json.loads(render(decision, seat="tafe", notice_base="https://n.test", **kw))
 
 
@@ -44,16 +44,39 @@ def test_banner_video_native_deal_fields():
     assert d["dealid"] == "DEAL-1" and "dealid" not in b
 
 
-def test_notice_urls_carry_the_join_state():
-    resp = bid_response({"id": "req 1&x", "imp": [{"id": "i/1", "banner": {"w": 300, "h": 250}}]})
+def test_notice_urls_carry_one_token_and_the_exchange_macros():
+    resp = bid_response({"id": "r", "imp": [{"id": "i/1", "banner": {"w": 300, "h": 250}}]}, tokens=["k1.abc.def"])
     bid = resp["seatbid"][0]["bid"][0]
     for key, path in (("nurl", "/notice/win"), ("burl", "/notice/bill"), ("lurl", "/notice/loss")):
         url = urlsplit(bid[key])
         assert (url.scheme, url.netloc, url.path) == ("https", "n.test", path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
-        assert (q["r"], q["i"], q["b"], q["c"], q["cr"], q["m"]) == ("req 1&x", "i/1", bid["id"], "c-banner", "c-banner-300x250", "stub-1")
-        assert float(q["bp"]) == bid["price"] and q["p"] == "${AUCTION_PRICE}" and q["cur"] == "${AUCTION_CURRENCY}"
-    assert parse_qs(urlsplit(bid["lurl"]).query)["l"] == ["${AUCTION_LOSS}"]
+        assert q["t"] == "k1.abc.def"
+        if key == "lurl":
+            assert (q["l"], q["mtw"]) == ("${AUCTION_LOSS}", "${AUCTION_MIN_TO_WIN}")
+        else:
+            assert (q["p"], q["cur"]) == ("${AUCTION_PRICE}", "${AUCTION_CURRENCY}")
+
+
+def _creative(fmt: MediaType, adm: str) -> Creative:
+    return Creative(id="cr", format=fmt, w=1, h=1, adm=adm)
+
+
+def test_markup_macros_become_tracking_urls():
+    adm = '<a href="${TAFE_CLICK_URL}"><img src="x.png"></a><img src="${TAFE_IMP_URL}">${AUCTION_PRICE}'
+    out = markup(_creative(MediaType.BANNER, adm), "IMP", "CLICK")
+    assert out == '<a href="CLICK"><img src="x.png"></a><img src="IMP">${AUCTION_PRICE}'
+
+
+def test_banner_without_pixel_gets_one_and_vast_an_impression():
+    out = markup(_creative(MediaType.BANNER, "<a href='x'>ad</a>"), "IMP", "CLICK")
+    assert out.startswith("<a href='x'>ad</a><img src=\"IMP\" width=\"1\" height=\"1\"")
+    vast = '<VAST version="4.0"><Ad><InLine><AdSystem>a</AdSystem></InLine></Ad></VAST>'
+    out = markup(_creative(MediaType.VIDEO, vast), "IMP", "CLICK")
+    assert out == '<VAST version="4.0"><Ad><InLine><Impression><![CDATA[IMP]]></Impression><AdSystem>a</AdSystem></InLine></Ad></VAST>'
+    native = '{"native": {"link": {"url": "${TAFE_CLICK_URL}"}}}'
+    assert markup(_creative(MediaType.NATIVE, native), "IMP", "CLICK") == '{"native": {"link": {"url": "CLICK"}}}'
+    assert markup(_creative(MediaType.NATIVE, '{"native": {}}'), "IMP", "CLICK") == '{"native": {}}'  # tracked from the win
 
 
 def test_no_bid_bodies():

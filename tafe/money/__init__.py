@@ -1,0 +1,64 @@
+"""The money loop: signed notices, spend, budgets with pacing, frequency caps.
+
+- ``token``: what every notice URL carries (signed, self-contained bids);
+- ``state``: the interface to the shared money state; ``embedded``: it on LMDB for one node;
+- ``pacing``: how much budget a worker may float now; ``banker``: a worker's floats and
+  the reservations it owes the state.
+
+``node_settings`` fills in what every worker of a node must share before they start: the
+state's directory and the notice keys (from the file, or one random key per node, which
+a fleet must replace with a shared one).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import tempfile
+from pathlib import Path
+
+from tafe.money.token import Keys
+from tafe.settings import Settings, SettingsError
+
+__all__ = ["keys_of", "node_settings"]
+
+log = logging.getLogger("tafe.money")
+
+
+def node_settings(settings: Settings, run_dir: str | Path | None = None, previous: Settings | None = None) -> Settings:
+    """``settings`` with ``state`` and ``notice_keys`` set; a random key survives reloads (``previous``)."""
+    changes: dict[str, str] = {}
+    if settings.spend_on not in ("bill", "win"):
+        raise SettingsError(f"spend_on must be 'bill' or 'win', got {settings.spend_on!r}")
+    for name in ("budget_period_s", "reservation_ttl_s", "notice_ttl_s"):
+        if getattr(settings, name) <= 0:
+            raise SettingsError(f"{name} must be a positive number of seconds, got {getattr(settings, name)}")
+    if not settings.state:
+        base = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="tafe-state-"))
+        changes["state"] = str(base / "state") if run_dir else str(base)
+        log.info("money state in %s (--state DIR keeps budgets and spend where you choose)", changes["state"])
+    if settings.notice_keys_file:
+        try:
+            changes["notice_keys"] = Path(settings.notice_keys_file).read_text().strip()
+        except OSError as exc:
+            raise SettingsError(f"notice_keys_file {settings.notice_keys_file}: {exc.strerror or exc}") from None
+    elif not settings.notice_keys:
+        if previous is not None and previous.notice_keys:
+            changes["notice_keys"] = previous.notice_keys
+        else:
+            changes["notice_keys"] = f"r{secrets.token_hex(3)}:{secrets.token_urlsafe(32)}"
+            log.warning(
+                "no notice key set: signing with a random one made now; notices of bids made before a restart will be"
+                " refused, and every node of a fleet must share one (TAFE_NOTICE_KEYS or --notice-keys-file)"
+            )
+    settings = settings.with_overrides(**changes) if changes else settings
+    keys_of(settings)  # refuse bad keys here, with one line
+    return settings
+
+
+def keys_of(settings: Settings) -> Keys:
+    try:
+        return Keys.parse(settings.notice_keys)
+    except ValueError as exc:
+        where = f"notice_keys_file {settings.notice_keys_file}" if settings.notice_keys_file else "notice_keys"
+        raise SettingsError(f"{where}: {exc}") from None

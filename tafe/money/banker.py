@@ -1,0 +1,90 @@
+"""A worker's banker: the floats it bids against, and the reservations it owes the store.
+
+The bid path never waits on the store: ``decide`` reads ``floats`` (a plain dict) and
+returns the bids it reserved, ``apply`` takes them off the floats and queues them, and
+``sync`` (about once a second, or sooner when a float runs short) reports the queue to
+the shared state and takes new floats in one ``State.reserve`` call. A float is the
+most this worker may reserve for a campaign until its next sync; the state sizes it by
+pacing and by what is left, so the workers of a node together never hold more than the
+budget. Not thread-safe: one per worker process, used from its event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from tafe.core.campaigns import Campaign
+from tafe.core.types import Decision
+from tafe.money.state import Account, Reservation, State, Want
+
+__all__ = ["Banker", "period_of"]
+
+NANOS_PER_MICRO = 1000
+
+
+def period_of(ts: float, period_s: int) -> int:
+    """The budget period holding unix time ``ts``: periods start at multiples of ``period_s``."""
+    return int(ts // period_s)
+
+
+class Banker:
+    def __init__(self, campaigns: Iterable[Campaign], *, worker: str, period_s: int, reservation_ttl_s: int) -> None:
+        self.budgeted = {c.id: c for c in campaigns if c.budget_micros > 0}
+        self.worker = worker
+        self.period_s = period_s
+        self.reservation_ttl_s = reservation_ttl_s
+        self.floats: dict[str, int] | None = {} if self.budgeted else None  # what decide reads
+        self.exhausted: frozenset[str] = frozenset()
+        self.accounts: dict[str, Account] = {}  # as of the last sync
+        self.short = False  # a bid was refused for want of float: sync soon
+        self._queue: list[Reservation] = []
+        self._used: dict[str, int] = {}
+
+    def apply(self, decision: Decision, now: float) -> None:
+        """Take a decision's reservations off the floats and queue them for the store."""
+        floats = self.floats
+        if floats is None or not decision.reservations:
+            return
+        period = period_of(now, self.period_s)
+        expires = int(now) + self.reservation_ttl_s
+        for campaign, bid_id, nanos in decision.reservations:
+            floats[campaign] -= nanos
+            self._used[campaign] = self._used.get(campaign, 0) + nanos
+            self._queue.append(Reservation(bid_id, campaign, period, nanos, expires))
+
+    def sync(self, state: State, now: float, *, final: bool = False) -> None:
+        """Report the queued reservations, take new floats (one ``State.reserve`` call).
+
+        ``final``: the worker is stopping: report, and give every float back.
+        """
+        if self.floats is None:
+            return
+        period = period_of(now, self.period_s)
+        end = (period + 1) * self.period_s
+        wants = [
+            Want(
+                campaign=c.id, period=period, period_end=end, budget=c.budget_micros * NANOS_PER_MICRO, pacing=c.pacing,
+                # Twice what it used since the last sync, and room for a few bids at its top price.
+                want=0 if final else max(2 * self._used.get(c.id, 0), 4 * c.max_cpm_micros),
+            )
+            for c in self.budgeted.values()
+        ]
+        queue, self._queue = self._queue, []
+        try:
+            grants = state.reserve(self.worker, queue, wants, now)
+        except Exception:
+            self._queue = queue + self._queue  # keep them for the next try; floats stay as they are
+            raise
+        self._used = {}
+        self.floats = {cid: g.nanos for cid, g in grants.items()}
+        self.accounts = {cid: g.account for cid, g in grants.items()}
+        # Less left than one impression at the campaign's top price, floats aside: a bid
+        # refused now is refused for "budget"; otherwise pacing holds the rest for later.
+        self.exhausted = frozenset(
+            cid for cid, g in grants.items()
+            if g.account.budget - g.account.spent - g.account.reserved < self.budgeted[cid].max_cpm_micros
+        )
+        self.short = False
+
+    def wants_sync(self) -> bool:
+        return self.short or bool(self._queue and len(self._queue) >= 1000)
