@@ -8,7 +8,9 @@ import json
 
 import pytest
 
+from tafe.core import campaigns
 from tafe.core.campaigns import CampaignsError, FrequencyCap, from_dict, validate
+from tafe.settings import Settings
 
 from .stub import HERE
 
@@ -131,3 +133,18 @@ def test_every_error_is_collected_in_file_order():
     )
     assert "\n" not in str(exc.value)
 
+
+def test_bundled_demo_set_uses_the_tracking_macros_and_money_fields():
+    s = Settings()
+    demo = campaigns.load(s.campaigns, seat=s.seat, currency=s.currency)
+    raw = json.loads(open(s.campaigns).read())["campaigns"]
+    assert "ads.tafe.example/click" not in json.dumps(raw) and "ads.tafe.example/px" not in json.dumps(raw)
+    for c in demo.campaigns:
+        assert c.landing_url.startswith(f"https://{c.adomain[0]}/"), c.id
+        for cr in c.creatives:
+            assert "${TAFE_CLICK_URL}" in cr.adm and "${TAFE_IMP_URL}" in cr.adm, cr.id
+    assert {c.pacing for c in demo.campaigns} == {"even", "asap"}
+    budgets = [c.budget_micros for c in demo.campaigns]
+    assert 0 in budgets and all(b == 0 or 50_000_000 <= b <= 500_000_000 for b in budgets) and any(budgets)
+    caps = [c.frequency_cap for c in demo.campaigns]
+    assert None in caps and any(caps)
