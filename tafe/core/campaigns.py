@@ -58,6 +58,7 @@ INTERSTITIAL_SIZES = ((320, 480), (480, 320), (768, 1024), (1024, 768))
 _ID = re.compile(r"[A-Za-z0-9._~-]{1,64}")
 _ID_RULE = "expected 1-64 of A-Z a-z 0-9 . _ ~ -"
 _FORMATS = {"banner": MediaType.BANNER, "video": MediaType.VIDEO, "audio": MediaType.AUDIO, "native": MediaType.NATIVE}
+_FORMAT_RULE = f"expected one of {', '.join(sorted(_FORMATS))}"
 
 
 class CampaignsError(ValueError):
@@ -215,9 +216,10 @@ class _Check:
     def __init__(self) -> None:
         self.errors: list[str] = []
 
-    def need(self, ok: bool, path: str, message: str) -> bool:
+    def need(self, ok: bool, path: str, message: str, key: str = "") -> bool:
+        """``ok``; if false, records ``path[.key]: message`` (built only then: most checks pass)."""
         if not ok:
-            self.errors.append(f"{path or '$'}: {message}")
+            self.errors.append(f"{_key(path, key) if key else path or '$'}: {message}")
         return ok
 
     def object(self, value: Any, path: str, known: set[str]) -> bool:
@@ -225,25 +227,25 @@ class _Check:
         misspelt ``daily_budget`` must not silently mean an unlimited budget."""
         if not self.need(isinstance(value, dict), path, "expected an object"):
             return False
-        for k in value:
-            self.need(k in known, _key(path, k), f"unknown field (expected one of {', '.join(sorted(known))})")
+        for k in [k for k in value if k not in known]:  # in file order
+            self.need(False, path, f"unknown field (expected one of {', '.join(sorted(known))})", k)
         return True
 
     def strings(self, d: dict, key: str, path: str) -> tuple[str, ...]:
         v = d.get(key, [])
         ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
-        return tuple(v) if self.need(ok, _key(path, key), "expected a list of strings") else ()
+        return tuple(v) if self.need(ok, path, "expected a list of strings", key) else ()
 
     def positive_int(self, d: dict, key: str, path: str, unit: str = "") -> int:
         v = d.get(key)
         ok = type(v) is int and v > 0
-        return v if self.need(ok, _key(path, key), f"expected a positive integer{unit}") else 0  # type: ignore[return-value]
+        return v if self.need(ok, path, f"expected a positive integer{unit}", key) else 0  # type: ignore[return-value]
 
     def money(self, d: dict, key: str, path: str) -> int:
         """A positive amount as micros; one that rounds to 0 micros would read as "none"."""
         v = d.get(key)
         ok = type(v) in (int, float) and math.isfinite(v) and to_micros(v) > 0
-        return to_micros(v) if self.need(ok, _key(path, key), "expected a positive number (at least 0.000001)") else 0
+        return to_micros(v) if self.need(ok, path, "expected a positive number (at least 0.000001)", key) else 0
 
 
 def _is_url(value: Any) -> bool:
@@ -260,20 +262,20 @@ def _creative(c: Any, path: str, check: _Check) -> Creative | None:
     before = len(check.errors)
     if not check.object(c, path, _CREATIVE_KEYS):
         return None
-    check.need(isinstance(c.get("id"), str) and bool(_ID.fullmatch(c["id"])), _key(path, "id"), _ID_RULE)
+    check.need(isinstance(c.get("id"), str) and bool(_ID.fullmatch(c["id"])), path, _ID_RULE, "id")
     fmt = _FORMATS.get(c["format"]) if isinstance(c.get("format"), str) else None
-    check.need(fmt is not None, _key(path, "format"), f"expected one of {', '.join(sorted(_FORMATS))}")
+    check.need(fmt is not None, path, _FORMAT_RULE, "format")
     w = h = duration = None
     if fmt is MediaType.BANNER:
         w, h = check.positive_int(c, "w", path), check.positive_int(c, "h", path)
     mimes = check.strings(c, "mimes", path)
     if fmt in (MediaType.VIDEO, MediaType.AUDIO):
         duration = check.positive_int(c, "duration", path, " (seconds)")
-        check.need(bool(mimes), _key(path, "mimes"), "expected a non-empty list of the markup's media types")
+        check.need(bool(mimes), path, "expected a non-empty list of the markup's media types", "mimes")
     adm = c.get("adm")
-    check.need(isinstance(adm, str) and adm != "", _key(path, "adm"), "expected the markup (macros allowed), a non-empty string")
+    check.need(isinstance(adm, str) and adm != "", path, "expected the markup (macros allowed), a non-empty string", "adm")
     secure = c.get("secure", True)
-    check.need(isinstance(secure, bool), _key(path, "secure"), "expected true or false")
+    check.need(isinstance(secure, bool), path, "expected true or false", "secure")
     if len(check.errors) > before:
         return None
     return Creative(id=c["id"], format=fmt, w=w, h=h, adm=adm, mimes=mimes, duration=duration, secure=secure)  # type: ignore[arg-type]
@@ -295,31 +297,32 @@ def _campaign(c: Any, path: str, check: _Check) -> Campaign | None:
     before = len(check.errors)
     if not check.object(c, path, _CAMPAIGN_KEYS):
         return None
-    check.need(isinstance(c.get("id"), str) and bool(_ID.fullmatch(c["id"])), _key(path, "id"), _ID_RULE)
+    check.need(isinstance(c.get("id"), str) and bool(_ID.fullmatch(c["id"])), path, _ID_RULE, "id")
     tpath = _key(path, "targeting")
     t = c.get("targeting", {})
     if not check.object(t, tpath, _TARGETING_KEYS):
         t = {}
     devicetypes = t.get("devicetype", [])
-    if not check.need(isinstance(devicetypes, list) and all(type(x) is int for x in devicetypes), _key(tpath, "devicetype"), "expected a list of integers"):
+    if not check.need(isinstance(devicetypes, list) and all(type(x) is int for x in devicetypes), tpath, "expected a list of integers", "devicetype"):
         devicetypes = []
     channels = check.strings(t, "channel", tpath)
     for i, ch in enumerate(channels):
-        check.need(ch in ("site", "app", "dooh"), f"{_key(tpath, 'channel')}[{i}]", "expected site, app or dooh")
+        if ch not in ("site", "app", "dooh"):
+            check.need(False, f"{_key(tpath, 'channel')}[{i}]", "expected site, app or dooh")
     countries = frozenset(x.upper() for x in check.strings(t, "country", tpath))
     os_names = frozenset(x.lower() for x in check.strings(t, "os", tpath))
     known = t.get("known_users_only", False)
-    check.need(isinstance(known, bool), _key(tpath, "known_users_only"), "expected true or false")
+    check.need(isinstance(known, bool), tpath, "expected true or false", "known_users_only")
     base, top = check.money(c, "base_cpm", path), check.money(c, "max_cpm", path)
     if base and top:
-        check.need(base <= top, _key(path, "max_cpm"), f"expected at least base_cpm ({c['base_cpm']})")
+        check.need(base <= top, path, f"expected at least base_cpm ({c['base_cpm']})", "max_cpm")
     budget = check.money(c, "daily_budget", path) if "daily_budget" in c else 0
     pacing = c.get("pacing", "even")
-    check.need(pacing in PACINGS, _key(path, "pacing"), 'expected "even" or "asap"')
+    check.need(pacing in PACINGS, path, 'expected "even" or "asap"', "pacing")
     cap = _frequency_cap(c, path, check)
     landing = c.get("landing_url", "")
     if "landing_url" in c:
-        check.need(_is_url(landing), _key(path, "landing_url"), "expected an absolute http or https URL")
+        check.need(_is_url(landing), path, "expected an absolute http or https URL", "landing_url")
     creatives = c.get("creatives")
     cpath = _key(path, "creatives")
     if not check.need(isinstance(creatives, list) and creatives != [], cpath, "expected a non-empty list"):
@@ -328,7 +331,7 @@ def _campaign(c: Any, path: str, check: _Check) -> Campaign | None:
     if not landing:
         for i, cr in enumerate(creatives):
             if isinstance(cr, dict) and isinstance(cr.get("adm"), str) and CLICK_MACRO in cr["adm"]:
-                check.need(False, _key(path, "landing_url"), f"required: {cpath}[{i}].adm uses {CLICK_MACRO}")
+                check.need(False, path, f"required: {cpath}[{i}].adm uses {CLICK_MACRO}", "landing_url")
                 break
     adomain = check.strings(c, "adomain", path)
     cat = check.strings(c, "cat", path)
@@ -374,7 +377,7 @@ def validate(data: Any, *, seat: str = "tafe", currency: str | None = None) -> t
     fx: dict[str, Decimal] = {}
     if check.need(isinstance(fx_raw, dict), "fx", "expected an object of currency -> rate"):
         for cur, rate in fx_raw.items():
-            if check.need(type(rate) in (int, float) and math.isfinite(rate) and rate > 0, _key("fx", cur), "expected a positive number"):
+            if check.need(type(rate) in (int, float) and math.isfinite(rate) and rate > 0, "fx", "expected a positive number", cur):
                 fx[cur] = Decimal(str(rate))
     pivot = doc.get("score_pivot", 0.5)
     check.need(type(pivot) in (int, float) and 0 < pivot <= 1, "score_pivot", "expected a number in (0, 1]")
