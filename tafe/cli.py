@@ -15,6 +15,7 @@ import sys
 from typing import Sequence
 
 from tafe import settings as settings_mod
+from tafe.core.campaigns import CampaignsError  # pure: safe to import before monkey-patching
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("tafe.serve", "serve bid requests in the foreground (gevent workers, no Nginx)"),
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("tafe.up", "run the whole node: Nginx in front of the master and its workers, plus the admin listener"),
     "nginx": ("tafe.nginx", "render the shipped Nginx config, or run a real Nginx with it"),
     "cqs": ("tafe.cqs.cli", "CQS models and user stores: synth, build-store, train, evaluate, inspect"),
+    "campaigns": ("tafe.campaigns_cli", "campaigns files: validate (every error, with its place in the file)"),
 }
 
 
@@ -80,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._module.run(args) or 0)
-    except settings_mod.SettingsError as exc:
+    except (settings_mod.SettingsError, CampaignsError) as exc:
         parser.exit(2, f"tafe: {exc}\n")
     except KeyboardInterrupt:
         return 130

@@ -17,6 +17,7 @@ from typing import Callable
 
 from tafe import logs
 from tafe.cli import add_settings_options, settings_from_args
+from tafe.core import load_campaigns
 from tafe.lifecycle import Lifecycle
 from tafe.metrics import Deferred, Immediate
 from tafe.settings import Settings, demo_curl
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if settings.workers > 1:
         from tafe import master
 
+        # Refused here in one line, not by every forked worker with a traceback.
+        load_campaigns(settings.campaigns, seat=settings.seat, currency=settings.currency)
         return master.run(settings)
     return serve_in_process(settings)
 

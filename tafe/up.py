@@ -30,6 +30,7 @@ import time
 from typing import Callable
 
 from tafe import logs, nginx
+from tafe.core import load_campaigns
 from tafe.master import ListenError, Master, bind, describe_exit, run_directory
 from tafe.settings import Settings, demo_curl
 
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     logs.configure(settings)
+    # Refused here in one line, before Nginx starts or a worker is forked.
+    load_campaigns(settings.campaigns, seat=settings.seat, currency=settings.currency)
     binary = nginx.ensure_binary(settings)
     if binary is None:
         log.warning("serving without Nginx: the workers listen on the public port themselves")

@@ -14,8 +14,14 @@ The file is JSON (the bundled demo set is ``tafe/data/campaigns.json``)::
         "targeting": {"country": ["USA"], "devicetype": [1, 4], "os": ["ios"],
                       "channel": ["site", "app", "dooh"], "known_users_only": false},
         "deals": ["DEAL-1"],         # pmp deal ids this campaign was set up to bid on
+        "daily_budget": 250,         # spend per budget period, in "currency"; absent: unlimited
+        "pacing": "even",            # "even" (default): spread the budget over the rest of the
+                                     # period; "asap": spend as fast as traffic allows
+        "frequency_cap": {"impressions": 3, "window_s": 86400},  # per user; absent: no cap
+        "landing_url": "https://acme.example/spring",  # where a click goes (absolute http/https)
         "creatives": [
-          {"id": "cr1", "format": "banner", "w": 300, "h": 250, "adm": "<a ...>", "secure": true},
+          {"id": "cr1", "format": "banner", "w": 300, "h": 250, "secure": true,
+           "adm": "<a href=\"${TAFE_CLICK_URL}\"><img src=...></a><img src=\"${TAFE_IMP_URL}\">"},
           {"id": "cr2", "format": "video", "mimes": ["video/mp4"], "duration": 15, "adm": "<VAST ...>"},
           {"id": "cr3", "format": "audio", "mimes": ["audio/mpeg"], "duration": 30, "adm": "<VAST ...>"},
           {"id": "cr4", "format": "native", "adm": "{\\"native\\": ...}"}
@@ -24,17 +30,24 @@ The file is JSON (the bundled demo set is ``tafe/data/campaigns.json``)::
     }
 
 Empty targeting lists mean "any". Money is held as integer micros (millionths of the
-currency unit) so that comparisons with floors are exact.
+currency unit) so that comparisons with floors and budgets are exact. In ``adm``, besides the
+exchange's OpenRTB macros, ``${TAFE_CLICK_URL}`` and ``${TAFE_IMP_URL}`` stand for TAFE's own
+click and impression tracking URLs; a campaign whose markup uses ``${TAFE_CLICK_URL}`` must
+have a ``landing_url``. Unknown fields are errors (a misspelt ``daily_budget`` would otherwise
+mean no budget). ``validate`` reports every error as ``json.path: message`` (what
+``tafe campaigns validate FILE`` prints); ``load`` refuses the file with the first of them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from tafe.core.types import Creative, Imp, MediaType
 
@@ -43,7 +56,9 @@ MICROS = 1_000_000
 INTERSTITIAL_SIZES = ((320, 480), (480, 320), (768, 1024), (1024, 768))
 # Ids go into notice URLs unquoted: keep them URL-safe.
 _ID = re.compile(r"[A-Za-z0-9._~-]{1,64}")
+_ID_RULE = "expected 1-64 of A-Z a-z 0-9 . _ ~ -"
 _FORMATS = {"banner": MediaType.BANNER, "video": MediaType.VIDEO, "audio": MediaType.AUDIO, "native": MediaType.NATIVE}
+_FORMAT_RULE = f"expected one of {', '.join(sorted(_FORMATS))}"
 
 
 class CampaignsError(ValueError):
@@ -62,6 +77,8 @@ class Targeting:
 
 @dataclass(frozen=True, slots=True)
 class FrequencyCap:
+    """At most ``impressions`` of a campaign per user in any ``window_s`` seconds."""
+
     impressions: int
     window_s: int
 
@@ -78,10 +95,10 @@ class Campaign:
     bundle: str = ""
     deals: frozenset[str] = frozenset()
     creatives: tuple[Creative, ...] = ()
-    budget_micros: int = 0  # per budget period; 0: no budget
-    pacing: str = "even"
+    budget_micros: int = 0  # per budget period; 0: no budget (unlimited)
+    pacing: str = "even"  # "even" or "asap"
     frequency_cap: FrequencyCap | None = None
-    landing_url: str = ""
+    landing_url: str = ""  # where ${TAFE_CLICK_URL} finally sends a click
     # Its categories and their tier-1 parents: a bcat of "IAB7" blocks "IAB7-39" too.
     cat_family: frozenset[str] = field(init=False, repr=False, compare=False)
 
@@ -172,69 +189,160 @@ class Campaigns:
 
 # --- loading -------------------------------------------------------------------------------
 
-
-def _need(cond: bool, where: str, what: str) -> None:
-    if not cond:
-        raise CampaignsError(f"{where}: {what}")
-
-
-def _strings(d: dict, key: str, where: str) -> tuple[str, ...]:
-    v = d.get(key, [])
-    _need(isinstance(v, list) and all(isinstance(x, str) for x in v), where, f"{key} must be a list of strings")
-    return tuple(v)
-
-
-def _money(d: dict, key: str, where: str) -> int:
-    v = d.get(key)
-    _need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, where, f"{key} must be a positive number")
-    return to_micros(v)
+_DOCUMENT_KEYS = {"currency", "score_pivot", "first_price_shade", "fx", "campaigns"}
+_CAMPAIGN_KEYS = {
+    "id", "advertiser", "adomain", "cat", "bundle", "base_cpm", "max_cpm", "daily_budget", "pacing", "frequency_cap",
+    "landing_url", "targeting", "deals", "creatives",
+}  # fmt: skip
+_TARGETING_KEYS = {"country", "devicetype", "os", "channel", "known_users_only"}
+_CREATIVE_KEYS = {"id", "format", "w", "h", "mimes", "duration", "adm", "secure"}
+_CAP_KEYS = {"impressions", "window_s"}
+PACINGS = ("even", "asap")
+CLICK_MACRO = "${TAFE_CLICK_URL}"
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _creative(c: Any, where: str) -> Creative:
-    _need(isinstance(c, dict), where, "must be an object")
-    _need(isinstance(c.get("id"), str) and bool(_ID.fullmatch(c["id"])), where, "id must be 1-64 of A-Z a-z 0-9 . _ ~ -")
-    fmt = _FORMATS.get(c.get("format"))  # type: ignore[arg-type]
-    _need(fmt is not None, where, f"format must be one of {sorted(_FORMATS)}")
+def _key(path: str, key: str) -> str:
+    """``path.key`` as a JSON path (``path["odd key"]`` when the key is not a plain name)."""
+    if _IDENT.fullmatch(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key)}]"
+
+
+class _Check:
+    """Records ``path: message`` for every rule broken and keeps going, so that one pass
+    over the file reports all its mistakes; the loaders build nothing unless it is empty."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def need(self, ok: bool, path: str, message: str, key: str = "") -> bool:
+        """``ok``; if false, records ``path[.key]: message`` (built only then: most checks pass)."""
+        if not ok:
+            self.errors.append(f"{_key(path, key) if key else path or '$'}: {message}")
+        return ok
+
+    def object(self, value: Any, path: str, known: set[str]) -> bool:
+        """Whether ``value`` is an object, with a complaint per unknown key in it: a
+        misspelt ``daily_budget`` must not silently mean an unlimited budget."""
+        if not self.need(isinstance(value, dict), path, "expected an object"):
+            return False
+        for k in [k for k in value if k not in known]:  # in file order
+            self.need(False, path, f"unknown field (expected one of {', '.join(sorted(known))})", k)
+        return True
+
+    def strings(self, d: dict, key: str, path: str) -> tuple[str, ...]:
+        v = d.get(key, [])
+        ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        return tuple(v) if self.need(ok, path, "expected a list of strings", key) else ()
+
+    def positive_int(self, d: dict, key: str, path: str, unit: str = "") -> int:
+        v = d.get(key)
+        ok = type(v) is int and v > 0
+        return v if self.need(ok, path, f"expected a positive integer{unit}", key) else 0  # type: ignore[return-value]
+
+    def money(self, d: dict, key: str, path: str) -> int:
+        """A positive amount as micros; one that rounds to 0 micros would read as "none"."""
+        v = d.get(key)
+        ok = type(v) in (int, float) and math.isfinite(v) and to_micros(v) > 0
+        return to_micros(v) if self.need(ok, path, "expected a positive number (at least 0.000001)", key) else 0
+
+
+def _is_url(value: Any) -> bool:
+    if not isinstance(value, str) or any(ch.isspace() or ord(ch) < 32 for ch in value):
+        return False
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _creative(c: Any, path: str, check: _Check) -> Creative | None:
+    before = len(check.errors)
+    if not check.object(c, path, _CREATIVE_KEYS):
+        return None
+    check.need(isinstance(c.get("id"), str) and bool(_ID.fullmatch(c["id"])), path, _ID_RULE, "id")
+    fmt = _FORMATS.get(c["format"]) if isinstance(c.get("format"), str) else None
+    check.need(fmt is not None, path, _FORMAT_RULE, "format")
     w = h = duration = None
     if fmt is MediaType.BANNER:
-        w, h = c.get("w"), c.get("h")
-        _need(type(w) is int and type(h) is int and w > 0 and h > 0, where, "banner w and h must be positive integers")
+        w, h = check.positive_int(c, "w", path), check.positive_int(c, "h", path)
+    mimes = check.strings(c, "mimes", path)
     if fmt in (MediaType.VIDEO, MediaType.AUDIO):
-        duration = c.get("duration")
-        _need(type(duration) is int and duration > 0, where, "duration must be a positive integer (seconds)")
-        _need(bool(c.get("mimes")), where, "mimes must list the markup's media types")
+        duration = check.positive_int(c, "duration", path, " (seconds)")
+        check.need(bool(mimes), path, "expected a non-empty list of the markup's media types", "mimes")
     adm = c.get("adm")
-    _need(isinstance(adm, str) and adm != "", where, "adm (the markup, OpenRTB macros allowed) must be a non-empty string")
+    check.need(isinstance(adm, str) and adm != "", path, "expected the markup (macros allowed), a non-empty string", "adm")
     secure = c.get("secure", True)
-    _need(isinstance(secure, bool), where, "secure must be true or false")
-    return Creative(
-        id=c["id"], format=fmt, w=w, h=h, adm=adm, mimes=_strings(c, "mimes", where), duration=duration, secure=secure
-    )
+    check.need(isinstance(secure, bool), path, "expected true or false", "secure")
+    if len(check.errors) > before:
+        return None
+    return Creative(id=c["id"], format=fmt, w=w, h=h, adm=adm, mimes=mimes, duration=duration, secure=secure)  # type: ignore[arg-type]
 
 
-def _campaign(c: Any, where: str) -> Campaign:
-    _need(isinstance(c, dict), where, "must be an object")
-    _need(isinstance(c.get("id"), str) and bool(_ID.fullmatch(c["id"])), where, "id must be 1-64 of A-Z a-z 0-9 . _ ~ -")
-    where = f"{where} ({c['id']})"
+def _frequency_cap(c: dict, path: str, check: _Check) -> FrequencyCap | None:
+    if "frequency_cap" not in c:
+        return None
+    path = _key(path, "frequency_cap")
+    cap = c["frequency_cap"]
+    if not check.object(cap, path, _CAP_KEYS):
+        return None
+    impressions = check.positive_int(cap, "impressions", path)
+    window_s = check.positive_int(cap, "window_s", path, " (seconds)")
+    return FrequencyCap(impressions, window_s) if impressions and window_s else None
+
+
+def _campaign(c: Any, path: str, check: _Check) -> Campaign | None:
+    before = len(check.errors)
+    if not check.object(c, path, _CAMPAIGN_KEYS):
+        return None
+    check.need(isinstance(c.get("id"), str) and bool(_ID.fullmatch(c["id"])), path, _ID_RULE, "id")
+    tpath = _key(path, "targeting")
     t = c.get("targeting", {})
-    _need(isinstance(t, dict), where, "targeting must be an object")
+    if not check.object(t, tpath, _TARGETING_KEYS):
+        t = {}
     devicetypes = t.get("devicetype", [])
-    _need(isinstance(devicetypes, list) and all(type(x) is int for x in devicetypes), where, "targeting.devicetype must be a list of integers")
-    channels = _strings(t, "channel", where + " targeting")
-    _need(set(channels) <= {"site", "app", "dooh"}, where, "targeting.channel entries must be site, app or dooh")
+    if not check.need(isinstance(devicetypes, list) and all(type(x) is int for x in devicetypes), tpath, "expected a list of integers", "devicetype"):
+        devicetypes = []
+    channels = check.strings(t, "channel", tpath)
+    for i, ch in enumerate(channels):
+        if ch not in ("site", "app", "dooh"):
+            check.need(False, f"{_key(tpath, 'channel')}[{i}]", "expected site, app or dooh")
+    countries = frozenset(x.upper() for x in check.strings(t, "country", tpath))
+    os_names = frozenset(x.lower() for x in check.strings(t, "os", tpath))
     known = t.get("known_users_only", False)
-    countries = frozenset(x.upper() for x in _strings(t, "country", where + " targeting"))
-    os_names = frozenset(x.lower() for x in _strings(t, "os", where + " targeting"))
-    _need(isinstance(known, bool), where, "targeting.known_users_only must be true or false")
-    base, top = _money(c, "base_cpm", where), _money(c, "max_cpm", where)
-    _need(base <= top, where, "base_cpm must not exceed max_cpm")
+    check.need(isinstance(known, bool), tpath, "expected true or false", "known_users_only")
+    base, top = check.money(c, "base_cpm", path), check.money(c, "max_cpm", path)
+    if base and top:
+        check.need(base <= top, path, f"expected at least base_cpm ({c['base_cpm']})", "max_cpm")
+    budget = check.money(c, "daily_budget", path) if "daily_budget" in c else 0
+    pacing = c.get("pacing", "even")
+    check.need(pacing in PACINGS, path, 'expected "even" or "asap"', "pacing")
+    cap = _frequency_cap(c, path, check)
+    landing = c.get("landing_url", "")
+    if "landing_url" in c:
+        check.need(_is_url(landing), path, "expected an absolute http or https URL", "landing_url")
     creatives = c.get("creatives")
-    _need(isinstance(creatives, list) and creatives != [], where, "creatives must be a non-empty list")
+    cpath = _key(path, "creatives")
+    if not check.need(isinstance(creatives, list) and creatives != [], cpath, "expected a non-empty list"):
+        creatives = []
+    built = [_creative(cr, f"{cpath}[{i}]", check) for i, cr in enumerate(creatives)]
+    if not landing:
+        for i, cr in enumerate(creatives):
+            if isinstance(cr, dict) and isinstance(cr.get("adm"), str) and CLICK_MACRO in cr["adm"]:
+                check.need(False, path, f"required: {cpath}[{i}].adm uses {CLICK_MACRO}", "landing_url")
+                break
+    adomain = check.strings(c, "adomain", path)
+    cat = check.strings(c, "cat", path)
+    deals = check.strings(c, "deals", path)
+    if len(check.errors) > before:
+        return None
     return Campaign(
         id=c["id"],
         advertiser=str(c.get("advertiser", "")),
-        adomain=tuple(x.lower() for x in _strings(c, "adomain", where)),
-        cat=_strings(c, "cat", where),
+        adomain=tuple(x.lower() for x in adomain),
+        cat=cat,
         base_cpm_micros=base,
         max_cpm_micros=top,
         targeting=Targeting(
@@ -246,48 +354,77 @@ def _campaign(c: Any, where: str) -> Campaign:
             restricts=bool(countries or devicetypes or os_names or channels),
         ),
         bundle=str(c.get("bundle", "")),
-        deals=frozenset(_strings(c, "deals", where)),
-        creatives=tuple(_creative(cr, f"{where} creatives[{i}]") for i, cr in enumerate(creatives)),
-        budget_micros=to_micros(c["daily_budget"]) if "daily_budget" in c else 0,
-        pacing=c.get("pacing", "even"),
-        frequency_cap=FrequencyCap(**c["frequency_cap"]) if "frequency_cap" in c else None,
-        landing_url=c.get("landing_url", ""),
+        deals=frozenset(deals),
+        creatives=tuple(built),  # type: ignore[arg-type]
+        budget_micros=budget,
+        pacing=pacing,
+        frequency_cap=cap,
+        landing_url=landing,
     )
+
+
+def validate(data: Any, *, seat: str = "tafe", currency: str | None = None) -> tuple[Campaigns | None, list[str]]:
+    """Validate a decoded campaigns document: the indexed set, or None and every error as
+    ``json.path: message`` in file order."""
+    check = _Check()
+    if not check.object(data, "", _DOCUMENT_KEYS):
+        return None, check.errors
+    doc: dict = data
+    file_currency = doc.get("currency", currency or "USD")
+    if check.need(isinstance(file_currency, str) and len(file_currency) == 3, "currency", "expected an ISO-4217 code"):
+        check.need(currency is None or file_currency == currency, "currency", f"prices are in {file_currency} but TAFE bids in {currency}")
+    fx_raw = doc.get("fx", {})
+    fx: dict[str, Decimal] = {}
+    if check.need(isinstance(fx_raw, dict), "fx", "expected an object of currency -> rate"):
+        for cur, rate in fx_raw.items():
+            if check.need(type(rate) in (int, float) and math.isfinite(rate) and rate > 0, "fx", "expected a positive number", cur):
+                fx[cur] = Decimal(str(rate))
+    pivot = doc.get("score_pivot", 0.5)
+    check.need(type(pivot) in (int, float) and 0 < pivot <= 1, "score_pivot", "expected a number in (0, 1]")
+    shade = doc.get("first_price_shade", 1.0)
+    check.need(type(shade) in (int, float) and 0 < shade <= 1, "first_price_shade", "expected a number in (0, 1]")
+    raw = doc.get("campaigns")
+    if not check.need(isinstance(raw, list), "campaigns", "expected a list"):
+        raw = []
+    first: dict[str, int] = {}
+    built = []
+    for i, c in enumerate(raw):
+        built.append(_campaign(c, f"campaigns[{i}]", check))
+        cid = c.get("id") if isinstance(c, dict) else None
+        if isinstance(cid, str):
+            check.need(cid not in first, f"campaigns[{i}].id", f"duplicate of campaigns[{first.get(cid)}].id ({cid})")
+            first.setdefault(cid, i)
+    if check.errors:
+        return None, check.errors
+    campaigns = Campaigns(
+        tuple(built),  # type: ignore[arg-type]
+        currency=file_currency, seat=seat, fx=fx, score_pivot=float(pivot), first_price_shade=float(shade),
+    )  # fmt: skip
+    return campaigns, []
+
+
+def _refuse(source: str, errors: list[str]) -> CampaignsError:
+    more = len(errors) - 1
+    tail = f" (and {more} more error{'s' * (more > 1)}: tafe campaigns validate lists them all)" if more else ""
+    return CampaignsError(f"{source}: {errors[0]}{tail}")
 
 
 def from_dict(data: Any, *, seat: str = "tafe", currency: str | None = None, source: str = "campaigns") -> Campaigns:
-    """Validate and index an already-decoded campaigns document."""
-    _need(isinstance(data, dict), source, "must be a JSON object")
-    file_currency = data.get("currency", currency or "USD")
-    _need(isinstance(file_currency, str) and len(file_currency) == 3, source, "currency must be an ISO-4217 code")
-    _need(currency is None or file_currency == currency, source, f"prices are in {file_currency} but TAFE bids in {currency}")
-    fx_raw = data.get("fx", {})
-    _need(isinstance(fx_raw, dict), source, "fx must be an object of currency -> rate")
-    fx: dict[str, Decimal] = {}
-    for cur, rate in fx_raw.items():
-        try:
-            fx[cur] = Decimal(str(rate))
-        except InvalidOperation:
-            rate = None
-        _need(isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0, source, f"fx[{cur}] must be a positive number")
-    pivot = data.get("score_pivot", 0.5)
-    _need(isinstance(pivot, (int, float)) and 0 < pivot <= 1, source, "score_pivot must be in (0, 1]")
-    shade = data.get("first_price_shade", 1.0)
-    _need(isinstance(shade, (int, float)) and 0 < shade <= 1, source, "first_price_shade must be in (0, 1]")
-    raw = data.get("campaigns")
-    _need(isinstance(raw, list), source, "campaigns must be a list")
-    campaigns = tuple(_campaign(c, f"{source}: campaigns[{i}]") for i, c in enumerate(raw))
-    ids = [c.id for c in campaigns]
-    _need(len(set(ids)) == len(ids), source, "campaign ids must be unique")
-    return Campaigns(
-        campaigns, currency=file_currency, seat=seat, fx=fx, score_pivot=float(pivot), first_price_shade=float(shade)
-    )
+    """Validate and index an already-decoded campaigns document; ``CampaignsError`` names the first error."""
+    campaigns, errors = validate(data, seat=seat, currency=currency)
+    if campaigns is None:
+        raise _refuse(source, errors)
+    return campaigns
+
+
+def read(path: str | Path) -> Any:
+    """The decoded JSON of a campaigns file; ``CampaignsError`` if it cannot be read or decoded."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CampaignsError(f"campaigns file {path}: {exc}") from None
 
 
 def load(path: str | Path, *, seat: str = "tafe", currency: str | None = None) -> Campaigns:
-    """Read a campaigns file; ``CampaignsError`` says what is wrong and where."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CampaignsError(f"campaigns file {path}: {exc}") from None
-    return from_dict(data, seat=seat, currency=currency, source=f"campaigns file {path}")
+    """Read a campaigns file; ``CampaignsError`` says, in one line, what is wrong and where."""
+    return from_dict(read(path), seat=seat, currency=currency, source=f"campaigns file {path}")

@@ -64,8 +64,11 @@ class Banker:
         wants = [
             Want(
                 campaign=c.id, period=period, period_end=end, budget=c.budget_micros * NANOS_PER_MICRO, pacing=c.pacing,
-                # Twice what it used since the last sync, and room for a few bids at its top price.
-                want=0 if final else max(2 * self._used.get(c.id, 0), 4 * c.max_cpm_micros),
+                # Twice what it used since the last sync; at least a hundredth of the budget
+                # and room for a few bids at its top price (pacing may grant less).
+                want=0 if final else max(
+                    2 * self._used.get(c.id, 0), 4 * c.max_cpm_micros, c.budget_micros * NANOS_PER_MICRO // 100
+                ),
             )
             for c in self.budgeted.values()
         ]

@@ -64,34 +64,47 @@ def broken(path, value):
 
 
 @pytest.mark.parametrize(
-    "path,value,message",
+    "path,value,error",
     [
-        (("campaigns",), "x", "campaigns must be a list"),
-        (("campaigns", 0, "id"), "bad id!", r"campaigns\[0\]: id must be"),
-        (("campaigns", 1, "id"), "c-banner", "campaign ids must be unique"),
-        (("campaigns", 0, "max_cpm"), 1.0, r"\(c-banner\): base_cpm must not exceed max_cpm"),
-        (("campaigns", 0, "base_cpm"), -1, "base_cpm must be a positive number"),
-        (("campaigns", 0, "base_cpm"), KeyError, "base_cpm must be a positive number"),
-        (("campaigns", 0, "creatives"), [], "creatives must be a non-empty list"),
-        (("campaigns", 0, "creatives", 0, "format"), "popup", "format must be one of"),
-        (("campaigns", 0, "creatives", 0, "w"), "300", r"creatives\[0\]: banner w and h must be positive integers"),
-        (("campaigns", 0, "creatives", 0, "adm"), "", "adm .* must be a non-empty string"),
-        (("campaigns", 1, "creatives", 0, "duration"), KeyError, "duration must be a positive integer"),
-        (("campaigns", 1, "creatives", 0, "mimes"), [], "mimes must list"),
-        (("campaigns", 0, "adomain"), "shop.example", "adomain must be a list of strings"),
-        (("campaigns", 0, "targeting"), {"channel": ["tv"]}, "targeting.channel entries"),
-        (("campaigns", 0, "targeting"), {"devicetype": ["phone"]}, "targeting.devicetype must be a list of integers"),
-        (("campaigns", 0, "targeting"), {"known_users_only": 1}, "known_users_only must be true or false"),
-        (("fx",), {"EUR": "x"}, r"fx\[EUR\] must be a positive number"),
-        (("fx",), {"EUR": 0}, r"fx\[EUR\] must be a positive number"),
-        (("score_pivot",), 0, "score_pivot must be in"),
-        (("first_price_shade",), 2, "first_price_shade must be in"),
-        (("currency",), "dollars", "currency must be an ISO-4217 code"),
+        (("campaigns",), "x", "campaigns: expected a list"),
+        (("campaigns", 0, "id"), "bad id!", "campaigns[0].id: expected 1-64 of A-Z a-z 0-9 . _ ~ -"),
+        (("campaigns", 1, "id"), "c-banner", "campaigns[1].id: duplicate of campaigns[0].id (c-banner)"),
+        (("campaigns", 0, "max_cpm"), 1.0, "campaigns[0].max_cpm: expected at least base_cpm (2.0)"),
+        (("campaigns", 0, "base_cpm"), -1, "campaigns[0].base_cpm: expected a positive number (at least 0.000001)"),
+        (("campaigns", 0, "base_cpm"), KeyError, "campaigns[0].base_cpm: expected a positive number (at least 0.000001)"),
+        (("campaigns", 0, "base_cpm"), 1e-7, "campaigns[0].base_cpm: expected a positive number (at least 0.000001)"),
+        (("campaigns", 0, "base_cpm"), float("inf"), "campaigns[0].base_cpm: expected a positive number (at least 0.000001)"),
+        (("campaigns", 0, "creatives"), [], "campaigns[0].creatives: expected a non-empty list"),
+        (("campaigns", 0, "creatives", 0, "format"), "popup", "campaigns[0].creatives[0].format: expected one of audio, banner, native, video"),
+        (("campaigns", 0, "creatives", 0, "format"), ["banner"], "campaigns[0].creatives[0].format: expected one of audio, banner, native, video"),
+        (("campaigns", 0, "creatives", 0, "w"), "300", "campaigns[0].creatives[0].w: expected a positive integer"),
+        (("campaigns", 0, "creatives", 0, "h"), 0, "campaigns[0].creatives[0].h: expected a positive integer"),
+        (("campaigns", 0, "creatives", 0, "adm"), "", "campaigns[0].creatives[0].adm: expected the markup (macros allowed), a non-empty string"),
+        (("campaigns", 0, "creatives", 0, "secure"), "yes", "campaigns[0].creatives[0].secure: expected true or false"),
+        (("campaigns", 0, "creatives", 0, "size"), 3, "campaigns[0].creatives[0].size: unknown field (expected one of adm, duration, format, h, id, mimes, secure, w)"),
+        (("campaigns", 1, "creatives", 0, "duration"), KeyError, "campaigns[1].creatives[0].duration: expected a positive integer (seconds)"),
+        (("campaigns", 1, "creatives", 0, "mimes"), [], "campaigns[1].creatives[0].mimes: expected a non-empty list of the markup's media types"),
+        (("campaigns", 0, "adomain"), "shop.example", "campaigns[0].adomain: expected a list of strings"),
+        (("campaigns", 0, "targeting"), {"channel": ["site", "tv"]}, "campaigns[0].targeting.channel[1]: expected site, app or dooh"),
+        (("campaigns", 0, "targeting"), {"devicetype": ["phone"]}, "campaigns[0].targeting.devicetype: expected a list of integers"),
+        (("campaigns", 0, "targeting"), {"known_users_only": 1}, "campaigns[0].targeting.known_users_only: expected true or false"),
+        (("campaigns", 0, "targeting"), {"countries": ["FRA"]}, "campaigns[0].targeting.countries: unknown field (expected one of channel, country, devicetype, known_users_only, os)"),
+        (("campaigns", 0, "targeting"), [], "campaigns[0].targeting: expected an object"),
+        (("campaigns", 0), "c-banner", "campaigns[0]: expected an object"),
+        (("fx",), {"EUR": "x"}, "fx.EUR: expected a positive number"),
+        (("fx",), {"EUR": 0}, "fx.EUR: expected a positive number"),
+        (("fx",), {"E R": 0}, 'fx["E R"]: expected a positive number'),
+        (("score_pivot",), 0, "score_pivot: expected a number in (0, 1]"),
+        (("first_price_shade",), 2, "first_price_shade: expected a number in (0, 1]"),
+        (("currency",), "dollars", "currency: expected an ISO-4217 code"),
+        (("version",), 2, "version: unknown field (expected one of campaigns, currency, first_price_shade, fx, score_pivot)"),
     ],
 )
-def test_bad_documents_are_refused_with_where_and_what(path, value, message):
-    with pytest.raises(CampaignsError, match=message):
+def test_bad_documents_are_refused_with_where_and_what(path, value, error):
+    assert campaigns.validate(broken(path, value)) == (None, [error])
+    with pytest.raises(CampaignsError) as exc:
         from_dict(broken(path, value))
+    assert str(exc.value) == f"campaigns: {error}"
 
 
 def test_bad_files(tmp_path):
@@ -102,7 +115,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(CampaignsError, match="bad.json"):
         campaigns.load(bad)
     bad.write_text("[]")
-    with pytest.raises(CampaignsError, match="must be a JSON object"):
+    with pytest.raises(CampaignsError, match=r"bad.json: \$: expected an object$"):
         campaigns.load(bad)
 
 
