@@ -105,3 +105,16 @@ def test_refusals_are_counted_in_metrics(tafe_server):
     text = urllib.request.urlopen(tafe_server.admin_url + "/metrics", timeout=10).read().decode()
     counted = [line for line in text.splitlines() if line.startswith("tafe_bad_requests_total{")]
     assert counted and sum(float(line.rsplit(" ", 1)[1]) for line in counted) >= 1, counted
+
+
+def test_chunked_framing_attacks_get_their_answer_at_once_and_are_counted(tafe_server):
+    head = b"POST /openrtb2/bid HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: %s\r\n\r\n"
+    started = time.monotonic()
+    answer = raw_exchange(tafe_server.url, head % b"chunked" + b"7fffffff\r\n{", timeout=8)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    assert time.monotonic() - started < 5  # not the read timeout (10 s)
+    answer = raw_exchange(tafe_server.url, head % b"gzip, chunked" + b"3\r\nabc\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 501"), answer[:100]
+    text = urllib.request.urlopen(tafe_server.admin_url + "/metrics", timeout=10).read().decode()
+    assert 'tafe_bad_requests_total{reason="unknown_transfer_coding"} 1.0' in text
+    still_serving(tafe_server)
