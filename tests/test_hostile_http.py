@@ -47,6 +47,17 @@ def raw_exchange(url: str, payload: bytes, timeout: float = 10.0) -> bytes:
         return b"".join(chunks)
 
 
+class _Keys:
+    """``KEYS % where``: a bid request with 100,000 keys at ``where``'s ``%s`` (~1 MB, ~220 KB gzipped)."""
+
+    def __mod__(self, where: bytes) -> bytes:
+        keys = b",".join(b'"%d":0' % i for i in range(100_000))
+        return b'{"id":"x",' + where.replace(b"%s", keys) + b"}"
+
+
+KEYS = _Keys()
+
+
 def deep(n: int) -> bytes:
     return b'{"id":"x","imp":[{"id":"1","banner":{"w":300,"h":250}}],"ext":' + b"[" * n + b"]" * n + b"}"
 
@@ -64,6 +75,8 @@ def deep(n: int) -> bytes:
         ("ten_megabytes", b'{"id":"' + b"a" * (10 * 1024 * 1024) + b'"}', {}, {413}),
         ("gzip_bomb", gzip.compress(b"{" + b" " * (64 * 1024 * 1024) + b"}"), {"Content-Encoding": "gzip"}, {413, 400}),
         ("bad_gzip", b"\x1f\x8b not really gzip", {"Content-Encoding": "gzip"}, {400}),
+        ("native_request_100000_keys", gzip.compress(KEYS % b'"imp":[{"id":"1","native":{"request":{%s}}}]'), {"Content-Encoding": "gzip"}, {400}),
+        ("user_ext_100000_keys", gzip.compress(KEYS % b'"imp":[{"id":"1","banner":{"w":300,"h":250}}],"user":{"ext":{"eids":[],%s}}'), {"Content-Encoding": "gzip"}, {400}),
     ],
 )
 def test_hostile_body_gets_a_clear_refusal(tafe_server, name, body, headers, expected):
