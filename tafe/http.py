@@ -11,10 +11,14 @@ Rules, on the way in (``RequestReader``):
   order. Several requests in one read (pipelining) come out together; a request split
   over many reads comes out when its last byte arrives.
 - A request's body is framed by ``Content-Length`` or ``Transfer-Encoding: chunked``
-  (both at once is malformed). Chunked trailers are read and ignored.
+  (both at once is malformed). Chunked trailers are read and ignored. Any other
+  transfer coding (``gzip, chunked``...) is 501, as Nginx answers (RFC 9112 6.1): its
+  body would reach the app still encoded.
 - The head (request line + headers) may hold at most ``max_head_bytes``: more is 431.
   The body may hold at most ``max_body_bytes``: more is 413, decided as soon as a
-  ``Content-Length`` says so, before the body is read. Anything llhttp rejects is 400.
+  ``Content-Length``, or a chunk size line, says so, before the body is read (a client
+  announcing a huge chunk and then waiting gets its 413 at once, not a 408 later).
+  Anything llhttp rejects is 400.
   After an error the reader is dead (``error`` is set): the shell answers it and closes.
 - An HTTP/1.1 request has exactly one ``Host`` header, and an HTTP/1.0 one at most one
   (RFC 9112 3.2): otherwise 400. So is an HTTP/0.9 request line (llhttp accepts it).
@@ -125,6 +129,7 @@ class RequestReader:
     __slots__ = (
         "_parser", "_max_head", "_max_body", "_now", "_out", "_url", "_headers", "_body",
         "_body_len", "_head_len", "_in_head", "_fields", "_feed_len", "_begin_len",
+        "_chunked", "_in_chunk", "_chunk_seen", "_chunk_got", "_size_line",
         "arrival", "in_progress", "send_continue", "closed", "discarded", "error",
     )
 
@@ -143,6 +148,11 @@ class RequestReader:
         self._begin_len = 0
         self._in_head = False
         self._fields: list[tuple[bytes, bytes]] = []
+        self._chunked = False  # the request in progress has a chunked body
+        self._in_chunk = False  # between a chunk's size line and its end
+        self._chunk_seen = False  # a chunk size line was parsed in the current feed
+        self._chunk_got = 0  # body bytes since the last chunk size line
+        self._size_line = b""  # a chunk size line begun in an earlier feed
         self.arrival = 0.0
         self.in_progress = False  # a request has begun and is not complete yet
         self.send_continue = False
@@ -158,6 +168,7 @@ class RequestReader:
         self._now = now
         out = self._out = []
         self._feed_len = len(data)
+        self._chunk_seen = False
         continued = self._in_head
         try:
             self._parser.feed_data(data)
@@ -181,7 +192,36 @@ class RequestReader:
                 self._head_len += len(data)
                 if self._head_len > self._max_head:
                     self.error = HttpError(431, "request head too large")
+            elif self._chunked and self.in_progress:
+                self._check_chunk(data)
         return out
+
+    def _check_chunk(self, data: bytes) -> None:
+        """After a read that left a chunked body unfinished: refuse it (413) if the chunk
+        awaited would take the body past the cap, or keep a size line begun in it.
+
+        llhttp does not tell the chunk size, so the size line is read here: it ends where
+        the chunk's bytes received in this read begin, and starts after the previous LF
+        (the head's or the previous chunk's). Leading zeros are dropped and the line cut
+        short when kept, which can only make the size read smaller, never refuse a body
+        that fits; a trailer line (after the last chunk) does not read as hex: size 0.
+        """
+        if not self._in_chunk:
+            lf = data.rfind(b"\n")
+            line = data[lf + 1:] if lf >= 0 else self._size_line + data
+            self._size_line = line.lstrip(b"0")[:64]
+            return
+        if not self._chunk_seen:
+            return  # this read only carried chunk bytes, counted by on_body
+        end = len(data) - self._chunk_got - 2  # the size line's CRLF
+        lf = data.rfind(b"\n", 0, end)
+        line = data[lf + 1:end] if lf >= 0 else self._size_line + data[:end]
+        try:
+            size = int(line.lstrip(b"0")[:64].partition(b";")[0] or b"0", 16)
+        except ValueError:
+            return
+        if self._body_len - self._chunk_got + size > self._max_body:
+            self.error = HttpError(413, "request body too large")
 
     def _close_after_last(self) -> None:
         if self._out:
@@ -200,6 +240,9 @@ class RequestReader:
         self._body_len = 0
         self._head_len = 0
         self._begin_len = self._feed_len
+        self._chunked = False
+        self._in_chunk = False
+        self._size_line = b""
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
@@ -220,6 +263,7 @@ class RequestReader:
         expect = False
         padded = False
         hosts = 0
+        coding = None
         for name, value in headers:
             padded = padded or value.endswith(_OWS)  # llhttp keeps trailing whitespace
             n = len(name)
@@ -231,6 +275,8 @@ class RequestReader:
                     expect = value.lower().rstrip(b" \t") == b"100-continue"
             elif n == 4 and name.lower() == b"host":
                 hosts += 1
+            elif n == 17 and name.lower() == b"transfer-encoding":
+                coding = value.strip(b" \t").lower()  # llhttp refuses a second one
         if hosts != 1:
             version = self._parser.get_http_version()
             if version == "0.9":
@@ -241,12 +287,25 @@ class RequestReader:
             headers[:] = [(name, value.rstrip(b" \t")) for name, value in headers]
         if length > self._max_body:
             raise HttpError(413, "request body too large")
+        if coding is not None:
+            if coding != b"chunked":
+                raise HttpError(501, "transfer coding not implemented")
+            self._chunked = True
         # With no body, on_message_complete follows at once and clears the flag again.
         if expect and length != 0 and self._parser.get_http_version() == "1.1":
             self.send_continue = True
 
+    def on_chunk_header(self) -> None:
+        self._in_chunk = True
+        self._chunk_seen = True
+        self._chunk_got = 0
+
+    def on_chunk_complete(self) -> None:
+        self._in_chunk = False
+
     def on_body(self, body: bytes) -> None:
         self.send_continue = False  # the client did not wait
+        self._chunk_got += len(body)
         self._body_len += len(body)
         if self._body_len > self._max_body:
             raise HttpError(413, "request body too large")
@@ -276,6 +335,7 @@ class RequestReader:
         )
         self.in_progress = False
         self.send_continue = False
+        self._chunked = False
         if not keep_alive or method == "CONNECT":
             self._close_after_last()
 

@@ -55,7 +55,7 @@ _monotonic = time.monotonic
 _time = time.time
 
 # tafe_bad_requests_total{reason} of the requests refused before any app saw them.
-_REFUSAL_REASONS = {400: "malformed_http", 408: "slow_client", 413: "too_large", 431: "head_too_large"}
+_REFUSAL_REASONS = {400: "malformed_http", 408: "slow_client", 413: "too_large", 431: "head_too_large", 501: "unknown_transfer_coding"}
 
 def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
     """A listening TCP socket (SO_REUSEADDR); port 0 picks a free port."""

@@ -47,6 +47,17 @@ def raw_exchange(url: str, payload: bytes, timeout: float = 10.0) -> bytes:
         return b"".join(chunks)
 
 
+class _Keys:
+    """``KEYS % where``: a bid request with 100,000 keys at ``where``'s ``%s`` (~1 MB, ~220 KB gzipped)."""
+
+    def __mod__(self, where: bytes) -> bytes:
+        keys = b",".join(b'"%d":0' % i for i in range(100_000))
+        return b'{"id":"x",' + where.replace(b"%s", keys) + b"}"
+
+
+KEYS = _Keys()
+
+
 def deep(n: int) -> bytes:
     return b'{"id":"x","imp":[{"id":"1","banner":{"w":300,"h":250}}],"ext":' + b"[" * n + b"]" * n + b"}"
 
@@ -64,6 +75,8 @@ def deep(n: int) -> bytes:
         ("ten_megabytes", b'{"id":"' + b"a" * (10 * 1024 * 1024) + b'"}', {}, {413}),
         ("gzip_bomb", gzip.compress(b"{" + b" " * (64 * 1024 * 1024) + b"}"), {"Content-Encoding": "gzip"}, {413, 400}),
         ("bad_gzip", b"\x1f\x8b not really gzip", {"Content-Encoding": "gzip"}, {400}),
+        ("native_request_100000_keys", gzip.compress(KEYS % b'"imp":[{"id":"1","native":{"request":{%s}}}]'), {"Content-Encoding": "gzip"}, {400}),
+        ("user_ext_100000_keys", gzip.compress(KEYS % b'"imp":[{"id":"1","banner":{"w":300,"h":250}}],"user":{"ext":{"eids":[],%s}}'), {"Content-Encoding": "gzip"}, {400}),
     ],
 )
 def test_hostile_body_gets_a_clear_refusal(tafe_server, name, body, headers, expected):
@@ -105,3 +118,16 @@ def test_refusals_are_counted_in_metrics(tafe_server):
     text = urllib.request.urlopen(tafe_server.admin_url + "/metrics", timeout=10).read().decode()
     counted = [line for line in text.splitlines() if line.startswith("tafe_bad_requests_total{")]
     assert counted and sum(float(line.rsplit(" ", 1)[1]) for line in counted) >= 1, counted
+
+
+def test_chunked_framing_attacks_get_their_answer_at_once_and_are_counted(tafe_server):
+    head = b"POST /openrtb2/bid HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: %s\r\n\r\n"
+    started = time.monotonic()
+    answer = raw_exchange(tafe_server.url, head % b"chunked" + b"7fffffff\r\n{", timeout=8)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    assert time.monotonic() - started < 5  # not the read timeout (10 s)
+    answer = raw_exchange(tafe_server.url, head % b"gzip, chunked" + b"3\r\nabc\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 501"), answer[:100]
+    text = urllib.request.urlopen(tafe_server.admin_url + "/metrics", timeout=10).read().decode()
+    assert 'tafe_bad_requests_total{reason="unknown_transfer_coding"} 1.0' in text
+    still_serving(tafe_server)

@@ -39,6 +39,52 @@ def test_reader_expect_continue_only_while_the_body_is_awaited():
     assert not reader.send_continue
 
 
+CHUNKED_HEAD = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [CHUNKED_HEAD + b"1001\r\n"],  # one chunk above the cap, none of it sent
+        [CHUNKED_HEAD, b"1001;ext=1\r\nabc"],
+        [CHUNKED_HEAD + b"800\r\n" + b"a" * 0x800 + b"\r\n", b"801\r\n"],  # 4097 in total
+        [CHUNKED_HEAD + b"0" * 100, b"0000", b"1", b"001\r", b"\n"],  # the size line over reads
+    ],
+)
+def test_reader_chunk_size_past_the_cap_is_413_before_its_bytes(pieces):
+    reader = http.RequestReader(max_head_bytes=1000, max_body_bytes=4096)
+    for piece in pieces:
+        assert reader.error is None
+        reader.feed(piece, 0.0)
+    assert reader.error is not None and reader.error.status == 413
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [CHUNKED_HEAD + b"1000\r\n"],  # exactly the cap: wait for it
+        [CHUNKED_HEAD + b"800\r\n" + b"a" * 0x800 + b"\r\n", b"800\r\n", b"a" * 100],
+        [CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nX-Trailer-Ffff: 1\r\n"],  # a trailer is no size line
+        [CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nFfff:1\r\n"],
+    ],
+)
+def test_reader_chunked_body_within_the_cap_is_awaited(pieces):
+    reader = http.RequestReader(max_head_bytes=1000, max_body_bytes=4096)
+    for piece in pieces:
+        assert reader.feed(piece, 0.0) == []
+    assert reader.error is None and reader.in_progress
+
+
+def test_reader_transfer_coding_other_than_chunked_is_501():
+    for coding in (b"gzip, chunked", b"gzip", b"identity"):
+        reader = http.RequestReader(1000, 1000)
+        reader.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 0.0)
+        assert reader.error is not None and reader.error.status == 501, coding
+    reader = http.RequestReader(1000, 1000)
+    [request] = reader.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: CHUNKED \r\n\r\n3\r\nabc\r\n0\r\n\r\n", 0.0)
+    assert request.body == b"abc" and reader.error is None
+
+
 @pytest.mark.parametrize(
     "status, headers, length, keep_alive, http11, expect_lines, expect_framing, expect_alive",
     [

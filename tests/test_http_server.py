@@ -377,6 +377,31 @@ def test_chunked_body_too_large_is_413(server):
         assert reader.response().status == 413
 
 
+def test_chunk_announced_past_the_cap_is_413_at_once_not_408_at_the_read_timeout():
+    slow = ServerProcess(TAFE_READ_TIMEOUT_S="30")
+    try:
+        with slow.connect(timeout=10) as sock:
+            started = time.monotonic()
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n10000\r\nabc")
+            reader = Reader(sock)
+            assert reader.response().status == 413
+            assert time.monotonic() - started < 5  # the read timeout is 30 s
+            assert reader.closed()
+        responses, _ = exchange(slow, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert responses[0].body == b"pong"
+    finally:
+        slow.stop()
+
+
+def test_transfer_coding_other_than_chunked_is_501_and_chunked_still_works(server):
+    body = b"3\r\nabc\r\n0\r\n\r\n"
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: %s\r\n\r\n"
+    responses, closed = exchange(server, head % b"gzip, chunked" + body)
+    assert responses[0].status == 501 and closed
+    responses, closed = exchange(server, head % b"chunked" + body)
+    assert responses[0].status == 200 and responses[0].json()["body"] == "abc" and not closed
+
+
 def test_slow_client_gets_408_while_others_are_served(server):
     with server.connect() as slow:
         slow.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf")

@@ -25,6 +25,7 @@ lone surrogates, ``too_deep``, else ``not_json``).
 from __future__ import annotations
 
 import re
+from itertools import chain, islice
 from typing import Annotated, Any, Union
 from urllib.parse import urlsplit
 
@@ -34,17 +35,25 @@ from msgspec import Meta, Raw, Struct
 
 from tafe.core.types import Audio, BidRequest, Deal, Imp, Video
 
-__all__ = ["BadRequest", "MAX_IMPS", "parse"]
+__all__ = ["BadRequest", "MAX_IMPS", "MAX_UIDS", "MAX_VALUES", "parse"]
 
 # Bounds on what one request may make TAFE do; the body size cap alone allows ~25,000
 # one-line imps. Real exchanges send a few, rarely more than ~50.
 MAX_IMPS = 100
+# Bounds the decode itself: every array element and object member but the last is
+# followed by a comma, so this caps how many values msgspec can build, counted in one
+# C scan before decoding (arrays are decoded whole before their length is checked).
+# 100,000 ext keys took 40-70 ms to decode as a dict; at this cap the worst body found
+# (thousands of eids) costs ~3 ms to inflate and parse. The largest corpus request
+# (deals-at-request-limit) has 2,030 commas.
+MAX_VALUES = 5_000
 MAX_DEALS = 100  # per imp: every deal is tried against every fitting campaign
 # Per request: 100 imps of 100 deals, each imp fitting every media type, held one worker's
 # loop 50-80 ms; at this cap parse + decide of 10 imps x 100 deals (the corpus case
 # deals-at-request-limit, demo campaigns) take ~2 ms.
 MAX_REQUEST_DEALS = 1000
 MAX_USER_KEYS = 8
+MAX_UIDS = 64  # eids uid entries looked at for those keys
 MAX_ID_CHARS = 256  # request, imp and deal ids are echoed in the response and in three notice URLs per bid
 
 
@@ -109,7 +118,7 @@ class _WAudio(_W):
 
 
 class _WNative(_W):
-    request: Union[str, dict[str, Raw], None] = None  # a JSON string (<= 2.5 style) or an object
+    request: Raw = _NO_EXT  # a JSON string (<= 2.5 style) or an object; TAFE only needs to know it is there
 
 
 class _WDeal(_W):
@@ -217,8 +226,23 @@ class _WRequest(_W):
     test: _Flag = None
 
 
+class _WExt(_W):
+    """The ``ext`` keys TAFE reads, wherever they sit: any other key is skipped by the
+    decoder, not built (an ``ext`` of 100,000 keys once became a dict of them)."""
+
+    prebid: Raw = _NO_EXT  # imp.ext.prebid.is_rewarded_inventory
+    is_rewarded_inventory: Any = None
+    rewarded: Any = None  # imp.video.ext
+    eids: Any = None  # user.ext (2.5)
+    consent: Any = None
+    gdpr: Any = None  # regs.ext (2.5)
+    us_privacy: Any = None
+    gpp: Any = None
+
+
+_NO_EXT_KEYS = _WExt()
 _decode_request = msgspec.json.Decoder(_WRequest).decode
-_decode_any = msgspec.json.Decoder().decode
+_decode_ext = msgspec.json.Decoder(_WExt).decode
 _AT = re.compile(r" - at `\$\.?(.*)`$")
 _INDEX = re.compile(r"\[\d+\]")
 
@@ -251,28 +275,36 @@ def _invalid(exc: msgspec.ValidationError) -> BadRequest:
 # --- from the wire to the view ----------------------------------------------------------
 
 
-def _ext(raw: Raw, key: bytes) -> dict:
-    """An ``ext`` object, decoded only when ``key`` occurs in it; anything but an object is ``{}``."""
+def _ext(raw: Raw) -> _WExt:
+    """The keys TAFE reads from an ``ext`` object; anything but an object has none."""
     if not raw:
-        return {}
-    data = bytes(raw)
-    if key not in data:
-        return {}
+        return _NO_EXT_KEYS
     try:
-        v = _decode_any(data)
-    except (msgspec.DecodeError, RecursionError):
-        return {}
-    return v if type(v) is dict else {}
+        return _decode_ext(raw)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError included
+        return _NO_EXT_KEYS
 
 
-def _ext_str(ext: dict, key: str) -> str:
-    v = ext.get(key)
+def _ext_str(v: Any) -> str:
     return v if type(v) is str else ""
 
 
-def _ext_flag(ext: dict, key: str) -> bool:
-    v = ext.get(key)
+def _ext_flag(v: Any) -> bool:
     return v == 1 or v == "1"
+
+
+def _has_native(raw: Raw) -> bool:
+    """Whether ``native.request`` is a non-empty string or object (its content is the
+    creative's business, never decoded here); any other JSON type is refused."""
+    if not raw:
+        return False
+    view = memoryview(raw)
+    first = view[:1]
+    if first == b"n" and view == b"null":
+        return False
+    if first != b'"' and first != b"{":
+        raise _fail_type("imp.native.request")
+    return len(view) > 16 or bytes(view[1:-1]).strip(b" \t\r\n") != b""
 
 
 def _int(v: int | float | None, path: str) -> int | None:
@@ -365,9 +397,8 @@ def _imp(i: _WImp) -> Imp:
     banner, video, audio, native, pmp = i.banner, i.video, i.audio, i.native, i.pmp
     rewarded = i.rwdd == 1
     if not rewarded and (i.ext or (video is not None and video.ext)):
-        prebid = _ext(i.ext, b"is_rewarded_inventory").get("prebid")
-        rewarded = (type(prebid) is dict and _ext_flag(prebid, "is_rewarded_inventory")) or (
-            video is not None and _ext_flag(_ext(video.ext, b"rewarded"), "rewarded")
+        rewarded = _ext_flag(_ext(_ext(i.ext).prebid).is_rewarded_inventory) or (
+            video is not None and _ext_flag(_ext(video.ext).rewarded)
         )
     return Imp(
         id=imp_id,
@@ -375,7 +406,7 @@ def _imp(i: _WImp) -> Imp:
         has_banner=banner is not None,
         video=_video(video) if video is not None else None,
         audio=_audio(audio) if audio is not None else None,
-        native=native is not None and bool(native.request),
+        native=native is not None and _has_native(native.request),
         bidfloor=i.bidfloor or 0.0,
         bidfloorcur=i.bidfloorcur or "USD",
         secure=i.secure == 1,
@@ -399,16 +430,14 @@ def _user_keys(user: _WUser | None, ifa: str) -> tuple[str, ...]:
     if user.buyeruid:
         keys[user.buyeruid] = None
     if user.eids is not None:
-        for eid in user.eids:
-            if eid.uids is None:
-                raise _fail_type("user.eids.uids")
-            _add_uids(keys, eid.uids)
+        uids = [eid.uids for eid in user.eids]
+        if None in uids:
+            raise _fail_type("user.eids.uids")
+        _add_uids(keys, uids)
     elif user.ext:  # the 2.5 ext location: best effort
-        eids = _ext(user.ext, b"eids").get("eids")
+        eids = _ext(user.ext).eids
         if type(eids) is list:
-            for eid in eids:
-                if type(eid) is dict and type(eid.get("uids")) is list:
-                    _add_uids(keys, eid["uids"])
+            _add_uids(keys, [e["uids"] for e in eids[:MAX_UIDS] if type(e) is dict and type(e.get("uids")) is list])
     if ifa:
         keys[ifa] = None
     if user.id:
@@ -416,8 +445,10 @@ def _user_keys(user: _WUser | None, ifa: str) -> tuple[str, ...]:
     return tuple(keys)[:MAX_USER_KEYS]
 
 
-def _add_uids(keys: dict[str, None], uids: Any) -> None:
-    for uid in uids:
+def _add_uids(keys: dict[str, None], uid_lists: list[Any]) -> None:
+    """Add the ids of the first ``MAX_UIDS`` uid entries: thousands of entries repeating
+    one id would otherwise all be looked at (10,000 took ~25 ms)."""
+    for uid in islice(chain.from_iterable(uid_lists), MAX_UIDS):
         uid_id = uid.get("id") if type(uid) is dict else None
         if type(uid_id) is str and uid_id:
             keys[uid_id] = None
@@ -434,6 +465,8 @@ def _host(page: str) -> str:
 
 
 def _decode(body: bytes) -> _WRequest:
+    if body.count(b",") >= MAX_VALUES:
+        raise BadRequest("too_many_values")
     if not body.isascii():
         if body.startswith(b"\xef\xbb\xbf"):  # RFC 8259 8.1: parsers may ignore a BOM
             body = body[3:]
@@ -504,7 +537,7 @@ def parse(body: bytes) -> BidRequest:
     user = root.user
     consent = ""
     if user is not None:
-        consent = user.consent or (_ext_str(_ext(user.ext, b"consent"), "consent") if user.ext else "")
+        consent = user.consent or (_ext_str(_ext(user.ext).consent) if user.ext else "")
 
     regs = root.regs
     coppa = gdpr = False
@@ -515,11 +548,11 @@ def parse(body: bytes) -> BidRequest:
         if regs.gdpr is not None:
             gdpr = regs.gdpr == 1
         if regs.ext and (regs.gdpr is None or not us_privacy or not gpp):  # 2.5 keeps these in regs.ext
-            rext = _ext(regs.ext, b'"')
+            rext = _ext(regs.ext)
             if regs.gdpr is None:
-                gdpr = _ext_flag(rext, "gdpr")
-            us_privacy = us_privacy or _ext_str(rext, "us_privacy")
-            gpp = gpp or _ext_str(rext, "gpp")
+                gdpr = _ext_flag(rext.gdpr)
+            us_privacy = us_privacy or _ext_str(rext.us_privacy)
+            gpp = gpp or _ext_str(rext.gpp)
 
     # Integral floats are rare: _int (a call) only for them.
     tmax, at = root.tmax, root.at

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tafe.core.request import BadRequest, parse
+from tafe.core.request import MAX_UIDS, MAX_VALUES, BadRequest, parse
 
 
 def p(**fields):
@@ -148,14 +148,14 @@ def test_bad_request_reason_attribute():
 
 
 def test_hostile_sizes_stay_linear():
-    """20,000 banner formats (about 400 KB) dedupe in one pass, not 20,000^2 comparisons."""
-    formats = [{"w": 300 + i % 50, "h": 250} for i in range(20_000)]
+    """2,000 banner formats (near the most the value cap lets through) dedupe in one pass."""
+    formats = [{"w": 300 + i % 50, "h": 250} for i in range(2_000)]
     imp = p(imp=[{"id": "1", "banner": {"format": formats}}]).imps[0]
     assert len(imp.banner_sizes) == 50 and imp.banner_sizes[0] == (300, 250)
 
 
 def test_user_keys_are_bounded():
-    uids = [{"id": f"e{i}"} for i in range(10_000)]
+    uids = [{"id": f"e{i}"} for i in range(2_000)]
     r = p(user={"buyeruid": "b", "eids": [{"source": "x", "uids": uids}]}, device={"ifa": "i"})
     assert r.user_keys == ("b", "e0", "e1", "e2", "e3", "e4", "e5", "e6")
 
@@ -164,3 +164,59 @@ def test_imp_count_is_bounded():
     assert len(p(imp=[{"id": str(i)} for i in range(100)]).imps) == 100
     with pytest.raises(BadRequest, match="too_many_imps"):
         p(imp=[{"id": str(i)} for i in range(101)])
+
+
+def _keys(n: int) -> str:
+    return ",".join(f'"k{i}":0' for i in range(n))
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        '"imp":[{"id":"1","native":{"request":{%s}}}]',
+        '"imp":[{"id":"1","banner":{"w":1,"h":1}}],"user":{"ext":{"eids":[{"source":"a","uids":[{"id":"u"}]}],%s}}',
+    ],
+)
+def test_a_body_of_100000_keys_is_refused_before_decoding(where):
+    body = ('{"id":"r",' + where % _keys(100_000) + "}").encode()
+    with pytest.raises(BadRequest, match="too_many_values"):
+        parse(body)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        '"imp":[{"id":"1","native":{"request":{%s}}}]',
+        '"imp":[{"id":"1","banner":{"w":1,"h":1}}],"user":{"ext":{"eids":[{"source":"a","uids":[{"id":"u"}]}],%s}}',
+        '"imp":[{"id":"1","banner":{"w":1,"h":1},"ext":{"prebid":{%s}}}],"regs":{"ext":{%s}}',
+    ],
+)
+def test_keys_under_the_value_cap_that_tafe_does_not_read_are_never_built(where):
+    """Work counted as memory: 4,000 unread keys decoded into a dict take ~400 KB."""
+    import tracemalloc
+
+    body = ('{"id":"r",' + where.replace("%s", _keys(MAX_VALUES // 2 - 50)) + "}").encode()
+    tracemalloc.start()
+    try:
+        request = parse(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert request.imps[0].id == "1"
+    assert peak < 64 * 1024, peak
+
+
+def test_eid_uids_looked_at_are_bounded():
+    """Thousands of uid entries repeating one id: only the first MAX_UIDS are looked at."""
+    eids = [{"source": "a", "uids": [{"id": "same"}]}] * 2000 + [{"source": "b", "uids": [{"id": "late"}]}]
+    assert p(user={"eids": eids}).user_keys == ("same",)
+    assert p(user={"ext": {"eids": eids}}).user_keys == ("same",)
+    assert p(user={"eids": eids[:MAX_UIDS - 1] + eids[-1:]}).user_keys == ("same", "late")
+
+
+def test_native_request_types():
+    for request_, has in (('""', False), ("{ }", False), ("null", False), ('"{}"', True), ('{"ver":"1.2"}', True)):
+        body = '{"id":"r","imp":[{"id":"1","native":{"request":%s}}]}' % request_
+        assert parse(body.encode()).imps[0].native is has, request_
+    with pytest.raises(BadRequest, match="wrong_type:imp.native.request"):
+        parse(b'{"id":"r","imp":[{"id":"1","native":{"request":[1]}}]}')
