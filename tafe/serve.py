@@ -141,11 +141,15 @@ def _keep_money(apps: object) -> None:
         while True:
             gevent.sleep(SHORT_SYNC_S)
             due = time.monotonic() - last >= SYNC_S
-            if money.banker.short or (due and money.banker.budgeted):
-                money.sync(metrics, time.time())
-            if due:
-                last = time.monotonic()
-                pool.spawn(persist, money.events.take()).join()
+            try:
+                if money.banker.short or (due and money.banker.budgeted):
+                    money.sync(metrics, time.time())
+                if due:
+                    last = time.monotonic()
+                    pool.spawn(persist, money.events.take()).get()
+            except Exception:  # a bug or a full disk: say so, keep the loop (floats depend on it)
+                metrics.money_errors.labels("loop").inc()
+                log.exception("money loop")
 
     gevent.spawn(loop)
 

@@ -254,7 +254,7 @@ class BidHandler:
         user = xxh3_64_hexdigest(request.user_keys[0].encode()) if request.user_keys and may_use_history(request) is None else ""
         banker = self.banker
         inputs = Inputs(
-            snapshot, self.campaigns, now, budgets=banker.floats, exhausted=banker.exhausted,
+            snapshot, self.campaigns, now, budgets=banker.floats_at(now), exhausted=banker.exhausted,
             impressions=self._impressions(user, now) if self.caps else None,
         )  # fmt: skip
         decision = decide(request, inputs)

@@ -37,8 +37,17 @@ class Banker:
         self.exhausted: frozenset[str] = frozenset()
         self.accounts: dict[str, Account] = {}  # as of the last sync
         self.short = False  # a bid was refused for want of float: sync soon
+        self.period = -1  # the budget period the floats were granted for
         self._queue: list[Reservation] = []
         self._used: dict[str, int] = {}
+
+    def floats_at(self, now: float) -> dict[str, int] | None:
+        """The floats ``decide`` may bid against now: none left once their period is over."""
+        floats = self.floats
+        if floats is not None and now // self.period_s != self.period:
+            self.floats = floats = dict.fromkeys(floats, 0)
+            self.short = True
+        return floats
 
     def apply(self, decision: Decision, now: float) -> None:
         """Take a decision's reservations off the floats and queue them for the store."""
@@ -79,6 +88,7 @@ class Banker:
             self._queue = queue + self._queue  # keep them for the next try; floats stay as they are
             raise
         self._used = {}
+        self.period = period
         self.floats = {cid: g.nanos for cid, g in grants.items()}
         self.accounts = {cid: g.account for cid, g in grants.items()}
         # Less left than one impression at the campaign's top price, floats aside: a bid

@@ -91,21 +91,24 @@ class EmbeddedState:
                     a = accts[key] = self._get_acct(txn, key)
                 return a
 
-            # 1. What was bid since the last call moves from the float to reservations,
-            # unless a notice already settled the bid (then it only leaves the float).
+            # 1. What was bid since the last call becomes reservations (its float is
+            # returned whole below), unless a notice already settled the bid.
+            used_by: dict[bytes, int] = {}
             for r in used:
                 key = _acct_key(r.campaign, r.period)
                 a = acct(key)
-                a[3] -= r.nanos
+                used_by[key] = used_by.get(key, 0) + r.nanos
                 bid = r.bid_id.encode()
                 if txn.get(b"bill:" + bid, db=self._seen) is not None or txn.get(b"loss:" + bid, db=self._seen) is not None:
+                    a[4] += r.nanos  # settled before it got here: the bill took its price from the bucket
                     continue
                 won = txn.get(b"winp:" + bid, db=self._seen)  # a win came first: hold only its price
                 nanos = min(r.nanos, _RES.unpack(won)[0]) if won is not None else r.nanos
                 a[2] += nanos
+                a[4] += r.nanos - nanos
                 txn.put(bid, _RES.pack(nanos, r.expires) + key, db=self._res)
                 txn.put(_EXP.pack(r.expires) + bid, b"", db=self._resx)
-            # 2. Return this worker's previous floats, grant new ones.
+            # 2. Return this worker's previous floats (what it used is reserved now), grant new ones.
             for w in wants:
                 key = _acct_key(w.campaign, w.period)
                 a = acct(key)
@@ -113,7 +116,9 @@ class EmbeddedState:
                 lkey = f"{worker}\0{w.campaign}\0{w.period}".encode()
                 old = txn.get(lkey, db=self._lease)
                 if old is not None:
-                    a[3] -= _LEASE.unpack(old)[0]
+                    held = _LEASE.unpack(old)[0]
+                    a[3] -= held
+                    a[4] += max(held - used_by.get(key, 0), 0)  # unused float goes back to the pacing bucket
                 granted, a[4], a[6] = pacing.grant(
                     pacing=w.pacing, want=w.want, left=a[0] - a[1] - a[2] - a[3], now=now, period_end=w.period_end,
                     bucket=a[4], bucket_ts=a[5] / 1000,
@@ -152,22 +157,29 @@ class EmbeddedState:
                 else:
                     txn.delete(k[8:], db=self._seen)
 
-    def _drop_reservation(self, txn: Any, bid: bytes, keep: int = 0) -> None:
-        """Release a bid's reservation (all of it, or down to ``keep`` nanos)."""
+    def _drop_reservation(self, txn: Any, bid: bytes, keep: int = 0, spent: int = 0) -> bool:
+        """Release a bid's reservation (all of it, or down to ``keep`` nanos); False if there is none.
+
+        What it held and was not ``spent`` goes back to the even-pacing bucket: the bucket
+        is debited by spend, not by what bids reserve and then lose.
+        """
         raw = txn.get(bid, db=self._res)
         if raw is None:
-            return
+            return False
         nanos, expires = _RES.unpack(raw[:16])
         key = raw[16:]
         a = self._get_acct(txn, key)
         if keep and keep < nanos:
             a[2] -= nanos - keep
+            a[4] += nanos - keep
             txn.put(bid, _RES.pack(keep, expires) + key, db=self._res)
         elif not keep:
             a[2] -= nanos
+            a[4] += nanos - spent
             txn.delete(bid, db=self._res)
             txn.delete(_EXP.pack(expires) + bid, db=self._resx)
         self._put_acct(txn, key, a)
+        return True
 
     # --- notices -----------------------------------------------------------------------
 
@@ -186,6 +198,7 @@ class EmbeddedState:
             key = _acct_key(bid.campaign, bid.period)
             a = self._get_acct(txn, key)
             a[1] += nanos
+            a[4] -= nanos  # spend is what the pacing bucket pays; the reservation's release refunds it
             self._put_acct(txn, key, a)
             self._drop_reservation(txn, bid.bid_id.encode())
         return True
