@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from tafe.settings import Settings, SettingsError
+from tafe.settings import Settings
 
 
 class JsonFormatter(logging.Formatter):
@@ -56,8 +56,5 @@ def configure(settings: Settings) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    level = getattr(logging, settings.log_level.upper(), None)
-    if not isinstance(level, int):
-        raise SettingsError(f"log_level must be debug, info, warning or error, got {settings.log_level!r}")
-    root.setLevel(level)
+    root.setLevel(getattr(logging, settings.log_level.upper()))  # validated by Settings
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

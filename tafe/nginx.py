@@ -243,7 +243,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "Nginx listens on --host/--port. 'run' keeps it in the foreground: SIGHUP re-renders the config "
         "and reloads it, SIGTERM or Ctrl-C stops it gracefully."
     )
-    add_settings_options(parser)
+    add_settings_options(parser, command)
 
 
 def run(args: argparse.Namespace) -> int:
