@@ -2,7 +2,9 @@
 
 Loggers in use: ``tafe`` (life-cycle events), ``tafe.access`` (one line per request
 when ``access_log`` is on), ``tafe.bid`` (no-bid reasons at debug level),
-``tafe.profiler`` (blocking events), ``tafe.cqs`` (model and store swaps).
+``tafe.notice`` (one line per win, bill or loss notice, at debug level: they are
+counted in /metrics), ``tafe.profiler`` (blocking events), ``tafe.cqs`` (model and
+store swaps).
 Extra fields given as ``logger.info(msg, extra={"fields": {...}})`` are kept as
 JSON keys, or appended as ``key=value`` in text mode.
 """

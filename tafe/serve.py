@@ -137,9 +137,9 @@ def _announce(servers: list, apps: object, curl: bool = True) -> None:
     # The curl comes first: whoever waits for "listening on" then has both lines.
     (log.info if curl else log.debug)("try: %s", demo_curl(host, port))
     log.info(
-        "listening on http://%s:%d%s; models %s",
+        "listening on http://%s:%d%s",
         host,
         port,
         "".join(f" ({s.name} http://{s.address[0]}:{s.address[1]})" for s in servers[1:]),
-        getattr(versions, "versions", {}),
+        extra={"fields": dict(getattr(versions, "versions", {}))},  # model=..., store=... as their own keys
     )

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,28 @@ def test_a_taken_port_is_one_line_naming_it(mode, which):
         other = "--admin-port" if which == "--port" else "--port"
         result = run_tafe(*MODES[mode], which, port, other, "0")
     assert_one_line(result, f"127.0.0.1:{port}", "Address already in use")
+
+
+# --- log noise ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_notices_log_at_debug_and_versions_are_json_fields(level):
+    server = start_tafe("--log-json", "--log-level", level)
+    try:
+        for _ in range(3):
+            with urllib.request.urlopen(server.url + "/notice/win?r=req1&i=1&b=b1&p=1.5", timeout=10) as resp:
+                assert resp.status == 204
+    finally:
+        assert server.stop() == 0, server.output()
+    records = [json.loads(line) for line in server.lines if line.startswith("{")]
+    assert len(records) == len(server.lines), server.output()  # every line is a JSON record
+    listening = next(r for r in records if r["msg"].startswith("listening on "))
+    assert listening["model"] == "demo-1" and "store" in listening, listening
+    assert "{" not in listening["msg"], listening
+    notices = [r for r in records if r["logger"] == "tafe.notice"]
+    if level == "info":
+        assert notices == [], notices
+    else:
+        assert len(notices) == 3 and {r["level"] for r in notices} == {"debug"}, notices
+        assert notices[0]["request"] == "req1" and notices[0]["price"] == 1.5

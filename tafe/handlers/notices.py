@@ -2,7 +2,8 @@
 
 The URLs were written by ``tafe.core.render`` and carry their own state (request,
 imp and bid ids, campaign, creative, model version, our price), so nothing is kept
-per bid. Each notice becomes one ``tafe.notice`` log line for the training join.
+per bid. Each notice is counted in ``/metrics`` and becomes one ``tafe.notice`` log
+line at debug level (``--log-level debug``), with its fields, for the training join.
 Billing notices are retried by exchanges until they get a 200/204, so they are
 deduplicated on (request, imp, bid) in a bounded set. ``${AUCTION_PRICE}`` is often
 encrypted by the exchange: a price that is not a number is kept as text, not refused.
@@ -82,5 +83,5 @@ class NoticeHandler:
             kind = "bill_duplicate"
         self._counters[kind].inc()
         fields["kind"] = kind
-        log.info("notice %s", kind, extra={"fields": fields})
+        log.debug("notice %s", kind, extra={"fields": fields})  # counted in /metrics; debug for the training join
         return "204 No Content", [], b""
