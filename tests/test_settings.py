@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -131,6 +132,15 @@ def test_help_lists_exactly_the_settings_a_command_uses_with_their_rules(command
         if used and s.rule(f.name):
             assert f"({s.rule(f.name)}; default:" in out, f.name
     assert ("--nginx " in out) == (command != "serve")
+
+
+def test_readme_table_gives_every_setting_its_rule_and_help():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for f in dataclasses.fields(s.Settings):
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{f.name}` |")), None)
+        assert row is not None, f.name
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        assert cells[2] == (s.rule(f.name) or "any") and cells[3] == f.metadata["help"], row
 
 
 def test_version():
