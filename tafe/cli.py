@@ -14,6 +14,7 @@ import importlib
 import sys
 from typing import Sequence
 
+from tafe import __version__
 from tafe import settings as settings_mod
 from tafe.core.campaigns import CampaignsError  # pure: safe to import before monkey-patching
 
@@ -27,19 +28,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def add_settings_options(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
-    """Add one ``--option`` per Settings field (or those in ``only``).
+def add_settings_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add one ``--option`` per Settings field that ``command`` uses.
 
     Defaults stay None so that an absent option does not hide TAFE_* variables or
-    the TOML file; ``--help`` shows the built-in default and the variable name.
+    the TOML file; ``--help`` shows the allowed values, the built-in default and the
+    variable name.
     """
     parser.add_argument("--config", metavar="FILE", help="TOML file of settings (also TAFE_CONFIG)")
     group = parser.add_argument_group("settings (each also TAFE_<NAME> in the environment or NAME in the TOML file)")
     for f in dataclasses.fields(settings_mod.Settings):
-        if not f.metadata.get("cli", True) or (only is not None and f.name not in only):
+        if command not in f.metadata["commands"]:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default!r}; env TAFE_{f.name.upper()})"
+        allowed = settings_mod.rule(f.name)
+        help_text = f"{f.metadata['help']} ({allowed + '; ' if allowed else ''}default: {f.default!r}; env TAFE_{f.name.upper()})"
         if isinstance(f.default, bool):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -57,6 +60,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="tafe",
         description="TAFE: an OpenRTB 2.5/2.6 bidding front end on gevent, behind Nginx.",
     )
+    parser.add_argument("--version", action="version", version=f"tafe {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         if only is not None and name != only:

@@ -2,7 +2,9 @@
 
 Loggers in use: ``tafe`` (life-cycle events), ``tafe.access`` (one line per request
 when ``access_log`` is on), ``tafe.bid`` (no-bid reasons at debug level),
-``tafe.profiler`` (blocking events), ``tafe.cqs`` (model and store swaps).
+``tafe.notice`` (one line per win, bill or loss notice, at debug level: they are
+counted in /metrics), ``tafe.profiler`` (blocking events), ``tafe.cqs`` (model and
+store swaps).
 Extra fields given as ``logger.info(msg, extra={"fields": {...}})`` are kept as
 JSON keys, or appended as ``key=value`` in text mode.
 """
@@ -15,7 +17,7 @@ import os
 import sys
 import time
 
-from tafe.settings import Settings, SettingsError
+from tafe.settings import Settings
 
 
 class JsonFormatter(logging.Formatter):
@@ -56,8 +58,5 @@ def configure(settings: Settings) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    level = getattr(logging, settings.log_level.upper(), None)
-    if not isinstance(level, int):
-        raise SettingsError(f"log_level must be debug, info, warning or error, got {settings.log_level!r}")
-    root.setLevel(level)
+    root.setLevel(getattr(logging, settings.log_level.upper()))  # validated by Settings
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -10,7 +10,11 @@ restart runs new code with freshly read config.
   every worker: the kernel spreads connections over them, and old and new workers
   share the socket during a rolling restart, so no connection is ever refused.
 - A worker says it is ready by writing to a pipe once its apps are built and it is
-  about to accept.
+  about to accept; one that cannot start because of a configuration mistake (a bad
+  campaigns, model or store file) writes that one-line reason instead and exits.
+  Restarting it would fail the same way: at start-up the master stops the others and
+  exits non-zero with the reason (``tafe`` prints it once); later (a crashed worker
+  restarted with a file broken since) it logs it, drains and exits non-zero.
 - SIGTERM / SIGINT: every worker drains (``/ping`` 503 for the grace, then stops
   accepting and finishes in-flight requests); the master exits 0 once all have.
   A second SIGINT (Ctrl-C twice) kills them at once.
@@ -122,7 +126,7 @@ class SignalQueue:
         os.close(self._w)
 
 
-class ListenError(OSError):
+class ListenError(SettingsError):
     """A listener could not be opened; the message names the address."""
 
 
@@ -160,6 +164,7 @@ class Worker:
     state: str = "starting"  # starting -> serving -> draining
     ready_at: float = 0.0
     drain_deadline: float = 0.0
+    failure: str = ""  # the worker's start-up error, from its readiness pipe
 
     @property
     def pid(self) -> int:
@@ -251,13 +256,12 @@ class Master:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def serve(self) -> int:
-        """``tafe serve --workers N``: run until every worker has drained."""
+        """``tafe serve --workers N``: run until every worker has drained.
+
+        Raises ``SettingsError`` if a listener cannot be opened or a first worker
+        reports a configuration mistake."""
         try:
-            try:
-                self.open()
-            except ListenError as exc:
-                log.error("%s", exc)
-                return 1
+            self.open()
             while not self.finished:
                 for sig in self.step(1.0):
                     if sig == signal.SIGHUP:
@@ -306,7 +310,7 @@ class Master:
         self.settings = node_settings(settings.with_overrides(state=settings.state or self.settings.state), self.run_dir, self.settings)
         self._roll = list(range(self.n))
         self._rolling = True
-        log.info("rolling restart of %d workers", self.n)
+        log.info("rolling restart of %s", _workers(self.n))
 
     def stop(self) -> None:
         """Drain every worker; ``finished`` turns true when all have exited."""
@@ -318,7 +322,7 @@ class Master:
         self._roll_new = self._roll_old = None
         worker_settings = self._worker_settings()
         self._stop_deadline = time.monotonic() + worker_settings.drain_grace_s + worker_settings.drain_timeout_s + 10.0
-        log.info("stopping: draining %d workers", len(self.workers))
+        log.info("stopping: draining %s", _workers(len(self.workers)))
         for w in self.workers:
             self._drain(w)
 
@@ -358,20 +362,23 @@ class Master:
             os.close(ready_w)
         worker = Worker(slot, proc, ready_r, time.monotonic())
         self.workers.append(worker)
-        log.info("worker %d started (pid %d)", slot, proc.pid)
+        # The first start-up is summed up by "listening on ... (pids ...)" or one error line.
+        log.log(logging.INFO if self.ready else logging.DEBUG, "worker %d started (pid %d)", slot, proc.pid)
         return worker
 
     def _read_ready(self, fd: int) -> None:
         worker = next((w for w in self.workers if w.ready_fd == fd), None)
         try:
-            data = os.read(fd, 16)
+            data = os.read(fd, 4096)
         except OSError:
             data = b""
         os.close(fd)
         if worker is None:
             return
         worker.ready_fd = None
-        if data and worker.state == "starting":
+        if data.startswith(b"!"):  # a configuration mistake; the worker exits, _reap acts on it
+            worker.failure = data[1:].decode("utf-8", "replace").strip()
+        elif data and worker.state == "starting":
             self._on_ready(worker)
         # End of file without a byte: the worker died before it was ready; _reap says why.
 
@@ -417,9 +424,8 @@ class Master:
             if code is None:
                 continue
             self.workers.remove(w)
-            if w.ready_fd is not None:
-                os.close(w.ready_fd)
-                w.ready_fd = None
+            if w.ready_fd is not None:  # what it wrote before exiting, if anything
+                self._read_ready(w.ready_fd)
             self._forget_metrics(w.pid)
             self._on_exit(w, code)
 
@@ -430,15 +436,19 @@ class Master:
 
     def _on_exit(self, w: Worker, code: int) -> None:
         how = describe_exit(code)
+        if w.failure and not self.ready and not self.stopping:
+            raise SettingsError(w.failure)  # serve's caller prints it; close() ends the others
         if w.state == "draining" or self.stopping:
-            level = logging.INFO if code == 0 or not w.ready_at else logging.WARNING
-            log.log(level, "worker %d (pid %d) %s after draining", w.slot, w.pid, how)
+            if not w.ready_at:
+                log.info("worker %d (pid %d) stopped before it was ready (%s)", w.slot, w.pid, how)
+            else:
+                log.log(logging.INFO if code == 0 else logging.WARNING, "worker %d (pid %d) %s after draining", w.slot, w.pid, how)
             if w is self._roll_old:
                 self._roll_old = None
             return
         now = time.monotonic()
         if w.state == "starting":
-            log.error("worker %d (pid %d) %s before it was ready", w.slot, w.pid, how)
+            log.error("worker %d (pid %d) %s before it was ready%s", w.slot, w.pid, how, f": {w.failure}" if w.failure else "")
             if not self.ready:
                 log.error("a worker could not start: stopping")
                 self.exit_code = 1
@@ -449,6 +459,11 @@ class Master:
                 self._roll_new = None
                 self._roll.clear()
                 self._rolling = False
+                return
+            if w.failure:  # restarting it would fail the same way
+                log.error("stopping: a worker cannot start with the current configuration")
+                self.exit_code = 1
+                self.stop()
                 return
         else:
             self.slots[w.slot] = None
@@ -490,6 +505,10 @@ class Master:
             elif self._rolling:
                 self._rolling = False
                 log.info("rolling restart done: workers %s", " ".join(map(str, self.serving_pids())))
+
+
+def _workers(n: int) -> str:
+    return f"{n} worker" if n == 1 else f"{n} workers"
 
 
 def _gevent_patched() -> bool:

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tafe.settings import Settings
+from tafe.settings import Settings, SettingsError
 
 log = logging.getLogger("tafe.nginx")
 
@@ -132,6 +132,12 @@ def _version(binary: str) -> tuple[int, ...]:
     return tuple(int(x) for x in m.groups()) if m else (0,)
 
 
+def make_prefix(prefix: Path) -> None:
+    """The directories a rendered config expects under its prefix."""
+    for sub in ("tmp", "logs"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+
+
 class Nginx:
     """One Nginx master (and its workers) as a foreground child, with its own prefix."""
 
@@ -149,8 +155,7 @@ class Nginx:
 
     def write(self, config: str) -> None:
         """Install ``config`` (checked by ``nginx -t`` first; the old one stays if bad)."""
-        for sub in ("tmp", "logs"):
-            (self.prefix / sub).mkdir(parents=True, exist_ok=True)
+        make_prefix(self.prefix)
         if os.geteuid() == 0:
             # Nginx started as root runs its workers as "nobody": they must reach the
             # temp dirs under our (possibly private) prefix.
@@ -232,7 +237,12 @@ class Nginx:
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     from tafe.cli import add_settings_options
 
-    parser.add_argument("action", choices=("render", "run"), help="print the config, or run Nginx with it in the foreground")
+    parser.add_argument(
+        "action",
+        choices=("render", "run"),
+        help="render: create --run-dir DIR/nginx and print a config for 'nginx -p DIR/nginx -c FILE'; "
+        "run: run Nginx with it in the foreground",
+    )
     parser.add_argument(
         "--upstream",
         default=DEFAULT_UPSTREAM,
@@ -243,7 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "Nginx listens on --host/--port. 'run' keeps it in the foreground: SIGHUP re-renders the config "
         "and reloads it, SIGTERM or Ctrl-C stops it gracefully."
     )
-    add_settings_options(parser)
+    add_settings_options(parser, command)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -252,12 +262,18 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     logs.configure(settings)
-    prefix = Path(settings.run_dir) / "nginx" if settings.run_dir else Path(tempfile.mkdtemp(prefix="tafe-nginx-"))
     if args.action == "render":
-        sys.stdout.write(render(settings, upstream=args.upstream, prefix=prefix))
+        # The config names its pid file and temporary paths: they must outlive this command.
         if not settings.run_dir:
-            shutil.rmtree(prefix, ignore_errors=True)
+            raise SettingsError("nginx render: run_dir is needed (--run-dir DIR): the config's pid file and temporary paths live in DIR/nginx")
+        prefix = (Path(settings.run_dir) / "nginx").resolve()
+        try:
+            make_prefix(prefix)
+        except OSError as exc:
+            raise SettingsError(f"run_dir {settings.run_dir!r}: {exc.strerror or exc}") from None
+        sys.stdout.write(render(settings, upstream=args.upstream, prefix=prefix))
         return 0
+    prefix = Path(settings.run_dir) / "nginx" if settings.run_dir else Path(tempfile.mkdtemp(prefix="tafe-nginx-"))
     binary = ensure_binary(settings)
     if binary is None:
         return 1

@@ -20,14 +20,14 @@ from tafe.cli import add_settings_options, settings_from_args
 from tafe.core import load_campaigns
 from tafe.lifecycle import Lifecycle
 from tafe.metrics import Deferred, Immediate
-from tafe.settings import Settings, demo_curl
+from tafe.settings import Settings, SettingsError, demo_curl
 
 log = logging.getLogger("tafe")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.epilog = "Send SIGTERM (or Ctrl-C) to drain: /ping turns 503, then in-flight requests finish and TAFE exits 0."
-    add_settings_options(parser)
+    add_settings_options(parser, command)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,10 +52,20 @@ def serve_in_process(
     from prometheus_client import CollectorRegistry
 
     from tafe import server
+    from tafe.core.campaigns import CampaignsError
+    from tafe.cqs import CqsError
     from tafe.handlers import build, make_admin_app
 
+    # Listen first: a taken port is reported before a large store is loaded.
+    public_sock = listener or _bind(settings.host, settings.port)
+    admin_sock = admin_listener
+    if admin_sock is None and settings.admin_port >= 0:
+        admin_sock = _bind(settings.admin_host, settings.admin_port)
     lifecycle = Lifecycle()
-    apps = build(settings, lifecycle=lifecycle, registry=CollectorRegistry())
+    try:
+        apps = build(settings, lifecycle=lifecycle, registry=CollectorRegistry())
+    except (CampaignsError, CqsError) as exc:  # each names its file
+        raise SettingsError(str(exc)) from None
     public, admin = apps.public, apps.admin
     prof = None
     if settings.block_threshold_ms > 0:
@@ -77,12 +87,10 @@ def serve_in_process(
     _fold_while_idle(apps.metrics.updates)
     _keep_money(apps)
 
-    public_sock = listener or server.bind(settings.host, settings.port)
     # Threshold-only: TAFE's server attributes spans to requests itself (no middleware).
     attribute = prof if prof is not None and prof.sample == 0 else None
     servers = [server.Server(public_sock, public, settings, lifecycle, metrics=apps.metrics, profiler=attribute)]
-    if admin_listener is not None or settings.admin_port >= 0:
-        admin_sock = admin_listener or server.bind(settings.admin_host, settings.admin_port)
+    if admin_sock is not None:
         servers.append(server.Server(admin_sock, admin, settings, lifecycle, name="admin"))
 
     def started() -> None:
@@ -100,6 +108,15 @@ def serve_in_process(
         apps.metrics.updates.fold()
         if prof is not None:
             prof.fold_metrics()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    from tafe import server
+
+    try:
+        return server.bind(host, port)
+    except OSError as exc:
+        raise SettingsError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _fold_while_idle(updates: Immediate | Deferred) -> None:
@@ -160,9 +177,9 @@ def _announce(servers: list, apps: object, curl: bool = True) -> None:
     # The curl comes first: whoever waits for "listening on" then has both lines.
     (log.info if curl else log.debug)("try: %s", demo_curl(host, port))
     log.info(
-        "listening on http://%s:%d%s; models %s",
+        "listening on http://%s:%d%s",
         host,
         port,
         "".join(f" ({s.name} http://{s.address[0]}:{s.address[1]})" for s in servers[1:]),
-        getattr(versions, "versions", {}),
+        extra={"fields": dict(getattr(versions, "versions", {}))},  # model=..., store=... as their own keys
     )

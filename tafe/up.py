@@ -31,7 +31,7 @@ from typing import Callable
 
 from tafe import logs, nginx
 from tafe.core import load_campaigns
-from tafe.master import ListenError, Master, bind, describe_exit, run_directory
+from tafe.master import Master, bind, describe_exit, run_directory
 from tafe.settings import Settings, demo_curl
 
 log = logging.getLogger("tafe.up")
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "--admin-host/--admin-port. SIGTERM or Ctrl-C drains and stops everything; SIGHUP re-reads the "
         "settings, rolls the workers one by one and reloads Nginx."
     )
-    add_settings_options(parser)
+    add_settings_options(parser, command)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,13 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if binary is None:
         log.warning("serving without Nginx: the workers listen on the public port themselves")
         return Master(settings, reload=lambda: settings_from_args(args)).serve()
-    port = settings.port
-    if port == 0:
-        try:
-            port = free_port(settings.host)
-        except ListenError as exc:
-            log.error("%s", exc)
-            return 1
+    port = free_port(settings.host, settings.port)  # a taken port is one clear line, not Nginx's retries
 
     def pinned() -> Settings:  # a reload keeps the port picked for --port 0
         fresh = settings_from_args(args)
@@ -74,10 +68,11 @@ def run(args: argparse.Namespace) -> int:
     return Node(pinned(), binary, pinned).run()
 
 
-def free_port(host: str) -> int:
-    """A port for Nginx, which cannot listen on port 0 itself. Another process could
-    take it before Nginx binds it: Nginx's start-up then fails and says so."""
-    with bind(host, 0) as sock:
+def free_port(host: str, port: int = 0) -> int:
+    """``port`` if it is free now, or a free one for 0 (Nginx cannot listen on port 0
+    itself); raises ``ListenError`` (a ``SettingsError``) naming it otherwise. Another process could take it
+    before Nginx binds it: Nginx's start-up then fails and says so."""
+    with bind(host, port) as sock:
         return sock.getsockname()[1]
 
 
@@ -116,11 +111,7 @@ class Node:
 
     def run(self) -> int:
         try:
-            try:
-                self.master.open()
-            except ListenError as exc:
-                log.error("%s", exc)
-                return 1
+            self.master.open()
             while not self.master.ready and not self.master.finished:
                 self._handle(self.master.step(0.5))
             if self.master.ready and not self.stopping:

@@ -3,7 +3,10 @@
 It is a fresh interpreter, monkey-patched by ``tafe.cli`` before this module is
 imported; it serves on the listening sockets inherited from the master (passed as
 file descriptors) with exactly what ``tafe serve`` runs in-process, and writes one
-byte to the readiness pipe when its apps are built and it is about to accept.
+byte to the readiness pipe when its apps are built and it is about to accept. A
+configuration mistake found while starting (a bad campaigns, model or store file) is
+written to that pipe instead, ``!`` and one line, for the master to report once,
+however many workers hit it.
 """
 
 from __future__ import annotations
@@ -54,9 +57,16 @@ def run(args: argparse.Namespace) -> int:
     if admin is None:
         settings = settings.with_overrides(admin_port=-1)
 
-    def ready() -> None:
+    def tell(message: bytes) -> None:
         if args.ready_fd >= 0:
-            os.write(args.ready_fd, b"1")
+            os.write(args.ready_fd, message[:4096])  # at most PIPE_BUF: one atomic write
             os.close(args.ready_fd)
+            args.ready_fd = -1
 
-    return serve.serve_in_process(settings, listener, admin, on_ready=ready)
+    try:
+        return serve.serve_in_process(settings, listener, admin, on_ready=lambda: tell(b"1"))
+    except settings_mod.SettingsError as exc:
+        if args.ready_fd < 0:  # not started by a master: say it here
+            raise
+        tell(b"!" + str(exc).encode())
+        return 2

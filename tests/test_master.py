@@ -304,13 +304,54 @@ def test_sighup_rolls_workers_without_failing_a_request(master):
     assert status == 200
 
 
-def test_worker_that_cannot_start_stops_the_master():
+def test_worker_that_cannot_start_stops_the_master_with_its_reason_once():
     proc = Proc("serve", "--workers", "2", "--port", "0", "--admin-port", "-1", "--model", "/nonexistent/model.cqsm")
+    try:
+        assert proc.proc.wait(60) == 2
+    finally:
+        proc.stop(signal.SIGKILL)
+    assert proc.lines == ["tafe: CQS model /nonexistent/model.cqsm: cannot read (No such file or directory)\n"]
+    assert not worker_pids(proc)
+
+
+def test_worker_crashing_before_it_is_ready_is_not_said_to_have_drained(tmp_path: Path):
+    """A worker that dies while starting (not a configuration mistake: a crash) stops the
+    master; the other worker, stopped while still starting, is said to be just that."""
+    hook = tmp_path / "sitecustomize.py"  # slot 0 crashes on import, slot 1 is slow to start
+    hook.write_text(
+        "import os, sys, time\n"
+        "if 'worker' in sys.argv and '--slot' in sys.argv:\n"
+        "    slot = sys.argv[sys.argv.index('--slot') + 1]\n"
+        "    if slot == '0': os._exit(3)\n"
+        "    time.sleep(1)\n"
+    )
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = Proc("serve", "--workers", "2", "--port", "0", "--admin-port", "-1", env=env)
     try:
         assert proc.proc.wait(60) == 1
     finally:
         proc.stop(signal.SIGKILL)
-    assert "before it was ready" in proc.output()
+    out = proc.output()
+    assert "worker 0 (pid" in out and "exited with code 3 before it was ready" in out, out
+    assert re.search(r"worker 1 \(pid \d+\) stopped before it was ready \(", out), out
+    assert "after draining" not in out and "draining 1 worker\n" in out, out
+
+
+def test_restarted_worker_meeting_a_broken_file_stops_the_master_instead_of_looping(tmp_path: Path):
+    campaigns = tmp_path / "campaigns.json"
+    campaigns.write_bytes((ROOT / "tafe" / "data" / "campaigns.json").read_bytes())
+    proc, url, admin = start_master("--campaigns", str(campaigns))
+    try:
+        campaigns.write_text("{broken")
+        mark = len(proc.lines)
+        os.kill(min(worker_pids(proc)), signal.SIGKILL)
+        assert proc.proc.wait(60) == 1
+    finally:
+        proc.stop(signal.SIGKILL)
+    out = "".join(proc.lines[mark:])
+    assert out.count(f"campaigns file {campaigns}: ") == 1, out
+    assert "a worker cannot start with the current configuration" in out, out
+    assert out.count("worker 0 started") + out.count("worker 1 started") == 1, out  # one restart, no loop
 
 
 def test_sighup_rereads_the_config_file(tmp_path: Path):

@@ -83,13 +83,31 @@ def test_render_refuses_unknown_placeholders(tmp_path: Path):
         nginx.render(Settings(), upstream="127.0.0.1:1", prefix=tmp_path, template=template)
 
 
-def test_render_command_prints_the_config():
+def test_render_command_needs_a_run_dir_and_says_so_in_one_line():
+    out = subprocess.run([sys.executable, "-m", "tafe", "nginx", "render"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "--run-dir" in out.stderr, out.stderr
+
+
+def test_render_command_prints_a_config_nginx_can_use_as_is(tmp_path: Path):
+    """The config names paths under --run-dir, which exist after the command (they used
+    to be in a temporary directory removed before the command returned)."""
     out = subprocess.run(
-        [sys.executable, "-m", "tafe", "nginx", "render", "--port", "8123", "--upstream", "127.0.0.1:8999"],
+        [sys.executable, "-m", "tafe", "nginx", "render", "--port", "8123", "--upstream", "127.0.0.1:8999",
+         "--run-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "listen 127.0.0.1:8123" in out.stdout and "server 127.0.0.1:8999" in out.stdout
+    prefix = tmp_path / "nginx"
+    assert f"pid {prefix}/nginx.pid;" in out.stdout
+    assert (prefix / "tmp").is_dir()
+    binary = nginx.find_binary(Settings())
+    if binary is not None:  # what the README says to run, checked by Nginx itself
+        (prefix / "nginx.conf").write_text(out.stdout)
+        check = subprocess.run([binary, "-t", "-p", str(prefix), "-c", "nginx.conf", "-e", "stderr"],
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stderr
 
 
 @pytest.mark.nginx

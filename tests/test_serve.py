@@ -7,8 +7,12 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +84,111 @@ def test_a_stopping_worker_writes_its_last_counts_to_the_multiprocess_files(tmp_
     )
     assert counted == sent, text
     assert re.search(r'tafe_eventloop_span_seconds_count\{[^}]*\} [1-9]', text), text
+
+
+# --- start-up mistakes: one line naming what is wrong, a non-zero exit, no traceback ------
+
+MODES = {
+    "serve-1": ["serve", "--workers", "1"],
+    "serve-2": ["serve", "--workers", "2"],
+    "up": ["up", "--workers", "2"],
+}
+
+
+def run_tafe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TAFE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "tafe", *args], capture_output=True, text=True, timeout=90, env={**full_env, **(env or {})}
+    )
+
+
+def assert_one_line(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode != 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _broken_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp / "bad.json").write_text("{not json")
+    (tmp / "model.cqsm").write_bytes(b"CQSM" + b"\0" * 60)
+    (tmp / "store.bin").write_bytes(os.urandom(100))
+    return {
+        "missing campaigns": (["--campaigns", str(tmp / "none.json")], str(tmp / "none.json")),
+        "malformed campaigns": (["--campaigns", str(tmp / "bad.json")], str(tmp / "bad.json")),
+        "corrupt model": (["--model", str(tmp / "model.cqsm")], str(tmp / "model.cqsm")),
+        "corrupt store": (["--store", str(tmp / "store.bin")], str(tmp / "store.bin")),
+    }
+
+
+def _needs_nginx(mode: str) -> None:
+    if mode == "up":
+        from tafe import nginx
+        from tafe.settings import Settings
+
+        if nginx.find_binary(Settings()) is None:
+            pytest.skip("nginx not installed (.ci/run installs it)")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", ["missing campaigns", "malformed campaigns", "corrupt model", "corrupt store"])
+def test_a_bad_file_is_one_line_naming_it(tmp_path, mode, case):
+    _needs_nginx(mode)
+    args, needle = _broken_files(tmp_path)[case]
+    result = run_tafe(*MODES[mode], "--port", "0", "--admin-port", "0", *args)
+    assert_one_line(result, "tafe: ", needle)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "args, env, needle",
+    [
+        (["--profile-sample", "5"], {}, "profile_sample must be 0..1"),
+        (["--port", "70000"], {}, "port must be 0..65535, got 70000"),
+        (["--max-body-bytes", "-1"], {}, "max_body_bytes must be >= 1"),
+        ([], {"TAFE_WORKERS": "-1"}, "TAFE_WORKERS: workers must be >= 0"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it(mode, args, env, needle):
+    cmd = [a for a in MODES[mode] if not (env and a in ("--workers", "1", "2"))]  # the env gives the workers
+    result = run_tafe(*cmd, "--port", "0", "--admin-port", "0", *args, env=env)
+    assert_one_line(result, "tafe: ", needle)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("which", ["--port", "--admin-port"])
+def test_a_taken_port_is_one_line_naming_it(mode, which):
+    _needs_nginx(mode)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        other = "--admin-port" if which == "--port" else "--port"
+        result = run_tafe(*MODES[mode], which, port, other, "0")
+    assert_one_line(result, f"127.0.0.1:{port}", "Address already in use")
+
+
+# --- log noise ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_notices_log_at_debug_and_versions_are_json_fields(level):
+    server = start_tafe("--log-json", "--log-level", level)
+    try:
+        for _ in range(3):
+            with urllib.request.urlopen(server.url + "/notice/win?r=req1&i=1&b=b1&p=1.5", timeout=10) as resp:
+                assert resp.status == 204
+    finally:
+        assert server.stop() == 0, server.output()
+    records = [json.loads(line) for line in server.lines if line.startswith("{")]
+    assert len(records) == len(server.lines), server.output()  # every line is a JSON record
+    listening = next(r for r in records if r["msg"].startswith("listening on "))
+    assert listening["model"] == "demo-1" and "store" in listening, listening
+    assert "{" not in listening["msg"], listening
+    notices = [r for r in records if r["logger"] == "tafe.notice"]
+    if level == "info":
+        assert notices == [], notices
+    else:
+        assert len(notices) == 3 and {r["level"] for r in notices} == {"debug"}, notices
+        assert notices[0]["request"] == "req1" and notices[0]["price"] == 1.5

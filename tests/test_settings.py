@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +56,38 @@ def test_bad_values_name_their_source(kwargs, needle):
         s.load(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"environ": {"TAFE_WORKERS": "-1"}}, "environment TAFE_WORKERS: workers must be >= 0, got -1"),
+        ({"environ": {}, "overrides": {"port": 70000}}, "command line: port must be 0..65535, got 70000"),
+        ({"environ": {}, "overrides": {"admin_port": -2}}, "admin_port must be -1..65535"),
+        ({"environ": {}, "overrides": {"profile_sample": 5}}, "profile_sample must be 0..1, got 5.0"),
+        ({"environ": {"TAFE_DECISION_LOG_SAMPLE": "nan"}}, "decision_log_sample must be 0..1"),
+        ({"environ": {"TAFE_MAX_BODY_BYTES": "-5"}}, "max_body_bytes must be >= 1"),
+        ({"environ": {"TAFE_DRAIN_TIMEOUT_S": "-1"}}, "drain_timeout_s must be >= 0"),
+        ({"environ": {"TAFE_LOG_LEVEL": "loud"}}, "log_level must be one of debug, info, warning, error"),
+    ],
+)
+def test_values_outside_their_rule_are_refused_naming_source_and_rule(kwargs, needle):
+    with pytest.raises(s.SettingsError, match=re.escape(needle)):
+        s.load(**kwargs)
+
+
+def test_a_rule_breaking_toml_value_names_the_file(tmp_path):
+    cfg = tmp_path / "tafe.toml"
+    cfg.write_text("[tafe]\nport = -1\n")
+    with pytest.raises(s.SettingsError, match=f"config file {re.escape(str(cfg))}: port must be 0..65535"):
+        s.load(config=cfg, environ={})
+
+
+def test_settings_built_directly_are_validated_too():
+    with pytest.raises(s.SettingsError, match="max_connections must be >= 1"):
+        s.Settings(max_connections=0)
+    with pytest.raises(s.SettingsError, match="port must be 0..65535"):
+        s.Settings().with_overrides(port=-1)
+
+
 def test_unknown_key_in_file_is_refused(tmp_path):
     cfg = tmp_path / "tafe.toml"
     cfg.write_text("prot = 1\n")
@@ -85,10 +119,32 @@ def test_command_line_options_cover_every_setting(monkeypatch):
     assert (got.port, got.log_json, got.profile_sample) == (1234, False, 0.5)
 
 
-def test_serve_help_explains_every_option():
+@pytest.mark.parametrize("command", ["serve", "up", "nginx"])
+def test_help_lists_exactly_the_settings_a_command_uses_with_their_rules(command):
     out = subprocess.run(
-        [sys.executable, "-m", "tafe", "serve", "--help"], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-m", "tafe", command, "--help"], capture_output=True, text=True, timeout=60, check=True
     ).stdout
+    out = " ".join(out.split())  # argparse wraps lines
     for f in dataclasses.fields(s.Settings):
-        assert "--" + f.name.replace("_", "-") in out, f.name
-        assert "TAFE_" + f.name.upper() in out, f.name
+        used = command in f.metadata["commands"]
+        assert (("--" + f.name.replace("_", "-") + " ") in out) == used, f.name
+        assert ("TAFE_" + f.name.upper() + ")" in out) == used, f.name
+        if used and s.rule(f.name):
+            assert f"({s.rule(f.name)}; default:" in out, f.name
+    assert ("--nginx " in out) == (command != "serve")
+
+
+def test_readme_table_gives_every_setting_its_rule_and_help():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for f in dataclasses.fields(s.Settings):
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{f.name}` |")), None)
+        assert row is not None, f.name
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        assert cells[2] == (s.rule(f.name) or "any") and cells[3] == f.metadata["help"], row
+
+
+def test_version():
+    from tafe import __version__
+
+    out = subprocess.run([sys.executable, "-m", "tafe", "--version"], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout == f"tafe {__version__}\n"

@@ -34,7 +34,9 @@ blocking_sleep = get_original("time", "sleep")
 BlockingSocket = get_original("socket", "socket")
 start_thread = get_original("_thread", "start_new_thread")
 BUF = os.urandom(1 << 18)
-BIG_FILE = tempfile.NamedTemporaryFile(prefix="tafe-profiler-", delete=True)
+# Nameless (unlinked at once): nothing is left in the temporary directory, however the
+# process ends (the tests stop it with SIGTERM or SIGKILL, which skip Python's clean-up).
+BIG_FILE = tempfile.TemporaryFile(prefix="tafe-profiler-")
 BIG_FILE.write(os.urandom(8 << 20))
 BIG_FILE.flush()
 
@@ -71,7 +73,7 @@ def cpu_route() -> int:
 
 def file_route() -> None:
     buf = bytearray(1 << 20)
-    with open(BIG_FILE.name, "rb", buffering=0) as f:
+    with os.fdopen(os.dup(BIG_FILE.fileno()), "rb", buffering=0) as f:  # a file opened per request
         end = perf_counter() + BLOCK_S
         while perf_counter() < end: f.seek(0) or f.readinto(buf)  # CULPRIT /file
 

@@ -28,8 +28,8 @@ CULPRITS = {m.group(1): (APP.name, n) for n, line in enumerate(APP.read_text().s
 
 
 class Server:
-    def __init__(self, threshold_ms: float, sample: float, kind: str = "pywsgi") -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    def __init__(self, threshold_ms: float, sample: float, kind: str = "pywsgi", env: dict | None = None) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, str(APP), str(threshold_ms), str(sample), kind],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(APP.parent),
@@ -70,6 +70,20 @@ def server(request):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("kill", [False, True])
+def test_the_app_leaves_no_file_in_the_temporary_directory(tmp_path: Path, kill: bool) -> None:
+    """It used to leave an 8 MiB tafe-profiler-* file per run (killed before clean-up)."""
+    srv = Server(threshold_ms=10, sample=0.0, env={"TMPDIR": str(tmp_path)})
+    try:
+        srv.load("/file", n=2, concurrency=1)
+        assert events_for(srv.report(), "GET /file")  # the blocking read is still there to catch
+        if kill:
+            srv.proc.kill()
+    finally:
+        srv.stop()
+    assert list(tmp_path.iterdir()) == []
 
 
 def events_for(report: dict, route: str) -> list[dict]:
