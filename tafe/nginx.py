@@ -139,6 +139,9 @@ class Nginx:
         self.binary = binary
         self.prefix = Path(prefix)
         self.conf = self.prefix / "nginx.conf"
+        # While this file exists every answer closes its connection (the template's
+        # file test): how a drain tells clients to go, with no reload.
+        self.drain_flag = self.prefix / "draining"
         self.proc: subprocess.Popen | None = None
         # -e (1.19.5+): the error log before the config is read, so a non-root Nginx
         # never tries the package's /var/log/nginx/error.log.
@@ -169,6 +172,7 @@ class Nginx:
         from tafe.master import child_preexec
 
         self.write(config)
+        self.drain_flag.unlink(missing_ok=True)  # left by a run that was killed
         self.proc = subprocess.Popen(self._cmd(), process_group=0, preexec_fn=child_preexec(signal.SIGQUIT))
         log.info("nginx started (pid %d, prefix %s)", self.proc.pid, self.prefix)
         if wait_for is not None:
@@ -187,6 +191,10 @@ class Nginx:
                 if time.monotonic() > deadline:
                     raise NginxError(f"nginx not listening on {address(*addr)} after {timeout:.0f}s") from None
                 time.sleep(0.05)
+
+    def drain(self) -> None:
+        """From now on every answer says "Connection: close" and closes its connection."""
+        self.drain_flag.touch()
 
     def poll(self) -> int | None:
         return None if self.proc is None else self.proc.poll()

@@ -8,8 +8,9 @@ is the workers' own, on ``--admin-port``, never behind Nginx.
 Signals, in an order that drops nothing:
 
 - SIGTERM / Ctrl-C: the workers start draining (``/ping`` 503 through Nginx, so the
-  load balancer rotates the machine out) while Nginx keeps proxying for the grace;
-  then Nginx quits gracefully (stops accepting, finishes what it has); the workers,
+  load balancer rotates the machine out) while Nginx keeps proxying for the grace,
+  every answer saying "Connection: close" (``Nginx.drain``) so that no client still
+  holds a kept-alive connection when Nginx goes; then Nginx quits gracefully (stops accepting, finishes what it has); the workers,
   whose grace is longer by the time Nginx needs for that, stop accepting only after,
   finish, and exit. Nothing is left running. Ctrl-C twice kills everything at once.
 - SIGHUP: settings re-read, rolling restart of the workers, Nginx reloads a re-rendered
@@ -179,7 +180,12 @@ class Node:
         now = time.monotonic()
         self._nginx_quit_at = now + self.settings.drain_grace_s
         self._deadline = now + self.settings.drain_grace_s + nginx_budget_s(self.settings) + self.settings.drain_timeout_s + 15
-        log.info("stopping: /ping answers 503, nginx quits in %.1fs, then the workers drain", self.settings.drain_grace_s)
+        if not self._nginx_done():
+            self.nginx.drain()  # before the workers' /ping turns 503: no answer keeps its connection
+        log.info(
+            "stopping: answers say Connection: close, /ping answers 503, nginx quits in %.1fs, then the workers drain",
+            self.settings.drain_grace_s,
+        )
         self.master.stop()
 
     def _nginx_done(self) -> bool:

@@ -55,6 +55,10 @@ def test_render_derives_every_limit_from_the_settings(tmp_path: Path):
     assert re.search(r"location = /metrics \{ return 404; \}", text)
     assert re.search(r"location \^~ /debug/ \{ return 404; \}", text)
     assert str(tmp_path / "tmp" / "client_body") in text
+    # A drain (the flag file) closes every connection after its answer, with no reload.
+    assert f"if (-f {tmp_path}/draining)" in text
+    draining = re.search(r"location \^~ /_draining/ \{(.*?)\n        \}", text, re.S)
+    assert draining and re.search(r"^\s*keepalive_timeout 0;", draining.group(1), re.M)
 
 
 def test_the_template_is_package_data_and_the_shipped_file():

@@ -7,12 +7,15 @@ runs a bounded load of several hundred requests/s for at least 20 s.
 from __future__ import annotations
 
 import collections
+import http.client
 import json
 import os
 import re
 import signal
 import socket
+import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -224,3 +227,84 @@ def test_json_logs_carry_the_same_request_id_from_nginx_and_tafe():
         assert from_tafe["request_id"] == rid and from_tafe["path"] == "/openrtb2/bid" and from_tafe["status"] == 200
     finally:
         node.proc.stop()
+
+
+class KeepAliveClients:
+    """Clients behind a load balancer, each on one persistent connection, back to back.
+
+    A client honours "Connection: close" by reconnecting, as real clients do, but once
+    the balancer has seen ``/ping`` 503 new connections go to other machines: the client
+    stops instead. A request that gets no answer (EOF, reset, refused) is a failure.
+    """
+
+    def __init__(self, url: str, clients: int = 6) -> None:
+        self.parts = urlsplit(url)
+        self.rotated_out_at = 0.0  # when the balancer saw /ping 503
+        self.answers: list[tuple[float, int, str]] = []  # (sent at, status, Connection header)
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._balancer = threading.Thread(target=self._balance, daemon=True)
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> "KeepAliveClients":
+        for t in [self._balancer, *self._threads]:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.rotated_out_at = self.rotated_out_at or time.monotonic()
+        for t in [self._balancer, *self._threads]:
+            t.join(30)
+
+    def _balance(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self.rotated_out_at and time.monotonic() < deadline:
+            if request(f"http://{self.parts.netloc}")[0] == 503:
+                self.rotated_out_at = time.monotonic()
+            time.sleep(0.1)
+
+    def _client(self) -> None:
+        conn = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if conn is None:
+                if self.rotated_out_at:
+                    return
+                conn = http.client.HTTPConnection(self.parts.hostname, self.parts.port, timeout=10)
+            sent = time.monotonic()
+            try:
+                conn.request("POST", "/openrtb2/bid", body=BID, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                with self._lock:
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                conn.close()
+                conn = None
+                continue
+            with self._lock:
+                self.answers.append((sent, resp.status, resp.getheader("Connection", "")))
+            if resp.will_close:
+                conn.close()
+                conn = None
+
+
+def test_sigterm_tells_keep_alive_clients_to_close_and_loses_no_request():
+    node = Node("--drain-grace-s", "2")
+    try:
+        with KeepAliveClients(node.url) as clients:
+            time.sleep(2.0)
+            signalled = time.monotonic()
+            node.proc.proc.send_signal(signal.SIGTERM)
+        assert node.proc.proc.wait(60) == 0, node.proc.output()[-3000:]
+    finally:
+        node.proc.stop(signal.SIGKILL)
+    assert not clients.failures, clients.failures[:5]
+    assert len(clients.answers) > 200 and {s for _, s, _ in clients.answers} <= {200, 204}
+    assert clients.rotated_out_at > signalled
+    # Answers to what was sent once the drain began (the balancer saw 503) close their
+    # connection: each client's next request goes to another machine.
+    late = [conn for sent, _, conn in clients.answers if sent >= clients.rotated_out_at]
+    assert late and set(late) == {"close"}, collections.Counter(late)
+    before = [conn for sent, _, conn in clients.answers if sent < signalled]
+    assert set(before) == {"keep-alive"}, collections.Counter(before)
