@@ -306,5 +306,6 @@ def test_sigterm_tells_keep_alive_clients_to_close_and_loses_no_request():
     # connection: each client's next request goes to another machine.
     late = [conn for sent, _, conn in clients.answers if sent >= clients.rotated_out_at]
     assert late and set(late) == {"close"}, collections.Counter(late)
-    before = [conn for sent, _, conn in clients.answers if sent < signalled]
-    assert set(before) == {"keep-alive"}, collections.Counter(before)
+    # Before it, connections were kept (but for requests in flight at the signal).
+    before = collections.Counter(conn for sent, _, conn in clients.answers if sent < signalled)
+    assert before["close"] <= 6 < before["keep-alive"] and set(before) <= {"close", "keep-alive"}, before
