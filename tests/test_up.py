@@ -240,7 +240,7 @@ class KeepAliveClients:
     def __init__(self, url: str, clients: int = 6) -> None:
         self.parts = urlsplit(url)
         self.rotated_out_at = 0.0  # when the balancer saw /ping 503
-        self.answers: list[tuple[float, int, str]] = []  # (sent at, status, Connection header)
+        self.answers: list[tuple[float, float, int, str]] = []  # (sent, answered, status, Connection)
         self.failures: list[str] = []
         self._lock = threading.Lock()
         self._balancer = threading.Thread(target=self._balance, daemon=True)
@@ -252,14 +252,14 @@ class KeepAliveClients:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.rotated_out_at = self.rotated_out_at or time.monotonic()
+        """Wait until the balancer has rotated the machine out and every client stopped."""
         for t in [self._balancer, *self._threads]:
-            t.join(30)
+            t.join(60)
 
     def _balance(self) -> None:
-        deadline = time.monotonic() + 60
-        while not self.rotated_out_at and time.monotonic() < deadline:
-            if request(f"http://{self.parts.netloc}")[0] == 503:
+        deadline = time.monotonic() + 30
+        while not self.rotated_out_at:
+            if request(f"http://{self.parts.netloc}")[0] == 503 or time.monotonic() > deadline:
                 self.rotated_out_at = time.monotonic()
             time.sleep(0.1)
 
@@ -283,7 +283,7 @@ class KeepAliveClients:
                 conn = None
                 continue
             with self._lock:
-                self.answers.append((sent, resp.status, resp.getheader("Connection", "")))
+                self.answers.append((sent, time.monotonic(), resp.status, resp.getheader("Connection", "")))
             if resp.will_close:
                 conn.close()
                 conn = None
@@ -300,12 +300,13 @@ def test_sigterm_tells_keep_alive_clients_to_close_and_loses_no_request():
     finally:
         node.proc.stop(signal.SIGKILL)
     assert not clients.failures, clients.failures[:5]
-    assert len(clients.answers) > 200 and {s for _, s, _ in clients.answers} <= {200, 204}
+    assert len(clients.answers) > 200 and {s for _, _, s, _ in clients.answers} <= {200, 204}
     assert clients.rotated_out_at > signalled
-    # Answers to what was sent once the drain began (the balancer saw 503) close their
-    # connection: each client's next request goes to another machine.
-    late = [conn for sent, _, conn in clients.answers if sent >= clients.rotated_out_at]
-    assert late and set(late) == {"close"}, collections.Counter(late)
-    # Before it, connections were kept (but for requests in flight at the signal).
-    before = collections.Counter(conn for sent, _, conn in clients.answers if sent < signalled)
+    # Once one answer has said "close" (the drain began), every request sent after it
+    # is answered "Connection: close" too, up to the balancer's rotation and beyond.
+    drained_at = min(got for sent, got, _, conn in clients.answers if sent > signalled and conn == "close")
+    late = collections.Counter(conn for sent, _, _, conn in clients.answers if sent > drained_at)
+    assert late["close"] > 6 and set(late) == {"close"}, late
+    # Before the signal, connections were kept (but for requests in flight at it).
+    before = collections.Counter(conn for sent, _, _, conn in clients.answers if sent < signalled)
     assert before["close"] <= 6 < before["keep-alive"] and set(before) <= {"close", "keep-alive"}, before
