@@ -57,13 +57,11 @@ def run(args: argparse.Namespace) -> int:
     if binary is None:
         log.warning("serving without Nginx: the workers listen on the public port themselves")
         return Master(settings, reload=lambda: settings_from_args(args)).serve()
-    port = settings.port
-    if port == 0:
-        try:
-            port = free_port(settings.host)
-        except ListenError as exc:
-            log.error("%s", exc)
-            return 1
+    try:
+        port = public_port(settings.host, settings.port)
+    except ListenError as exc:
+        log.error("%s", exc)
+        return 1
 
     def pinned() -> Settings:  # a reload keeps the port picked for --port 0
         fresh = settings_from_args(args)
@@ -72,10 +70,14 @@ def run(args: argparse.Namespace) -> int:
     return Node(pinned(), binary, pinned).run()
 
 
-def free_port(host: str) -> int:
-    """A port for Nginx, which cannot listen on port 0 itself. Another process could
-    take it before Nginx binds it: Nginx's start-up then fails and says so."""
-    with bind(host, 0) as sock:
+def public_port(host: str, port: int) -> int:
+    """``port``, checked free, or a free one for 0 (Nginx cannot listen on port 0).
+
+    A port another process holds fails here at once, in one line, rather than after
+    Nginx's five bind retries. Should another process take it before Nginx binds it,
+    Nginx's start-up fails and says so (``Nginx.start`` checks that Nginx holds it).
+    """
+    with bind(host, port) as sock:
         return sock.getsockname()[1]
 
 

@@ -310,3 +310,22 @@ def test_sigterm_tells_keep_alive_clients_to_close_and_loses_no_request():
     # Before the signal, connections were kept (but for requests in flight at it).
     before = collections.Counter(conn for sent, _, _, conn in clients.answers if sent < signalled)
     assert before["close"] <= 6 < before["keep-alive"] and set(before) <= {"close", "keep-alive"}, before
+
+
+def test_a_port_another_process_holds_is_one_line_at_once():
+    with socket.socket() as other:  # a plain server that accepts (into its backlog) and never answers
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        started = time.monotonic()
+        proc = Proc("up", "--workers", "2", "--port", str(port), "--admin-port", "0")
+        try:
+            code = proc.proc.wait(30)
+        finally:
+            proc.stop(signal.SIGKILL)
+        took = time.monotonic() - started
+    proc.wait_for(r"\Z", timeout=5)  # the pump has read everything
+    lines = [line for line in proc.lines if line.strip()]
+    assert code == 1 and took < 10, (code, took)
+    assert len(lines) == 1, lines
+    assert re.search(rf"ERROR tafe\.up.* cannot listen on 127\.0\.0\.1:{port}: Address already in use$", lines[0]), lines
