@@ -23,6 +23,7 @@ otherwise TAFE says how to install it and serves on the public port without Ngin
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import shutil
@@ -67,7 +68,23 @@ def run(args: argparse.Namespace) -> int:
         fresh = settings_from_args(args)
         return fresh.with_overrides(port=port) if fresh.port == 0 else fresh
 
+    append_only_output()
     return Node(pinned(), binary, pinned).run()
+
+
+def append_only_output() -> None:
+    """Set O_APPEND on stdout's and stderr's open files, shared with every child.
+
+    Nginx writes its access log through its own open of /dev/stdout (its own file
+    offset, at the end), TAFE's processes through the inherited one: to a file the
+    shell opened without O_APPEND (``tafe up > log``) each would write over the
+    other's lines. With O_APPEND every write lands at the end of the file.
+    """
+    for fd in (1, 2):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        except OSError:  # closed, or a file that refuses the flag: nothing to protect
+            pass
 
 
 def public_port(host: str, port: int) -> int:

@@ -13,6 +13,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from urllib.parse import urlsplit
@@ -21,7 +23,8 @@ import pytest
 
 from tafe import nginx as nginx_mod
 from tafe.settings import Settings
-from test_master import BID, Load, Proc, alive, bid, children, request, scrape, scrape_until
+from conftest import stop_process
+from test_master import BID, ROOT, Load, Proc, alive, bid, children, request, scrape, scrape_until
 
 pytestmark = [
     pytest.mark.nginx,
@@ -329,3 +332,31 @@ def test_a_port_another_process_holds_is_one_line_at_once():
     assert code == 1 and took < 10, (code, took)
     assert len(lines) == 1, lines
     assert re.search(rf"ERROR tafe\.up.* cannot listen on 127\.0\.0\.1:{port}: Address already in use$", lines[0]), lines
+
+
+def test_access_logs_to_a_file_opened_without_append_keep_every_line(tmp_path):
+    # `tafe up --access-log > log 2>&1`: the shell opens the file without O_APPEND.
+    log_path = tmp_path / "log"
+    port = free_port()
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tafe", "up", "--workers", "2", "--port", str(port), "--admin-port", "-1",
+             "--drain-grace-s", "0.5", "--access-log"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "up: public" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        sent = 300
+        for _ in range(sent):
+            assert bid(f"http://127.0.0.1:{port}")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        stop_process(proc, signal.SIGKILL)
+    text = log_path.read_text()
+    from_nginx = re.findall(r'"POST /openrtb2/bid HTTP/1\.1" 200 .* rid=', text)
+    from_tafe = re.findall(r'tafe\.access.*"POST /openrtb2/bid" 200', text)
+    assert (len(from_nginx), len(from_tafe)) == (sent, sent)
+    assert "\x00" not in text and re.search(r"worker \d \(pid \d+\) exited with code 0 after draining", text)
