@@ -138,6 +138,31 @@ def make_prefix(prefix: Path) -> None:
         (prefix / sub).mkdir(parents=True, exist_ok=True)
 
 
+def holds_listener(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a TCP socket listening on ``port`` (Linux's /proc;
+    elsewhere, unknown: True)."""
+    listening = set()
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        try:
+            rows = table.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()  # local address "ADDR:PORT" in hex, state 0A = LISTEN, inode
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                listening.add(f"socket:[{fields[9]}]")
+    fds = Path(f"/proc/{pid}/fd")
+    if not fds.is_dir():
+        return True
+    for fd in fds.iterdir():
+        try:
+            if os.readlink(fd) in listening:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 class Nginx:
     """One Nginx master (and its workers) as a foreground child, with its own prefix."""
 
@@ -145,6 +170,9 @@ class Nginx:
         self.binary = binary
         self.prefix = Path(prefix)
         self.conf = self.prefix / "nginx.conf"
+        # While this file exists every answer closes its connection (the template's
+        # file test): how a drain tells clients to go, with no reload.
+        self.drain_flag = self.prefix / "draining"
         self.proc: subprocess.Popen | None = None
         # -e (1.19.5+): the error log before the config is read, so a non-root Nginx
         # never tries the package's /var/log/nginx/error.log.
@@ -174,24 +202,33 @@ class Nginx:
         from tafe.master import child_preexec
 
         self.write(config)
+        self.drain_flag.unlink(missing_ok=True)  # left by a run that was killed
         self.proc = subprocess.Popen(self._cmd(), process_group=0, preexec_fn=child_preexec(signal.SIGQUIT))
         log.info("nginx started (pid %d, prefix %s)", self.proc.pid, self.prefix)
         if wait_for is not None:
             self._wait_listening(wait_for, timeout)
 
     def _wait_listening(self, addr: tuple[str, int], timeout: float) -> None:
+        """Until Nginx itself listens on ``addr``: a connection alone could reach another
+        process holding the port (Nginx then retries its bind, and exits)."""
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(addr[0], addr[0])
         deadline = time.monotonic() + timeout
         while True:
             if self.poll() is not None:
-                raise NginxError(f"nginx exited with code {self.proc.returncode} while starting")
+                raise NginxError(f"nginx exited with code {self.proc.returncode} while starting on {address(*addr)}")
             try:
                 socket.create_connection((host, addr[1]), timeout=0.5).close()
-                return
+                if holds_listener(self.proc.pid, addr[1]):
+                    return
             except OSError:
-                if time.monotonic() > deadline:
-                    raise NginxError(f"nginx not listening on {address(*addr)} after {timeout:.0f}s") from None
-                time.sleep(0.05)
+                pass
+            if time.monotonic() > deadline:
+                raise NginxError(f"nginx not listening on {address(*addr)} after {timeout:.0f}s") from None
+            time.sleep(0.05)
+
+    def drain(self) -> None:
+        """From now on every answer says "Connection: close" and closes its connection."""
+        self.drain_flag.touch()
 
     def poll(self) -> int | None:
         return None if self.proc is None else self.proc.poll()

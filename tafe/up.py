@@ -8,8 +8,9 @@ is the workers' own, on ``--admin-port``, never behind Nginx.
 Signals, in an order that drops nothing:
 
 - SIGTERM / Ctrl-C: the workers start draining (``/ping`` 503 through Nginx, so the
-  load balancer rotates the machine out) while Nginx keeps proxying for the grace;
-  then Nginx quits gracefully (stops accepting, finishes what it has); the workers,
+  load balancer rotates the machine out) while Nginx keeps proxying for the grace,
+  every answer saying "Connection: close" (``Nginx.drain``) so that no client still
+  holds a kept-alive connection when Nginx goes; then Nginx quits gracefully (stops accepting, finishes what it has); the workers,
   whose grace is longer by the time Nginx needs for that, stop accepting only after,
   finish, and exit. Nothing is left running. Ctrl-C twice kills everything at once.
 - SIGHUP: settings re-read, rolling restart of the workers, Nginx reloads a re-rendered
@@ -22,6 +23,7 @@ otherwise TAFE says how to install it and serves on the public port without Ngin
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import shutil
@@ -65,13 +67,29 @@ def run(args: argparse.Namespace) -> int:
         fresh = settings_from_args(args)
         return fresh.with_overrides(port=port) if fresh.port == 0 else fresh
 
+    append_only_output()
     return Node(pinned(), binary, pinned).run()
+
+
+def append_only_output() -> None:
+    """Set O_APPEND on stdout's and stderr's open files, shared with every child.
+
+    Nginx writes its access log through its own open of /dev/stdout (its own file
+    offset, at the end), TAFE's processes through the inherited one: to a file the
+    shell opened without O_APPEND (``tafe up > log``) each would write over the
+    other's lines. With O_APPEND every write lands at the end of the file.
+    """
+    for fd in (1, 2):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        except OSError:  # closed, or a file that refuses the flag: nothing to protect
+            pass
 
 
 def free_port(host: str, port: int = 0) -> int:
     """``port`` if it is free now, or a free one for 0 (Nginx cannot listen on port 0
     itself); raises ``ListenError`` (a ``SettingsError``) naming it otherwise. Another process could take it
-    before Nginx binds it: Nginx's start-up then fails and says so."""
+    before Nginx binds it: ``Nginx.start`` then fails, as it checks that Nginx holds the port."""
     with bind(host, port) as sock:
         return sock.getsockname()[1]
 
@@ -173,7 +191,12 @@ class Node:
         now = time.monotonic()
         self._nginx_quit_at = now + self.settings.drain_grace_s
         self._deadline = now + self.settings.drain_grace_s + nginx_budget_s(self.settings) + self.settings.drain_timeout_s + 15
-        log.info("stopping: /ping answers 503, nginx quits in %.1fs, then the workers drain", self.settings.drain_grace_s)
+        if not self._nginx_done():
+            self.nginx.drain()  # before the workers' /ping turns 503: no answer keeps its connection
+        log.info(
+            "stopping: answers say Connection: close, /ping answers 503, nginx quits in %.1fs, then the workers drain",
+            self.settings.drain_grace_s,
+        )
         self.master.stop()
 
     def _nginx_done(self) -> bool:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -55,6 +57,10 @@ def test_render_derives_every_limit_from_the_settings(tmp_path: Path):
     assert re.search(r"location = /metrics \{ return 404; \}", text)
     assert re.search(r"location \^~ /debug/ \{ return 404; \}", text)
     assert str(tmp_path / "tmp" / "client_body") in text
+    # A drain (the flag file) closes every connection after its answer, with no reload.
+    assert f"if (-f {tmp_path}/draining)" in text
+    draining = re.search(r"location \^~ /_draining/ \{(.*?)\n        \}", text, re.S)
+    assert draining and re.search(r"^\s*keepalive_timeout 0;", draining.group(1), re.M)
 
 
 def test_the_template_is_package_data_and_the_shipped_file():
@@ -197,3 +203,22 @@ def test_nginx_run_proxies_reloads_and_stops(tmp_path: Path, echo: str):
     finally:
         proc.stop(signal.SIGKILL)
 
+
+
+@pytest.mark.nginx
+@needs_nginx
+def test_nginx_start_fails_when_another_process_holds_the_port(tmp_path: Path):
+    # The port taken between tafe up's check and Nginx's bind: connecting succeeds (the
+    # other process listens), but Nginx is not the one listening, so start-up fails.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert nginx.holds_listener(os.getpid(), port) and not nginx.holds_listener(os.getppid(), port)
+        s = Settings(port=port)
+        ngx = nginx.Nginx(nginx.find_binary(s), tmp_path)
+        try:
+            with pytest.raises(nginx.NginxError, match=rf"127\.0\.0\.1:{port}"):
+                ngx.start(nginx.render(s, upstream="127.0.0.1:9", prefix=tmp_path), wait_for=("127.0.0.1", port))
+        finally:
+            ngx.stop()

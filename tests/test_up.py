@@ -7,18 +7,24 @@ runs a bounded load of several hundred requests/s for at least 20 s.
 from __future__ import annotations
 
 import collections
+import http.client
 import json
 import os
 import re
 import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
 from tafe import nginx as nginx_mod
 from tafe.settings import Settings
-from test_master import BID, Load, Proc, alive, bid, children, request, scrape, scrape_until
+from conftest import stop_process
+from test_master import BID, ROOT, Load, Proc, alive, bid, children, request, scrape, scrape_until
 
 pytestmark = [
     pytest.mark.nginx,
@@ -224,3 +230,133 @@ def test_json_logs_carry_the_same_request_id_from_nginx_and_tafe():
         assert from_tafe["request_id"] == rid and from_tafe["path"] == "/openrtb2/bid" and from_tafe["status"] == 200
     finally:
         node.proc.stop()
+
+
+class KeepAliveClients:
+    """Clients behind a load balancer, each on one persistent connection, back to back.
+
+    A client honours "Connection: close" by reconnecting, as real clients do, but once
+    the balancer has seen ``/ping`` 503 new connections go to other machines: the client
+    stops instead. A request that gets no answer (EOF, reset, refused) is a failure.
+    """
+
+    def __init__(self, url: str, clients: int = 6) -> None:
+        self.parts = urlsplit(url)
+        self.rotated_out_at = 0.0  # when the balancer saw /ping 503
+        self.answers: list[tuple[float, float, int, str]] = []  # (sent, answered, status, Connection)
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._balancer = threading.Thread(target=self._balance, daemon=True)
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> "KeepAliveClients":
+        for t in [self._balancer, *self._threads]:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Wait until the balancer has rotated the machine out and every client stopped."""
+        for t in [self._balancer, *self._threads]:
+            t.join(60)
+
+    def _balance(self) -> None:
+        deadline = time.monotonic() + 30
+        while not self.rotated_out_at:
+            if request(f"http://{self.parts.netloc}")[0] == 503 or time.monotonic() > deadline:
+                self.rotated_out_at = time.monotonic()
+            time.sleep(0.1)
+
+    def _client(self) -> None:
+        conn = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if conn is None:
+                if self.rotated_out_at:
+                    return
+                conn = http.client.HTTPConnection(self.parts.hostname, self.parts.port, timeout=10)
+            sent = time.monotonic()
+            try:
+                conn.request("POST", "/openrtb2/bid", body=BID, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                with self._lock:
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                conn.close()
+                conn = None
+                continue
+            with self._lock:
+                self.answers.append((sent, time.monotonic(), resp.status, resp.getheader("Connection", "")))
+            if resp.will_close:
+                conn.close()
+                conn = None
+
+
+def test_sigterm_tells_keep_alive_clients_to_close_and_loses_no_request():
+    node = Node("--drain-grace-s", "2")
+    try:
+        with KeepAliveClients(node.url) as clients:
+            time.sleep(2.0)
+            signalled = time.monotonic()
+            node.proc.proc.send_signal(signal.SIGTERM)
+        assert node.proc.proc.wait(60) == 0, node.proc.output()[-3000:]
+    finally:
+        node.proc.stop(signal.SIGKILL)
+    assert not clients.failures, clients.failures[:5]
+    assert len(clients.answers) > 200 and {s for _, _, s, _ in clients.answers} <= {200, 204}
+    assert clients.rotated_out_at > signalled
+    # Once one answer has said "close" (the drain began), every request sent after it
+    # is answered "Connection: close" too, up to the balancer's rotation and beyond.
+    drained_at = min(got for sent, got, _, conn in clients.answers if sent > signalled and conn == "close")
+    late = collections.Counter(conn for sent, _, _, conn in clients.answers if sent > drained_at)
+    assert late["close"] > 6 and set(late) == {"close"}, late
+    # Before the signal, connections were kept (but for requests in flight at it).
+    before = collections.Counter(conn for sent, _, _, conn in clients.answers if sent < signalled)
+    assert before["close"] <= 6 < before["keep-alive"] and set(before) <= {"close", "keep-alive"}, before
+
+
+def test_a_port_another_process_holds_is_one_line_at_once():
+    with socket.socket() as other:  # a plain server that accepts (into its backlog) and never answers
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        started = time.monotonic()
+        proc = Proc("up", "--workers", "2", "--port", str(port), "--admin-port", "0")
+        try:
+            code = proc.proc.wait(30)
+        finally:
+            proc.stop(signal.SIGKILL)
+        took = time.monotonic() - started
+    proc.wait_for(r"\Z", timeout=5)  # the pump has read everything
+    lines = [line for line in proc.lines if line.strip()]
+    assert code == 2 and took < 10, (code, took)
+    assert len(lines) == 1, lines
+    assert re.search(rf"^tafe: cannot listen on 127\.0\.0\.1:{port}: Address already in use$", lines[0]), lines
+
+
+def test_access_logs_to_a_file_opened_without_append_keep_every_line(tmp_path):
+    # `tafe up --access-log > log 2>&1`: the shell opens the file without O_APPEND.
+    log_path = tmp_path / "log"
+    port = free_port()
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tafe", "up", "--workers", "2", "--port", str(port), "--admin-port", "-1",
+             "--drain-grace-s", "0.5", "--access-log"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "up: public" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        sent = 300
+        for _ in range(sent):
+            assert bid(f"http://127.0.0.1:{port}")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        stop_process(proc, signal.SIGKILL)
+    text = log_path.read_text()
+    from_nginx = re.findall(r'"POST /openrtb2/bid HTTP/1\.1" 200 .* rid=', text)
+    from_tafe = re.findall(r'tafe\.access.*"POST /openrtb2/bid" 200', text)
+    assert (len(from_nginx), len(from_tafe)) == (sent, sent)
+    assert "\x00" not in text and re.search(r"worker \d \(pid \d+\) exited with code 0 after draining", text)
