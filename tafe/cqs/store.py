@@ -1,9 +1,10 @@
 """The user-state store: one compact binary file that every worker memory-maps.
 
 Ten million users in Python dicts cost gigabytes per worker; here they cost 38 bytes
-each, once, in the page cache, shared by every process that maps the file. Lookups
-walk the mapping directly: no per-user Python objects exist, so refcounting never
-dirties (un-shares) a page, and opening a store copies nothing.
+each, once, shared by every process that serves them. Lookups walk the mapping
+directly: no per-user Python objects exist, so refcounting never dirties (un-shares) a
+page. What is mapped is not the file but a sealed copy of it made once per node
+(``tafe.cqs.sealed``): a file rewritten or truncated in place cannot SIGBUS the workers.
 
 File format (version 1; all integers little-endian)::
 
@@ -54,7 +55,7 @@ from typing import NamedTuple, Sequence
 import orjson
 from xxhash import xxh3_64_intdigest
 
-from tafe.cqs import CqsError
+from tafe.cqs import CqsError, sealed
 from tafe.cqs.state import EVENT_TYPES, NEVER, UserState
 
 MAGIC = b"TAFEUSR\0"
@@ -253,8 +254,10 @@ def run(args: "argparse.Namespace") -> int:  # noqa: F821
 class UserStore:
     """A read-only view of one store file; see the module docstring for the format."""
 
-    def __init__(self, path: str, mm: mmap.mmap, version: str, as_of: float, users: int, bits: int, crc: int) -> None:
-        self.path = path
+    def __init__(self, path: str, mm: mmap.mmap, copy: sealed.Copy, version: str, as_of: float, users: int, bits: int,
+                 crc: int) -> None:
+        self.path = path  # the file it was copied from (messages, logs)
+        self._copy = copy
         self._crc = crc
         self.version = version
         self.as_of = as_of
@@ -297,7 +300,7 @@ class UserStore:
             raise StoreError(f"store {self.path}: corrupt data (checksum mismatch)")
 
     def close(self) -> None:
-        """Unmap the file; any later lookup answers "unknown user"."""
+        """Unmap and let go of the copy; any later lookup answers "unknown user"."""
         mm, self._mm = self._mm, None
         if mm is None:
             return
@@ -306,6 +309,7 @@ class UserStore:
         index.release()
         keys.release()  # type: ignore[attr-defined]
         mm.close()
+        self._copy.close()
 
     def __enter__(self) -> "UserStore":
         return self
@@ -317,37 +321,53 @@ class UserStore:
         return f"UserStore({self.path!r}, version={self.version!r}, users={self.users})"
 
 
-def open_store(path: str, *, verify: bool = True) -> UserStore:
-    """Map and validate a store file; raises StoreError naming the file and the fault.
+def open_store(path: str) -> UserStore:
+    """Copy, map and validate a store file; raises StoreError naming the file and the fault.
 
-    Without ``verify`` only the header and the size are checked (microseconds); call
-    ``UserStore.verify`` to check the data, e.g. in a thread pool.
+    The store serves from a sealed in-memory copy shared by every process serving the
+    same content (``tafe.cqs.sealed``), never from the file: the file may then be
+    rewritten or truncated in place without a SIGBUS. Copying and checking read every
+    byte (about a second for 10 M users): call this off the event loop.
     """
     if sys.byteorder != "little":  # pragma: no cover
         raise StoreError(f"store {path}: the store format is little-endian; this machine is not")
     try:
         with open(path, "rb") as f:
+            head = f.read(HEADER_SIZE)
             size = os.fstat(f.fileno()).st_size
-            if size < HEADER_SIZE:
+            if len(head) < HEADER_SIZE:
                 raise StoreError(f"store {path}: truncated: {size} bytes, smaller than the {HEADER_SIZE}-byte header")
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # The header names the rest: its own checksum (over the version, sizes and the
+            # data checksum) and the size name the content. (Not crc32(head): a CRC over
+            # bytes ending in their own CRC is the same constant for every valid header.)
+            key = f"{head[-4:].hex()}-{size}"
+            return sealed.share(f, key, lambda copy: _map(path, copy, head), name=f"tafe-store:{os.path.basename(path)}")
     except OSError as exc:
         raise StoreError(f"store {path}: cannot open: {exc.strerror or exc}") from None
+
+
+def _map(path: str, copy: sealed.Copy, head: bytes) -> UserStore:
+    """The store in ``copy``, if it is a whole, valid store with the header read from ``path``."""
+    size = copy.size
+    if size < HEADER_SIZE:
+        raise StoreError(f"store {path}: truncated: {size} bytes, smaller than the {HEADER_SIZE}-byte header")
+    mm = mmap.mmap(copy.fd, 0, access=mmap.ACCESS_READ)
     try:
-        store = _validate(path, mm, size)
+        if mm[:HEADER_SIZE] != head:
+            raise StoreError(f"store {path}: changed while being read")
+        store = _validate(path, mm, size, copy)
     except BaseException:
         mm.close()
         raise
-    if verify:
-        try:
-            store.verify()
-        except BaseException:
-            store.close()
-            raise
+    try:
+        store.verify()
+    except BaseException:
+        store.close()
+        raise
     return store
 
 
-def _validate(path: str, mm: mmap.mmap, size: int) -> UserStore:
+def _validate(path: str, mm: mmap.mmap, size: int, copy: sealed.Copy) -> UserStore:
     magic, fmt, bits, rsize, users, as_of, raw_version, layout, data_crc, _, head_crc = HEADER.unpack_from(mm, 0)
     if magic != MAGIC:
         raise StoreError(f"store {path}: not a TAFE user store (bad magic {magic!r})")
@@ -368,4 +388,4 @@ def _validate(path: str, mm: mmap.mmap, size: int) -> UserStore:
     if first != 0 or last != users:
         raise StoreError(f"store {path}: corrupt bucket index")
     version = raw_version.rstrip(b"\0").decode("utf-8", "replace")
-    return UserStore(path, mm, version, as_of, users, bits, data_crc)
+    return UserStore(path, mm, copy, version, as_of, users, bits, data_crc)

@@ -10,10 +10,15 @@ file and a store any ``*.cqss`` file (names starting with "." are ignored, so wr
 under such a name and rename into place: ``tafe cqs build-store --out`` and model
 saves already do); the newest of each kind wins, else ``settings.model`` /
 ``settings.store``. A changed file is loaded and validated in the hub's thread pool
-(the store's checksum pass releases the GIL, so the event loop keeps serving),
-then swapped in. A bad file is refused with one log line and skipped from then on
-(SIGHUP retries it): the old snapshot keeps serving, or the next newest good file
-takes its place. An unchanged store is reused, never re-read.
+(the store's copy and checksum pass release the GIL, so the event loop keeps
+serving), then swapped in. A bad file is refused with one log line and skipped from
+then on (SIGHUP retries it): the old snapshot keeps serving, or the next newest good
+file takes its place. An unchanged store is reused, never re-read.
+
+Nothing served depends on the files staying as they were: a model is read into
+memory, a store into a sealed copy (``tafe.cqs.sealed``). A file rewritten or
+truncated in place is, to the watcher, just a new file: refused while it is not
+whole, swapped in (sharing the copy already held if its bytes are the same) once it is.
 
 A replaced store is unmapped only after ``grace_s`` (longer than any request's
 deadline), so no request still holding the old snapshot notices; one that somehow
@@ -32,7 +37,7 @@ from typing import Any, Callable, NamedTuple
 import gevent
 import gevent.event
 
-from tafe.cqs import Snapshot
+from tafe.cqs import CqsError, Snapshot
 from tafe.cqs import model as model_mod
 from tafe.cqs.store import open_store
 from tafe.settings import Settings
@@ -136,7 +141,7 @@ class Watcher:
                 new = _load(old, changes.get("model"), changes.get("store"))
             except Refused as exc:
                 self.refused.add(exc.file)
-                self.log.error("cqs: refused %s %s, still serving %s: %s", exc.kind, exc.file.path, old.versions, exc.reason)
+                self.log.error("cqs: refused %s %s, still serving %s: %s", exc.kind, exc.file.path, old.versions, exc.why())
                 continue
             finally:
                 sys.setswitchinterval(interval)
@@ -184,46 +189,52 @@ class Refused(Exception):
         super().__init__(kind, file, reason)
         self.kind, self.file, self.reason = kind, file, reason
 
+    def why(self) -> str:
+        """The reason in one line (a CqsError's message already names the file)."""
+        r = self.reason
+        return str(r) if isinstance(r, CqsError) else f"{self.kind} {self.file.path}: {type(r).__name__}: {r}"
+
 
 def _load(old: Snapshot, model_file: FileId | None, store_file: FileId | None) -> Snapshot:
     """Read and validate what changed, reuse what did not; raises Refused naming the bad file.
 
-    The whole-file work (the store's checksum pass, parsing a model) runs in the hub's
-    thread pool; the rest (header checks, mapping, the snapshot) takes microseconds
-    here. Keeping Python out of the pool thread matters on a busy machine: a thread
-    descheduled while it holds the GIL stalls the loop for as long as it is off-CPU.
+    The whole-file work (copying and checking a store, parsing a model) runs in the
+    hub's thread pool, mostly in syscalls and zlib with the GIL released; the snapshot
+    is built here. Keeping Python out of the pool thread matters on a busy machine: a
+    thread descheduled while it holds the GIL stalls the loop for as long as it is off-CPU.
+    """
+    model, store, refused = gevent.get_hub().threadpool.apply(_read, (old, model_file, store_file))
+    if refused is not None:
+        raise refused
+    try:
+        return Snapshot(model, store)
+    except Exception as exc:
+        if store is not old.store:
+            store.close()
+        raise Refused("model" if model_file else "store", model_file or store_file, exc) from None  # type: ignore[arg-type]
+
+
+def _read(old: Snapshot, model_file: FileId | None, store_file: FileId | None) -> tuple[Any, Any, Refused | None]:
+    """In a pool thread: (model, store, None), or why not as (.., .., Refused).
+
+    Returned, never raised: gevent prints a traceback for an exception that leaves a
+    pool function, and a refused file must make exactly one log line.
     """
     store = old.store
-    if store_file:
-        try:
-            store = open_store(store_file.path, verify=False)
-        except Exception as exc:
-            raise Refused("store", store_file, exc) from None
     try:
-        model = gevent.get_hub().threadpool.apply(_read, (model_file, store_file, store))
+        if store_file:
+            try:
+                store = open_store(store_file.path)
+            except Exception as exc:
+                raise Refused("store", store_file, exc) from None
         try:
-            return Snapshot(model or old.model, store)
+            return (model_mod.load(model_file.path) if model_file else old.model), store, None
         except Exception as exc:
-            raise Refused("model" if model_file else "store", model_file or store_file, exc) from None  # type: ignore[arg-type]
-    except BaseException:
-        if store_file and store is not None:
+            raise Refused("model", model_file, exc) from None  # type: ignore[arg-type]
+    except Refused as refused:
+        if store is not old.store:
             store.close()
-        raise
-
-
-def _read(model_file: FileId | None, store_file: FileId | None, store: Any) -> Any:
-    """In a pool thread: verify a new store (GIL released throughout) and parse a new model."""
-    if store_file:
-        try:
-            store.verify()
-        except Exception as exc:
-            raise Refused("store", store_file, exc) from None
-    if model_file:
-        try:
-            return model_mod.load(model_file.path)
-        except Exception as exc:
-            raise Refused("model", model_file, exc) from None
-    return None
+        return None, None, refused
 
 
 def watch(holder: Holder, settings: Settings, log: logging.Logger | logging.LoggerAdapter, *, poll_s: float = 1.0) -> Watcher:

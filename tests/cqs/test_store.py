@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -202,10 +203,74 @@ def test_damaged_files_are_refused_with_a_clear_message(built, tmp_path, name, e
     assert isinstance(info.value, CqsError) and isinstance(info.value, ValueError)
 
 
-def test_unverified_open_still_refuses_truncation(built, tmp_path):
+def test_the_served_mapping_survives_its_file_truncated_and_rewritten(built):
+    """A store rewritten in place must not SIGBUS the process serving it (it serves a copy)."""
+    events, out, _ = built
+    expected = reference(events, AS_OF)
+    data = open(out, "rb").read()
+    with open_store(out) as store:
+        os.truncate(out, 0)
+        assert all(store.lookup([key]) == state for key, state in expected.items())  # SIGBUS if it mapped the file
+        with open(out, "r+b") as f:
+            f.write(b"\xff" * len(data))  # the same size, other bytes
+        assert all(store.lookup([key]) == state for key, state in expected.items())
+        store.verify()
+        os.unlink(out)
+        assert all(store.lookup([key]) == state for key, state in expected.items())
+
+
+def test_the_copy_is_sealed_against_any_change(built):
     _, out, _ = built
-    with pytest.raises(StoreError, match="truncated"):
-        open_store(_damaged(out, tmp_path, "t.cqss", lambda d: d[:-1]), verify=False)
+    with open_store(out) as store:
+        fd = os.open(f"/proc/self/fd/{store._copy.fd}", os.O_RDWR)  # the memfd, writable if unsealed
+        try:
+            for change in (lambda: os.ftruncate(fd, 0), lambda: os.ftruncate(fd, 1 << 20), lambda: os.write(fd, b"x")):
+                with pytest.raises(PermissionError):
+                    change()
+            with pytest.raises(PermissionError):
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, 0)  # F_SEAL_SEAL: the seals stay
+        finally:
+            os.close(fd)
+
+
+def test_stores_of_the_same_content_share_one_copy(built, tmp_path):
+    """Workers open the store independently; the bytes must be in memory once."""
+    _, out, _ = built
+    again = tmp_path / "again.cqss"
+    again.write_bytes(open(out, "rb").read())  # another file, the same bytes
+    with open_store(out) as a, open_store(str(again)) as b:
+        assert os.fstat(a._copy.fd).st_ino == os.fstat(b._copy.fd).st_ino
+        link_dir = os.path.dirname(a._copy.link)
+        assert len(os.listdir(link_dir)) == 2  # each holder is findable, not only the first
+    assert not os.path.exists(link_dir)  # the last holder tidies up
+
+
+def test_a_dead_holders_copy_is_not_trusted(built, tmp_path):
+    """A link left by a process that died (or names a reused pid) is skipped and removed."""
+    import subprocess
+    import sys
+
+    _, out, _ = built
+    code = f"from tafe.cqs.store import open_store; s = open_store({out!r}); print(s._copy.link)"
+    link = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert os.path.lexists(link) and not os.path.exists(link)  # dangling: the process exited without closing
+    impostor = os.path.join(os.path.dirname(link), "1-99")
+    os.symlink(out, impostor)  # the right bytes, but a plain file anyone may truncate
+    with open_store(out) as store:
+        assert store.users > 0
+        assert not os.path.lexists(link) and not os.path.lexists(impostor)
+        assert os.listdir(os.path.dirname(link)) == [os.path.basename(store._copy.link)]
+
+
+def test_a_file_still_being_written_is_refused_not_shared(built, tmp_path):
+    _, out, _ = built
+    data = open(out, "rb").read()
+    with open_store(out) as store:
+        partial = tmp_path / "partial.cqss"
+        partial.write_bytes(data[: len(data) // 2])  # the same header, half the bytes
+        with pytest.raises(StoreError, match="truncated"):
+            open_store(str(partial))
+        assert store.lookup([next(iter(reference(built[0], AS_OF)))]) is not None
 
 
 def test_missing_file(tmp_path):

@@ -139,3 +139,84 @@ def test_stores_swapped_while_serving_lose_no_request(tmp_path, workers):
         assert sum(c.statuses.values()) > 20
         seen = [v for i, v in enumerate(c.versions) if i == 0 or c.versions[i - 1] != v]
         assert seen == ["s0", "s1", "s3"], seen  # in order, never back
+
+
+def worker_pids(server) -> set[int]:
+    with open(f"/proc/{server.pid}/task/{server.pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+@pytest.mark.slow
+def test_a_store_rewritten_in_place_kills_no_worker(tmp_path):
+    """``: > users.cqss``, then the old bytes written back in place, under steady requests:
+    the workers serve their sealed copy throughout (a mapped file would SIGBUS them all)."""
+    store = tmp_path / "users.cqss"
+    good = make_store(store, "s0")
+    server = start_tafe("--store", str(store), "--workers", "2", "--nbr-in-response")
+    clients = [Client(server.url) for _ in range(4)]
+    try:
+        wait_output(server, "worker 1 ready")
+        pids = worker_pids(server)
+        assert len(pids) == 2
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.wait_version("s0")
+        with open(store, "r+b") as f:
+            f.truncate(0)
+        wait_output(server, "refused store", count=2)  # each worker refuses the empty file
+        served = sum(len(c.versions) for c in clients)
+        time.sleep(1.0)
+        assert sum(len(c.versions) for c in clients) > served + 20  # still serving, from the copy
+        with open(store, "r+b") as f:
+            f.write(good)  # in place: the same inode
+        wait_output(server, "swapped in store", count=2)  # whole again: swapped in (the same copy)
+        served = sum(len(c.versions) for c in clients)
+        time.sleep(0.5)
+        assert sum(len(c.versions) for c in clients) > served + 10
+        assert worker_pids(server) == pids
+        with urllib.request.urlopen(server.admin_url + "/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        assert "tafe_worker_restarts_total{" not in metrics, [ln for ln in metrics.splitlines() if "restarts" in ln]
+    finally:
+        for c in clients:
+            c.stop.set()
+        for c in clients:
+            c.join(10)
+        code = server.stop()
+    assert code == 0, server.output()
+    assert "killed by signal" not in server.output() and "restarting" not in server.output(), server.output()
+    for c in clients:
+        assert not c.errors, c.errors[:3]
+        assert set(c.statuses) == {200}, c.statuses
+        assert set(c.no_bids) <= {15}, c.no_bids  # 15: a deadline missed on this busy machine
+        assert set(c.versions) == {"s0"}
+
+
+@pytest.mark.slow
+def test_a_refused_file_is_one_log_line_per_worker(tmp_path):
+    """No traceback from the pool thread: with --log-json every line is one JSON object."""
+    watch_dir = tmp_path / "watch"
+    watch_dir.mkdir()
+    good = bytearray(make_store(tmp_path / "s0.cqss", "s0"))
+    good[-3] ^= 0xFF  # the header is fine; the data checksum is not (found in the pool thread)
+    (watch_dir / "bad.cqss").write_bytes(bytes(good))
+    (watch_dir / "bad.cqsm").write_bytes(b"TAFECQSM\x01\x00\x00\x00" + b"\xff" * 30)
+    server = start_tafe("--watch-dir", str(watch_dir), "--workers", "2", "--log-json")
+    try:
+        wait_output(server, "refused model", count=2)
+        wait_output(server, "refused store", count=2)
+        time.sleep(0.5)
+    finally:
+        code = server.stop()
+    assert code == 0, server.output()
+    records = [json.loads(line) for line in server.output().splitlines() if line.strip()]  # raises on a non-JSON line
+    refused = [r for r in records if "refused" in r["msg"]]
+    assert len(refused) == 4, refused
+    assert all(r["level"] == "error" and r["logger"] == "tafe.cqs" for r in refused)
+    by_file = {}
+    for r in refused:
+        by_file.setdefault(str(watch_dir / "bad.cqss") if "bad.cqss" in r["msg"] else str(watch_dir / "bad.cqsm"), []).append(r)
+    assert all(len(v) == 2 and len({r["pid"] for r in v}) == 2 for v in by_file.values())
+    assert all("checksum mismatch" in r["msg"] for r in by_file[str(watch_dir / "bad.cqss")])
+    assert all("header length" in r["msg"] for r in by_file[str(watch_dir / "bad.cqsm")])
