@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="print every error of a campaigns file as json.path: message (exit 1), or a one-line summary (exit 0)",
     )
     p.add_argument("file", nargs="?", metavar="FILE", help="campaigns file (default: the campaigns setting)")
-    add_settings_options(p, only=("currency",))
+    add_settings_options(p, "campaigns")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -70,28 +70,52 @@ class Settings:
     drain_timeout_s: float = _opt(30.0, "after the grace, longest wait for in-flight requests before exiting", low=0)
 
     # --- bidding ---------------------------------------------------------------------
-    campaigns: str = _opt(str(DATA_DIR / "campaigns.json"), "campaigns file (JSON); the bundled demo set by default")
+    campaigns: str = _opt(str(DATA_DIR / "campaigns.json"), "campaigns file (JSON); the bundled demo set by default", commands=("serve", "up", "nginx", "campaigns"))
     model: str = _opt(str(DATA_DIR / "model.cqsm"), "CQS model file; the bundled demo model by default")
     store: str = _opt("", "CQS user-state store file; empty: every user is unknown and scored from the request alone")
     watch_dir: str = _opt("", "directory watched for new model/store files (atomically renamed in) to hot-swap")
-    currency: str = _opt("USD", "the currency TAFE bids in")
+    currency: str = _opt("USD", "the currency TAFE bids in", commands=("serve", "up", "nginx", "campaigns"))
     default_tmax_ms: int = _opt(100, "deadline used when a request carries no tmax", low=1)
     max_tmax_ms: int = _opt(1000, "cap on the deadline, whatever tmax says", low=1)
     network_margin_ms: int = _opt(10, "time kept back from tmax for the network round trip", low=0)
     min_budget_ms: int = _opt(5, "no-bid (nbr 15) when less than this remains of the budget at arrival", low=0)
     nbr_in_response: bool = _opt(False, "answer no-bids as 200 {id, nbr} instead of an empty 204")
     notice_base_url: str = _opt("", "base URL put in nurl/burl/lurl; empty: the scheme and Host header each bid request came in by")
-    seat: str = _opt("tafe", "seat id in seatbid[].seat")
+    seat: str = _opt("tafe", "seat id in seatbid[].seat", commands=("serve", "up", "nginx", "campaigns"))
 
     # --- money -------------------------------------------------------------------------
-    budget_period_s: int = _opt(86400, "length of a budget period (seconds); periods start at multiples of it since the Unix epoch (a day: UTC midnight)")
-    spend_on: str = _opt("bill", "which notice counts as spend: bill (the burl; OpenRTB 2.5+) or win (exchanges that bill on the nurl)")
-    reservation_ttl_s: int = _opt(300, "a bid's reserved budget is released if no billing, loss or win notice comes this long after the bid")
-    notice_ttl_s: int = _opt(3600, "notices (and tracking URLs) are accepted this long after their bid, then refused as expired")
-    notice_keys: str = _opt("", "notice signing keys 'kid:secret[,kid:secret]' (the first signs, all verify); empty: notice_keys_file, else a random key per node", cli=False)
-    notice_keys_file: str = _opt("", "file holding the notice signing keys ('kid:secret' pairs, one per line or comma-separated)")
-    state: str = _opt("", "directory of the embedded money state (budgets, reservations, frequency counts) shared by the node's workers; empty: a new temporary one (forgotten when the node stops)")
-    event_log: str = _opt("", "directory for the event files (win, bill, loss, impression, click: JSON lines, rotated hourly, one file per worker); empty: no event files")
+    budget_period_s: int = _opt(
+        86400, "length of a budget period (seconds); periods start at multiples of it since the Unix epoch (a day: UTC midnight)", low=1,
+        commands=("serve", "up"),
+    )  # fmt: skip
+    spend_on: str = _opt(
+        "bill", "which notice counts as spend: bill (the burl) or win (exchanges that bill on the nurl)", choices=("bill", "win"),
+        commands=("serve", "up"),
+    )  # fmt: skip
+    reservation_ttl_s: int = _opt(
+        300, "a bid's reserved budget is released if no billing, loss or win notice comes this long after the bid", low=1,
+        commands=("serve", "up"),
+    )  # fmt: skip
+    notice_ttl_s: int = _opt(
+        3600, "notices and tracking URLs are accepted this long after their bid, then refused as expired", low=1,
+        commands=("serve", "up"),
+    )  # fmt: skip
+    # Secret: environment (TAFE_NOTICE_KEYS) or TOML only, never on a command line that any local user can read.
+    notice_keys: str = _opt(
+        "", "notice signing keys 'kid:secret[,kid:secret]' (the first signs, all verify); empty: notice_keys_file, else a"
+        " random key per node", commands=(),
+    )  # fmt: skip
+    notice_keys_file: str = _opt(
+        "", "file of notice signing keys ('kid:secret' pairs, one per line or comma-separated)", commands=("serve", "up")
+    )
+    state: str = _opt(
+        "", "directory of the embedded money state (spend, reservations, frequency counts) shared by the node's workers;"
+        " empty: one under the run directory (a temporary one unless run_dir is set)", commands=("serve", "up"),
+    )  # fmt: skip
+    event_log: str = _opt(
+        "", "directory for event files (win, bill, loss, impression, click: JSON lines, rotated hourly, one file per"
+        " worker); empty: no event files", commands=("serve", "up"),
+    )  # fmt: skip
 
     # --- learning ---------------------------------------------------------------------
     decision_log: str = _opt("", "JSON-lines file of sampled bid decisions for training; empty disables it")

@@ -28,14 +28,9 @@ log = logging.getLogger("tafe.money")
 def node_settings(settings: Settings, run_dir: str | Path | None = None, previous: Settings | None = None) -> Settings:
     """``settings`` with ``state`` and ``notice_keys`` set; a random key survives reloads (``previous``)."""
     changes: dict[str, str] = {}
-    if settings.spend_on not in ("bill", "win"):
-        raise SettingsError(f"spend_on must be 'bill' or 'win', got {settings.spend_on!r}")
-    for name in ("budget_period_s", "reservation_ttl_s", "notice_ttl_s"):
-        if getattr(settings, name) <= 0:
-            raise SettingsError(f"{name} must be a positive number of seconds, got {getattr(settings, name)}")
     if not settings.state:
-        base = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="tafe-state-"))
-        changes["state"] = str(base / "state") if run_dir else str(base)
+        run_dir = run_dir or settings.run_dir
+        changes["state"] = str(Path(run_dir) / "state") if run_dir else tempfile.mkdtemp(prefix="tafe-state-")
         log.info("money state in %s (--state DIR keeps budgets and spend where you choose)", changes["state"])
     if settings.notice_keys_file:
         try:
@@ -48,8 +43,8 @@ def node_settings(settings: Settings, run_dir: str | Path | None = None, previou
         else:
             changes["notice_keys"] = f"r{secrets.token_hex(3)}:{secrets.token_urlsafe(32)}"
             log.warning(
-                "no notice key set: signing with a random one made now; notices of bids made before a restart will be"
-                " refused, and every node of a fleet must share one (TAFE_NOTICE_KEYS or --notice-keys-file)"
+                "no notice key set: signing with a random key made now; after a restart, notices of earlier bids no"
+                " longer verify, and every node of a fleet must share one key (TAFE_NOTICE_KEYS or --notice-keys-file)"
             )
     settings = settings.with_overrides(**changes) if changes else settings
     keys_of(settings)  # refuse bad keys here, with one line
