@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from tafe.money import node_settings
+from tafe.money import node_settings, warn_if_random_key
 from tafe.settings import Settings, SettingsError, demo_curl
 
 log = logging.getLogger("tafe.master")
@@ -404,6 +404,7 @@ class Master:
                 host, port, f" (admin http://{admin[0]}:{admin[1]})" if admin else "", self.n,
                 " ".join(map(str, self.serving_pids())),
             )  # fmt: skip
+            warn_if_random_key(self.settings)
 
     def _drain(self, w: Worker, sig: int = signal.SIGTERM) -> None:
         """SIGTERM: the machine stops (/ping 503 first); SIGUSR2: this worker is replaced."""

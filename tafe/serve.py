@@ -96,6 +96,10 @@ def serve_in_process(
     def started() -> None:
         # A pre-forked worker (inherited listener) leaves the curl hint to its master.
         _announce(servers, apps, curl=listener is None)
+        if listener is None:  # a pre-forked worker's master says it once for the node
+            from tafe.money import warn_if_random_key
+
+            warn_if_random_key(apps.money.settings)
         if on_ready is not None:
             on_ready()
 

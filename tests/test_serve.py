@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import tafe.settings
+
 from conftest import ROOT, start_tafe
 from test_examples_http import check_response, post, post_bid
 
@@ -176,8 +178,13 @@ def test_a_taken_port_is_one_line_naming_it(mode, which):
 def test_notices_log_at_debug_and_versions_are_json_fields(level):
     server = start_tafe("--log-json", "--log-level", level)
     try:
+        demo = (Path(tafe.settings.DATA_DIR) / "demo-request.json").read_bytes()
+        req = urllib.request.Request(server.url + "/openrtb2/bid", data=demo, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            nurl = json.loads(resp.read())["seatbid"][0]["bid"][0]["nurl"]
+        path = nurl.split("/notice/", 1)[1].replace("${AUCTION_PRICE}", "0.5").replace("${AUCTION_CURRENCY}", "USD")
         for _ in range(3):
-            with urllib.request.urlopen(server.url + "/notice/win?r=req1&i=1&b=b1&p=1.5", timeout=10) as resp:
+            with urllib.request.urlopen(server.url + "/notice/" + path, timeout=10) as resp:
                 assert resp.status == 204
     finally:
         assert server.stop() == 0, server.output()
@@ -191,4 +198,5 @@ def test_notices_log_at_debug_and_versions_are_json_fields(level):
         assert notices == [], notices
     else:
         assert len(notices) == 3 and {r["level"] for r in notices} == {"debug"}, notices
-        assert notices[0]["request"] == "req1" and notices[0]["price"] == 1.5
+        assert [r["outcome"] for r in notices] == ["accepted", "duplicate", "duplicate"]
+        assert notices[0]["request_id"] == json.loads(demo)["id"] and notices[0]["price"] == 0.5

@@ -69,13 +69,14 @@ def node():
 
 
 def _answer(status: int, body: bytes) -> tuple[int, dict]:
-    """Status and BidResponse, with the per-bid random ids (also inside notice URLs) masked."""
+    """Status and BidResponse, with the per-bid random ids and notice tokens masked."""
     text = body.decode()
     if text:
         resp = json.loads(text)
         ids = {resp.get("bidid")} | {b["id"] for sb in resp.get("seatbid", []) for b in sb["bid"]}
         for bid_id in filter(None, ids):
             text = text.replace(bid_id, "BIDID")
+        text = re.sub(r"t=[A-Za-z0-9._-]+", "t=TOKEN", text)  # each token signs its bid id and time
     return status, (json.loads(text) if text else {})
 
 

@@ -147,7 +147,6 @@ class Bid:
     bid_id: str
     imp_id: str
     price: float  # CPM in the decision's currency, rounded to the cent-of-a-cent (4 d.p.)
-    price_micros: int  # the same, exact: CPM micros (an impression at this price costs as many nanos)
     campaign_id: str
     creative: Creative
     adomain: tuple[str, ...]
@@ -155,6 +154,7 @@ class Bid:
     deal_id: str = ""
     cqs: float = 0.0
     secure: bool = False  # the imp needs https markup: tracking URLs in the markup are https too
+    price_micros: int = 0  # ``price`` exact: CPM micros (an impression at this price costs as many nanos)
 
 
 @dataclass(slots=True)

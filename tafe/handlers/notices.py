@@ -103,6 +103,7 @@ class NoticeHandler:
         self.metrics = metrics
         self._counters: dict[tuple[str, str], Any] = {}
         self._log_budget = _LogBudget()
+        self.debug = log.isEnabledFor(logging.DEBUG)  # read once: notices are counted, logged only when debugging
 
     def _count(self, kind: str, outcome: str) -> None:
         counter = self._counters.get((kind, outcome))
@@ -144,7 +145,10 @@ class NoticeHandler:
             return _STATUS["state_error"], [_TEXT], b"state_error\n"
         outcome = "accepted" if first else "duplicate"
         self._count(kind, outcome)
-        self.events.emit(_event(kind, outcome, fields, now, query, price))
+        event = _event(kind, outcome, fields, now, query, price)
+        self.events.emit(event)
+        if self.debug:
+            log.debug("notice %s %s", kind, outcome, extra={"fields": event})
         if kind == "click":
             return "302 Found", [("Location", campaign.landing_url), _NO_STORE], b""
         if kind == "imp":

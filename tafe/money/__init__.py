@@ -20,7 +20,7 @@ from pathlib import Path
 from tafe.money.token import Keys
 from tafe.settings import Settings, SettingsError
 
-__all__ = ["keys_of", "node_settings"]
+__all__ = ["keys_of", "node_settings", "warn_if_random_key"]
 
 log = logging.getLogger("tafe.money")
 
@@ -31,7 +31,7 @@ def node_settings(settings: Settings, run_dir: str | Path | None = None, previou
     if not settings.state:
         run_dir = run_dir or settings.run_dir
         changes["state"] = str(Path(run_dir) / "state") if run_dir else tempfile.mkdtemp(prefix="tafe-state-")
-        log.info("money state in %s (--state DIR keeps budgets and spend where you choose)", changes["state"])
+        log.debug("money state in %s (--state DIR keeps budgets and spend where you choose)", changes["state"])
     if settings.notice_keys_file:
         try:
             changes["notice_keys"] = Path(settings.notice_keys_file).read_text().strip()
@@ -41,14 +41,22 @@ def node_settings(settings: Settings, run_dir: str | Path | None = None, previou
         if previous is not None and previous.notice_keys:
             changes["notice_keys"] = previous.notice_keys
         else:
-            changes["notice_keys"] = f"r{secrets.token_hex(3)}:{secrets.token_urlsafe(32)}"
-            log.warning(
-                "no notice key set: signing with a random key made now; after a restart, notices of earlier bids no"
-                " longer verify, and every node of a fleet must share one key (TAFE_NOTICE_KEYS or --notice-keys-file)"
-            )
+            changes["notice_keys"] = f"{_RANDOM}{secrets.token_hex(3)}:{secrets.token_urlsafe(32)}"
     settings = settings.with_overrides(**changes) if changes else settings
     keys_of(settings)  # refuse bad keys here, with one line
     return settings
+
+
+_RANDOM = "rnd"  # the key id prefix of a key made at start
+
+
+def warn_if_random_key(settings: Settings) -> None:
+    """Said once the node is up (a start-up error stays the only line): a random key does not outlive the node."""
+    if settings.notice_keys.startswith(_RANDOM) and not settings.notice_keys_file:
+        log.warning(
+            "no notice key set: signing with a random key made at start; after a restart, notices of earlier bids no"
+            " longer verify, and every node of a fleet must share one key (TAFE_NOTICE_KEYS or --notice-keys-file)"
+        )
 
 
 def keys_of(settings: Settings) -> Keys:

@@ -1,0 +1,102 @@
+"""The embedded money state (a real LMDB environment) and pacing: the accounting rules."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+from tafe.money import pacing
+from tafe.money.embedded import LEASE_S, EmbeddedState
+from tafe.money.state import BidRef, Reservation, Want
+
+NOW = 1_800_000_000.0
+PERIOD = 0
+END = int(NOW) + 3600
+BUDGET = 1_000_000  # nanos
+
+
+def want(n: int, pacing_: str = "asap", campaign: str = "c1") -> Want:
+    return Want(campaign=campaign, period=PERIOD, period_end=END, budget=BUDGET, pacing=pacing_, want=n)
+
+
+def ref(bid: str, nanos: int = 1000, campaign: str = "c1", user: str = "u1") -> BidRef:
+    return BidRef(bid_id=bid, campaign=campaign, period=PERIOD, nanos=nanos, user=user, expires=int(NOW) + 3600)
+
+
+def test_floats_never_exceed_the_budget_across_workers(tmp_path):
+    s = EmbeddedState(str(tmp_path))
+    a = s.reserve("w1", [], [want(700_000)], NOW)["c1"]
+    b = s.reserve("w2", [], [want(700_000)], NOW)["c1"]
+    assert (a.nanos, b.nanos) == (700_000, 300_000)
+    assert b.account.left == 0 and b.account.floated == BUDGET
+
+
+def test_used_float_becomes_reservations_and_bill_commits_once(tmp_path):
+    s = EmbeddedState(str(tmp_path))
+    s.reserve("w1", [], [want(5000)], NOW)
+    used = [Reservation("b1", "c1", PERIOD, 2000, int(NOW) + 60), Reservation("b2", "c1", PERIOD, 2000, int(NOW) + 60)]
+    acct = s.reserve("w1", used, [want(5000)], NOW + 1)["c1"].account
+    assert (acct.reserved, acct.floated, acct.spent) == (4000, 5000, 0)
+    assert s.commit(ref("b1", 2000), 1500, NOW + 2)
+    assert not s.commit(ref("b1", 2000), 1500, NOW + 3)  # a retry, from any worker
+    assert s.release("loss", ref("b2", 2000), 0, NOW + 2)
+    acct = s.accounts(PERIOD)["c1"]
+    assert (acct.spent, acct.reserved) == (1500, 0)
+
+
+def test_a_bill_before_its_reservation_is_reported_is_not_reserved_again(tmp_path):
+    s = EmbeddedState(str(tmp_path))
+    s.reserve("w1", [], [want(5000)], NOW)
+    assert s.commit(ref("b1", 2000), 1200, NOW)  # the bill beat the worker's next sync
+    acct = s.reserve("w1", [Reservation("b1", "c1", PERIOD, 2000, int(NOW) + 60)], [want(5000)], NOW + 1)["c1"].account
+    assert (acct.spent, acct.reserved) == (1200, 0)
+
+
+def test_win_lowers_the_reservation_and_expiry_releases_it(tmp_path):
+    s = EmbeddedState(str(tmp_path))
+    s.reserve("w1", [], [want(5000)], NOW)
+    s.reserve("w1", [Reservation("b1", "c1", PERIOD, 3000, int(NOW) + 10)], [want(5000)], NOW)
+    assert s.release("win", ref("b1", 3000), 1000, NOW)
+    assert s.accounts(PERIOD)["c1"].reserved == 1000
+    s.reserve("w1", [], [want(5000)], NOW + 11)  # past the reservation's expiry: swept
+    assert s.accounts(PERIOD)["c1"].reserved == 0
+
+
+def test_a_silent_workers_float_comes_back(tmp_path):
+    s = EmbeddedState(str(tmp_path))
+    s.reserve("dead", [], [want(BUDGET)], NOW)
+    assert s.reserve("alive", [], [want(BUDGET)], NOW + 1)["c1"].nanos == 0
+    assert s.reserve("alive", [], [want(BUDGET)], NOW + LEASE_S + 2)["c1"].nanos == BUDGET
+
+
+def test_frequency_counts_once_per_bid_and_keeps_the_cap(tmp_path):
+    s = EmbeddedState(str(tmp_path))
+    for i in range(5):
+        assert s.count_impression(ref(f"b{i}"), 3, NOW + i)
+        assert not s.count_impression(ref(f"b{i}"), 3, NOW + i)  # the same impression again
+    assert s.frequency("u1") == {"c1": [int(NOW) + 2, int(NOW) + 3, int(NOW) + 4]}
+    assert s.first_seen("click", ref("b0")) and not s.first_seen("click", ref("b0"))
+
+
+def _hammer(path: str, worker: str, n: int) -> None:
+    s = EmbeddedState(path)
+    for i in range(n):
+        s.commit(ref(f"bid-{i}"), 10, NOW)  # every process bills the same n bids
+        s.reserve(worker, [], [want(1000)], NOW)
+
+
+def test_processes_racing_on_the_same_bills_count_each_once(tmp_path):
+    procs = [multiprocessing.get_context("spawn").Process(target=_hammer, args=(str(tmp_path), f"w{i}", 300)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    acct = EmbeddedState(str(tmp_path)).accounts(PERIOD)["c1"]
+    assert acct.spent == 300 * 10 and acct.floated <= BUDGET - acct.spent
+
+
+def test_even_pacing_grants_the_rate_and_asap_everything():
+    granted, bucket, rate = pacing.grant(pacing="even", want=10**9, left=3600_000, now=NOW, period_end=END, bucket=0, bucket_ts=0)
+    assert rate == 1000 and granted == 2 * rate and bucket == 0  # two seconds of the rate at most
+    granted, _, _ = pacing.grant(pacing="even", want=10**9, left=3600_000, now=NOW, period_end=END, bucket=0, bucket_ts=NOW - 0.5)
+    assert granted == 500
+    assert pacing.grant(pacing="asap", want=10**9, left=3600_000, now=NOW, period_end=END, bucket=0, bucket_ts=0)[0] == 3600_000
