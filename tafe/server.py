@@ -20,14 +20,14 @@ parsing is llhttp, and a connection yields to the others between pipelined reque
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import signal
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent.event import Event

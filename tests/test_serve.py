@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, start_tafe
 from test_examples_http import check_response, post, post_bid
 

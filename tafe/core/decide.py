@@ -25,9 +25,10 @@ candidate of every imp.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from time import perf_counter_ns
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 from xxhash import xxh3_64_hexdigest
 

@@ -14,8 +14,8 @@ whole bid, so no server-side state is kept per bid to understand a notice.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import orjson
 
