@@ -109,7 +109,7 @@ def _fits(imp: Imp, creative: Creative) -> bool:
             return False
         if media.mimes and not any(m in media.mimes for m in creative.mimes):
             return False
-        dur = creative.duration
+        dur = creative.duration or 0  # campaigns sets it on every video and audio creative
         rqddurs = getattr(media, "rqddurs", ())
         if rqddurs:
             return dur in rqddurs
@@ -245,9 +245,10 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
                     continue
                 price = int(value * shade) // PRICE_STEP * PRICE_STEP  # _price's common case, inlined
                 if price < floor or price <= 0:
-                    price = _price(value, floor, shade)
-                    if price is None:
+                    priced = _price(value, floor, shade)
+                    if priced is None:
                         continue
+                    price = priced
                 if left is not None and price > left - taken.get(campaign.id, 0):
                     stage = max(stage, 6 if campaign.id in inputs.exhausted else 5)
                     continue
