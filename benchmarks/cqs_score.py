@@ -34,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import format_machine, machine_info, record  # noqa: E402
+
 from tafe.core.request import parse  # noqa: E402
-from tafe.cqs import Snapshot, model as model_mod, synth  # noqa: E402
+from tafe.cqs import Snapshot, synth  # noqa: E402
+from tafe.cqs import model as model_mod
 from tafe.cqs.features import names  # noqa: E402
 from tafe.cqs.store import build_store, open_store  # noqa: E402
 from tafe.settings import Settings  # noqa: E402

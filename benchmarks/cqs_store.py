@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gevent  # noqa: E402
 import numpy as np  # noqa: E402
+from common import ROOT, format_machine, machine_info, record, summarize, table  # noqa: E402
 from xxhash import xxh3_64_intdigest  # noqa: E402
 
-from common import ROOT, format_machine, machine_info, record, summarize, table  # noqa: E402
 from tafe.cqs import Snapshot  # noqa: E402
 from tafe.cqs import model as model_mod  # noqa: E402
 from tafe.cqs import store as store_mod  # noqa: E402
@@ -153,7 +153,7 @@ def lookup_costs(path: str, users: int) -> list[tuple[str, float]]:
         ("the key hash alone (xxh3-64)", per_call_us(lambda k: xxh3_64_intdigest(k[0].encode()), hits)),
         ("blake2b-64 alone, for comparison", per_call_us(lambda k: hashlib.blake2b(k[0].encode(), digest_size=8).digest(), hits)),
     ]
-    del arr, keys_view
+    arr = keys_view = None  # the closures' views of the mapping must go before it closes
     store.close()
     return rows
 
@@ -392,7 +392,7 @@ def main() -> int:
         f" {built['write_s']:.1f} s; file {size_mb:.0f} MB ({built['bytes'] / built['users']:.1f} B/user)."
         f" The JSON-lines path reads {json_rate:,.0f} events/s.",
         "",
-        f"**Lookup cost** (process CPU time per call, best of 5 rounds of 50k random keys; goal <= 3 us):",
+        "**Lookup cost** (process CPU time per call, best of 5 rounds of 50k random keys; goal <= 3 us):",
         "",
         table(["lookup", "us per call", "vs store.lookup hit"], [(n, f"{us:.2f}", f"{us / hit_us:.2f}x") for n, us in costs]),
         "",

@@ -23,7 +23,6 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import msgspec  # noqa: E402
 import orjson  # noqa: E402
 import ujson  # noqa: E402
 from common import ROOT, format_machine, machine_info, record, table  # noqa: E402

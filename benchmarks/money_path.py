@@ -98,7 +98,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tafe-money-bench-"))
     bodies = _requests()
     apps = {"off": _app(False, tmp), "on": _app(True, tmp)}
-    for name, (app, state, metrics) in apps.items():  # warm up: caches, first sync
+    for app, state, metrics in apps.values():  # warm up: caches, first sync
         _run(app, state, metrics, bodies, 500)
     results: dict[str, list[float]] = {"off": [], "on": []}
     for _ in range(args.rounds):

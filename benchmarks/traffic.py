@@ -18,8 +18,9 @@ import itertools
 import json
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 FORMATS = ("banner", "video", "native", "audio")
 BANNER_SIZES = ((300, 250), (728, 90), (320, 50), (300, 600), (160, 600), (970, 250), (336, 280), (320, 480))
@@ -73,7 +74,7 @@ class Mix:
     openrtb26: float = 0.50  # share of 2.6-shaped requests (the rest put privacy in ext, 2.5 style)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Mix":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Mix:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):

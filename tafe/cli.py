@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from tafe import __version__
 from tafe import settings as settings_mod

@@ -53,11 +53,12 @@ Rules, on the way out (``response_head``):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from email.utils import formatdate
 from http import HTTPStatus
 from io import BytesIO
 from itertools import chain
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import httptools

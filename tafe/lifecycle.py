@@ -8,11 +8,10 @@ from __future__ import annotations
 
 
 class Lifecycle:
-    __slots__ = ("draining", "in_flight")
+    __slots__ = ("draining",)
 
     def __init__(self) -> None:
         self.draining = False
-        self.in_flight = 0
 
     def start_draining(self) -> None:
         self.draining = True

@@ -49,9 +49,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from tafe.money import node_settings, warn_if_random_key
 from tafe.settings import Settings, SettingsError, demo_curl

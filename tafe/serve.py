@@ -13,7 +13,7 @@ import argparse
 import logging
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from tafe import logs
 from tafe.cli import add_settings_options, settings_from_args

@@ -20,14 +20,14 @@ parsing is llhttp, and a connection yields to the others between pipelined reque
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import signal
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent.event import Event
@@ -416,8 +416,6 @@ class _Connection:
     def _respond(self, request: http.Request) -> bool:
         """Run the app for one request and send its answer; False closes the connection."""
         server = self.server
-        lifecycle = server.lifecycle
-        lifecycle.in_flight += 1
         self.status = None
         self.head_sent = False
         self.bytes_out = 0
@@ -461,7 +459,6 @@ class _Connection:
                 self._log_access(request, env)
             return self.keep_alive
         finally:
-            lifecycle.in_flight -= 1
             if server.span_over is not None and server.span_over():  # a C call; rarely true
                 server.profiler.finish(env, server.route_of)
 

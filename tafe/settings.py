@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -140,7 +141,7 @@ class Settings:
             if problem:
                 raise SettingsError(problem)
 
-    def with_overrides(self, **changes: Any) -> "Settings":
+    def with_overrides(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 

@@ -29,7 +29,7 @@ import os
 import shutil
 import signal
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from tafe import logs, nginx
 from tafe.core import load_campaigns

@@ -13,7 +13,6 @@ import json
 from urllib.parse import urlsplit
 
 import pytest
-
 from conftest import shared_examples
 
 EXAMPLES = shared_examples()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import gzip
 import io
-import logging
 import json
+import logging
 import time
 import zlib
 
 import pytest
+from core.stub import CORPUS, FixedScorer, test_campaigns
 from prometheus_client import CollectorRegistry
 
 from tafe.handlers import make_admin_app, make_public_app
@@ -17,8 +18,6 @@ from tafe.handlers.bid import accepts_gzip
 from tafe.lifecycle import Lifecycle
 from tafe.metrics import Metrics
 from tafe.settings import Settings
-
-from core.stub import CORPUS, FixedScorer, test_campaigns
 
 BANNER = json.dumps(
     {"id": "req-1", "imp": [{"id": "1", "banner": {"w": 300, "h": 250}, "bidfloor": 0.5}], "site": {"domain": "a.example"}}

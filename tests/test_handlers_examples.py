@@ -12,13 +12,12 @@ import io
 import json
 
 import pytest
+from conftest import shared_examples
 from prometheus_client import CollectorRegistry
 
 from tafe.core.request import parse
 from tafe.handlers import build
 from tafe.settings import Settings
-
-from conftest import shared_examples
 
 EXAMPLES = shared_examples()
 

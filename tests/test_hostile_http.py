@@ -16,7 +16,6 @@ import urllib.request
 from urllib.parse import urlsplit
 
 import pytest
-
 from conftest import shared_examples
 from test_examples_http import check_response, post
 
@@ -37,7 +36,7 @@ def raw_exchange(url: str, payload: bytes, timeout: float = 10.0) -> bytes:
         while True:
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 break
             if not chunk:
                 break

@@ -23,7 +23,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-
 from conftest import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,7 +156,7 @@ class Load:
         self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(concurrency)]
         self.started = self.stopped = 0.0
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self.started = time.monotonic()
         for t in self._threads:
             t.start()

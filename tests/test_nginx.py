@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
+from test_master import ROOT, Proc, alive, children, request
+from test_up import free_port
 
 from tafe import nginx
 from tafe.settings import Settings
-from test_master import ROOT, Proc, alive, children, request
-from test_up import free_port
 
 needs_nginx = pytest.mark.skipif(nginx.find_binary(Settings()) is None, reason="nginx not installed (.ci/run installs it)")
 

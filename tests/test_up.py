@@ -20,11 +20,11 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import stop_process
+from test_master import BID, ROOT, Load, Proc, alive, bid, children, request, scrape, scrape_until
 
 from tafe import nginx as nginx_mod
 from tafe.settings import Settings
-from conftest import stop_process
-from test_master import BID, ROOT, Load, Proc, alive, bid, children, request, scrape, scrape_until
 
 pytestmark = [
     pytest.mark.nginx,
@@ -250,7 +250,7 @@ class KeepAliveClients:
         self._balancer = threading.Thread(target=self._balance, daemon=True)
         self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
 
-    def __enter__(self) -> "KeepAliveClients":
+    def __enter__(self) -> KeepAliveClients:
         for t in [self._balancer, *self._threads]:
             t.start()
         return self

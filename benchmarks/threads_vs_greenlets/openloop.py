@@ -27,8 +27,8 @@ monkey.patch_all()
 import random  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from typing import Sequence  # noqa: E402
 
 import gevent  # noqa: E402
 import httptools  # noqa: E402

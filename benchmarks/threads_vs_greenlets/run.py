@@ -42,11 +42,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-import openloop  # noqa: E402  (monkey-patches: imported before anything opens sockets)
-import upstream  # noqa: E402
-
 import common  # noqa: E402
+import openloop  # noqa: E402  (monkey-patches: imported before anything opens sockets)
 import traffic  # noqa: E402
+import upstream  # noqa: E402
 
 SECTION = "threads-vs-greenlets"
 RATES = [300.0, 700.0, 1100.0, 1500.0, 1800.0]  # light load to beyond where one Apache process falls behind here (~1400)
@@ -113,7 +112,7 @@ def servers(port: int, threads: int, tmp: Path) -> dict[str, list[str]]:
 
 
 def serve(name: str, cmd: list[str], port: int, rates: list[float], rnd: int, requests: list[bytes],
-          args: argparse.Namespace, env: dict, cpus: list[int], log: Path, machine: "Machine") -> dict[float, dict]:
+          args: argparse.Namespace, env: dict, cpus: list[int], log: Path, machine: Machine) -> dict[float, dict]:
     """One round of one server: start it, check it bids, offer each rate in turn (lowest first), stop it.
 
     The machine is shared: a rate during which other work took more than ``--max-other`` %

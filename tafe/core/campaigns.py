@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -231,20 +232,20 @@ class _Check:
             self.need(False, path, f"unknown field (expected one of {', '.join(sorted(known))})", k)
         return True
 
-    def strings(self, d: dict, key: str, path: str) -> tuple[str, ...]:
+    def strings(self, d: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
         v = d.get(key, [])
         ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
         return tuple(v) if self.need(ok, path, "expected a list of strings", key) else ()
 
-    def positive_int(self, d: dict, key: str, path: str, unit: str = "") -> int:
+    def positive_int(self, d: Mapping[str, Any], key: str, path: str, unit: str = "") -> int:
         v = d.get(key)
         ok = type(v) is int and v > 0
         return v if self.need(ok, path, f"expected a positive integer{unit}", key) else 0  # type: ignore[return-value]
 
-    def money(self, d: dict, key: str, path: str) -> int:
+    def money(self, d: Mapping[str, Any], key: str, path: str) -> int:
         """A positive amount as micros; one that rounds to 0 micros would read as "none"."""
         v = d.get(key)
-        ok = type(v) in (int, float) and math.isfinite(v) and to_micros(v) > 0
+        ok = isinstance(v, (int, float)) and type(v) is not bool and math.isfinite(v) and to_micros(v) > 0
         return to_micros(v) if self.need(ok, path, "expected a positive number (at least 0.000001)", key) else 0
 
 
@@ -281,7 +282,7 @@ def _creative(c: Any, path: str, check: _Check) -> Creative | None:
     return Creative(id=c["id"], format=fmt, w=w, h=h, adm=adm, mimes=mimes, duration=duration, secure=secure)  # type: ignore[arg-type]
 
 
-def _frequency_cap(c: dict, path: str, check: _Check) -> FrequencyCap | None:
+def _frequency_cap(c: dict[str, Any], path: str, check: _Check) -> FrequencyCap | None:
     if "frequency_cap" not in c:
         return None
     path = _key(path, "frequency_cap")
@@ -369,7 +370,7 @@ def validate(data: Any, *, seat: str = "tafe", currency: str | None = None) -> t
     check = _Check()
     if not check.object(data, "", _DOCUMENT_KEYS):
         return None, check.errors
-    doc: dict = data
+    doc: dict[str, Any] = data
     file_currency = doc.get("currency", currency or "USD")
     if check.need(isinstance(file_currency, str) and len(file_currency) == 3, "currency", "expected an ISO-4217 code"):
         check.need(currency is None or file_currency == currency, "currency", f"prices are in {file_currency} but TAFE bids in {currency}")
@@ -384,7 +385,8 @@ def validate(data: Any, *, seat: str = "tafe", currency: str | None = None) -> t
     shade = doc.get("first_price_shade", 1.0)
     check.need(type(shade) in (int, float) and 0 < shade <= 1, "first_price_shade", "expected a number in (0, 1]")
     raw = doc.get("campaigns")
-    if not check.need(isinstance(raw, list), "campaigns", "expected a list"):
+    if not isinstance(raw, list):
+        check.need(False, "campaigns", "expected a list")
         raw = []
     first: dict[str, int] = {}
     built = []

@@ -14,8 +14,9 @@ whole bid, so no server-side state is kept per bid to understand a notice.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
+from typing import Any
 
 import orjson
 
@@ -53,9 +54,9 @@ def markup(creative: Creative, imp_url: str, click_url: str) -> str:
     return "".join(imp_url if p == IMP_MACRO else click_url if p == CLICK_MACRO else p for p in parts)
 
 
-def _bid(decision: Decision, bid: Bid, notice_base: str, token: str) -> dict:
+def _bid(decision: Decision, bid: Bid, notice_base: str, token: str) -> dict[str, Any]:
     creative = bid.creative
-    out: dict = {
+    out: dict[str, Any] = {
         "id": bid.bid_id,
         "impid": bid.imp_id,
         "price": bid.price,
@@ -97,7 +98,7 @@ def render(
             reason = decision.no_bid
             return _dumps({"id": decision.request_id, "nbr": reason.nbr if reason is not None else 0})
         return b""
-    response = {
+    response: dict[str, Any] = {
         "id": decision.request_id,
         "bidid": decision.bids[0].bid_id,
         "cur": decision.cur,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from itertools import chain, islice
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import msgspec
@@ -74,12 +74,12 @@ def _fail_type(path: str) -> BadRequest:
 # and cross-field rules are checked in Python below. ``bool`` is not a JSON number,
 # so ``int`` fields refuse true/false; flags (0/1 ints) also take booleans.
 
-_Int = Union[int, float, None]  # an integral float (30.0) is a JSON integer to many encoders
-_Num = Union[Annotated[float, Meta(ge=0.0)], None]  # prices: ints accepted, negatives refused
-_Flag = Union[int, bool, None]
-_Str = Union[str, None]
-_Strs = Union[tuple[str, ...], None]
-_Ints = Union[tuple[int, ...], None]
+_Int = int | float | None  # an integral float (30.0) is a JSON integer to many encoders
+_Num = Annotated[float, Meta(ge=0.0)] | None  # prices: ints accepted, negatives refused
+_Flag = int | bool | None
+_Str = str | None
+_Strs = tuple[str, ...] | None
+_Ints = tuple[int, ...] | None
 _NO_EXT = Raw()
 
 
@@ -93,7 +93,7 @@ class _WFormat(_W):
 
 
 class _WBanner(_W):
-    format: Union[tuple[_WFormat, ...], None] = None
+    format: tuple[_WFormat, ...] | None = None
     w: _Int = None
     h: _Int = None
 
@@ -131,16 +131,16 @@ class _WDeal(_W):
 
 class _WPmp(_W):
     private_auction: _Flag = None
-    deals: Union[tuple[_WDeal, ...], None] = None
+    deals: tuple[_WDeal, ...] | None = None
 
 
 class _WImp(_W):
     id: _Str = None
-    banner: Union[_WBanner, None] = None
-    video: Union[_WVideo, None] = None
-    audio: Union[_WAudio, None] = None
-    native: Union[_WNative, None] = None
-    pmp: Union[_WPmp, None] = None
+    banner: _WBanner | None = None
+    video: _WVideo | None = None
+    audio: _WAudio | None = None
+    native: _WNative | None = None
+    pmp: _WPmp | None = None
     bidfloor: _Num = None
     bidfloorcur: _Str = None
     secure: _Flag = None
@@ -158,7 +158,7 @@ class _WInventory(_W):
     """What site, app and dooh share (dooh adds nothing TAFE reads)."""
 
     domain: _Str = None
-    publisher: Union[_WPublisher, None] = None
+    publisher: _WPublisher | None = None
     cat: _Strs = None
     sectioncat: _Strs = None
     pagecat: _Strs = None
@@ -183,18 +183,18 @@ class _WDevice(_W):
     ifa: _Str = None
     lmt: _Flag = None
     dnt: _Flag = None
-    geo: Union[_WGeo, None] = None
+    geo: _WGeo | None = None
 
 
 class _WEid(_W):
-    uids: Union[tuple[Any, ...], None] = None  # uid entries are read best effort
+    uids: tuple[Any, ...] | None = None  # uid entries are read best effort
 
 
 class _WUser(_W):
     id: _Str = None
     buyeruid: _Str = None
     consent: _Str = None
-    eids: Union[tuple[_WEid, ...], None] = None
+    eids: tuple[_WEid, ...] | None = None
     ext: Raw = _NO_EXT
 
 
@@ -208,13 +208,13 @@ class _WRegs(_W):
 
 class _WRequest(_W):
     id: _Str = None
-    imp: Union[tuple[_WImp, ...], None] = None
-    site: Union[_WSite, None] = None
-    app: Union[_WApp, None] = None
-    dooh: Union[_WInventory, None] = None
-    device: Union[_WDevice, None] = None
-    user: Union[_WUser, None] = None
-    regs: Union[_WRegs, None] = None
+    imp: tuple[_WImp, ...] | None = None
+    site: _WSite | None = None
+    app: _WApp | None = None
+    dooh: _WInventory | None = None
+    device: _WDevice | None = None
+    user: _WUser | None = None
+    regs: _WRegs | None = None
     tmax: _Int = None
     at: _Int = None
     cur: _Strs = None

@@ -25,9 +25,6 @@ class NoBidReason(enum.Enum):
     BLOCKED = ("blocked", 0)  # bcat / badv / bapp / coppa rules left nothing
     UNKNOWN_USER = ("unknown_user", 8)
     DEADLINE = ("deadline", 15)
-    BLOCKED_PUBLISHER = ("blocked_publisher", 7)
-    UNSUPPORTED_DEVICE = ("unsupported_device", 6)
-    TECHNICAL_ERROR = ("technical_error", 1)
     FREQUENCY_CAP = ("frequency_cap", 0)  # the user saw the fitting campaigns often enough
     PACING = ("pacing", 0)  # budget left, but not yet: even pacing holds it for later
     BUDGET = ("budget", 0)  # the fitting campaigns' budgets are spent (or reserved) for the period
@@ -164,7 +161,6 @@ class Decision:
     no_bid: NoBidReason | None = None  # set when bids is empty
     cur: str = "USD"
     versions: dict[str, str] = field(default_factory=dict)  # active model/store versions
-    timings_us: dict[str, float] = field(default_factory=dict)  # per-stage cost, microseconds
     # The budget each bid of a budgeted campaign holds until it is billed, lost or times
     # out: (campaign id, bid id, nanos). The shell applies them to the worker's floats.
     reservations: tuple[tuple[str, str, int], ...] = ()

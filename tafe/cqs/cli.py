@@ -100,7 +100,6 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if cmd == "inspect":
         from tafe.cqs import model as model_mod
-
         from tafe.cqs import train
 
         model = model_mod.load(args.model)

@@ -33,7 +33,7 @@ a known user about 50.
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 from tafe.core.types import BidRequest, Imp
 from tafe.cqs.state import NEVER, UserState

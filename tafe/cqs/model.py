@@ -47,8 +47,9 @@ import sys
 import tempfile
 import zlib
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from tafe.cqs import CqsError
 from tafe.cqs.features import SPEC

@@ -29,7 +29,8 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
-from typing import BinaryIO, Callable, TypeVar
+from collections.abc import Callable
+from typing import BinaryIO, TypeVar
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 T = TypeVar("T")

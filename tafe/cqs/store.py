@@ -50,13 +50,19 @@ import time
 import zlib
 from array import array
 from bisect import bisect_left
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 from xxhash import xxh3_64_intdigest
 
 from tafe.cqs import CqsError, sealed
 from tafe.cqs.state import EVENT_TYPES, NEVER, UserState
+
+if TYPE_CHECKING:  # numpy is imported where a store is built, never on the bid path
+    import argparse
+
+    import numpy as np
 
 MAGIC = b"TAFEUSR\0"
 FORMAT_VERSION = 1
@@ -118,7 +124,7 @@ def bucket_bits(users: int) -> int:
 # --- building --------------------------------------------------------------------------
 
 
-def read_events(event_files: Sequence[str]) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:  # noqa: F821
+def read_events(event_files: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """JSON-lines events as arrays (key hash, ts, type index); a bad line raises StoreError."""
     import numpy as np
 
@@ -233,14 +239,14 @@ def build_store(
     return write_store(keys, records, out_path, as_of=as_of, version=version, events=len(stamps))
 
 
-def add_arguments(parser: "argparse.ArgumentParser") -> None:  # noqa: F821
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("events", nargs="+", help="JSON-lines event files (see tafe.cqs.state)")
     parser.add_argument("--out", required=True, help="store file to write (atomically replaced)")
     parser.add_argument("--as-of", type=float, default=None, help="unix time the windows end at (default: the last event)")
     parser.add_argument("--version", default=None, help="store version, 1-32 bytes (default: as_of and checksum)")
 
 
-def run(args: "argparse.Namespace") -> int:  # noqa: F821
+def run(args: argparse.Namespace) -> int:
     """``tafe cqs build-store``: build, then print what was written as JSON."""
     started = time.perf_counter()
     info = build_store(args.events, args.out, as_of=args.as_of, version=args.version)
@@ -311,7 +317,7 @@ class UserStore:
         mm.close()
         self._copy.close()
 
-    def __enter__(self) -> "UserStore":
+    def __enter__(self) -> UserStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -32,7 +32,8 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import gevent
 import gevent.event
@@ -167,7 +168,7 @@ class Watcher:
             self._wake.wait(self.poll_s)
             self._wake.clear()
 
-    def start(self) -> "Watcher":
+    def start(self) -> Watcher:
         gevent.get_hub().threadpool.spawn(int)  # start the pool's thread now, not mid-swap
         self._greenlet = gevent.spawn(self.run)
         return self

@@ -32,8 +32,8 @@ import math
 import os
 import random
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from tafe.core.types import BidRequest, Imp, Video
 from tafe.cqs.features import SPEC, names

@@ -20,8 +20,9 @@ import math
 import time
 import zlib
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 import numpy as np
 
@@ -53,7 +54,7 @@ class Data:
     def rows(self) -> int:
         return len(self.indptr) - 1
 
-    def subset(self, mask: np.ndarray) -> "Data":
+    def subset(self, mask: np.ndarray) -> Data:
         rows = np.flatnonzero(mask)
         take, lengths = _gather(self.indptr, rows)
         indptr = np.concatenate([[0], np.cumsum(lengths)])
@@ -241,7 +242,7 @@ def metrics(p: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict:
 def evaluate(model: Model, data: Data, bins: int = 10) -> dict:
     """Per head: the model's AUC, log loss, calibration; the hidden model's when known."""
     report: dict = {"records": data.rows, "skipped": data.skipped, "model": model.version, "heads": {}}
-    for k, h in enumerate(model.heads):
+    for h in model.heads:
         if h.name not in data.labels:
             continue
         p = predict(np.frombuffer(h.weights, dtype=np.float32).astype(np.float64), h.bias, data)

@@ -13,10 +13,10 @@ import os
 import re
 import socket
 import time
-from typing import Any, Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import orjson
-
 from prometheus_client import CollectorRegistry
 
 from tafe.core import campaigns as campaigns_mod
@@ -52,7 +52,7 @@ class Apps(NamedTuple):
     holder: Holder  # .current: the active CQS snapshot
     metrics: Metrics
     campaigns: Campaigns
-    money: "Money"
+    money: Money
 
 
 class Money(NamedTuple):

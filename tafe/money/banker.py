@@ -11,7 +11,7 @@ budget. Not thread-safe: one per worker process, used from its event loop.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from tafe.core.campaigns import Campaign
 from tafe.core.types import Decision

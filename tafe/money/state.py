@@ -33,8 +33,9 @@ token older than that is refused as expired, so forgetting its key forgets no bi
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 __all__ = ["Account", "BidRef", "Grant", "Reservation", "State", "Want"]
 

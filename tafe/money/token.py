@@ -63,7 +63,7 @@ class Keys:
                 raise ValueError(f"notice key id {kid!r}: expected 1-16 letters or digits")
 
     @classmethod
-    def parse(cls, text: str) -> "Keys":
+    def parse(cls, text: str) -> Keys:
         """``kid:secret[,kid:secret...]``; the first pair signs. Secrets of 16+ characters."""
         secrets: dict[str, bytes] = {}
         first = ""

@@ -13,8 +13,9 @@ import os
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from time import perf_counter
-from typing import Any, Callable
+from typing import Any
 
 import gevent
 import greenlet
@@ -92,7 +93,7 @@ class Profiler:
 
     # --- life cycle ------------------------------------------------------------------------
 
-    def start(self) -> "Profiler":
+    def start(self) -> Profiler:
         if not self.installed:
             self.tracer.install(self.threshold_s)
             if self.metrics is not None:

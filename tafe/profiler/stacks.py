@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import sysconfig
+from collections.abc import Collection, Iterable
 from types import FrameType
-from typing import Collection, Iterable
 
 Frame = tuple[str, int, str]
 Stack = tuple[Frame, ...]

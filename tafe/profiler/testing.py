@@ -12,8 +12,9 @@ importing the fixture into a conftest.py fails the test's teardown instead.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, Iterator
+from typing import Any
 
 from .aggregate import BlockEvent
 from .profiler import Profiler
@@ -41,7 +42,7 @@ class no_blocking:
         self.events: list[BlockEvent] = []
         self.profiler: Profiler | None = None
 
-    def __enter__(self) -> "no_blocking":
+    def __enter__(self) -> no_blocking:
         # Started directly, not with install(): it nests in a profiler already there.
         self.profiler = Profiler(threshold_ms=self.limit_ms, log=False).start()
         self.profiler.listeners.append(self._on_event)

@@ -14,7 +14,8 @@ must not raise. Spans of the hub are not measured: the hub also waits for I/O th
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import greenlet
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterable
 from time import perf_counter
-from typing import Any, Callable, Iterable
+from typing import Any
 from urllib.parse import parse_qs
 
 from greenlet import getcurrent
@@ -126,7 +127,7 @@ def debug_app(profiler: Profiler) -> WSGIApp:
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).rstrip("/")
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
-            return _respond(start_response, "405 Method Not Allowed", "text/plain", b"GET only\n", [("Allow", "GET, HEAD")])
+            return _respond(start_response, "405 Method Not Allowed", "text/plain", b"GET only\n", (("Allow", "GET, HEAD"),))
         query = parse_qs(environ.get("QUERY_STRING", ""))
         try:
             top = max(1, min(1000, int(query.get("top", ["20"])[0])))
@@ -144,8 +145,8 @@ def debug_app(profiler: Profiler) -> WSGIApp:
     return app
 
 
-def _respond(start_response: Callable[..., Any], status: str, ctype: str, body: bytes, extra: list[Any] = []) -> list[bytes]:
-    start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")] + extra)
+def _respond(start_response: Callable[..., Any], status: str, ctype: str, body: bytes, extra: tuple[tuple[str, str], ...] = ()) -> list[bytes]:
+    start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Cache-Control", "no-store"), *extra])
     return [body]
 
 

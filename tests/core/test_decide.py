@@ -113,10 +113,9 @@ def test_deterministic_and_bid_ids_unique():
     assert {bid.bid_id for bid in later.bids}.isdisjoint(bid.bid_id for bid in a.bids)
 
 
-def test_decision_carries_versions_timings_and_currency():
+def test_decision_carries_versions_and_currency():
     d = decide(req([BANNER]), Inputs(FixedScorer(), camps(), NOW))
     assert d.versions == {"model": "stub-1", "store": ""} and d.cur == "USD" and d.request_id == "r"
-    assert set(d.timings_us) == {"decide", "score"} and all(v >= 0 for v in d.timings_us.values())
     assert d.bids[0].cqs == 0.5
 
 

@@ -11,8 +11,8 @@ import pytest
 from tafe.core.types import BidRequest, Imp
 from tafe.cqs import Snapshot, open_snapshot
 from tafe.cqs import model as model_mod
-from tafe.cqs.store import write_store, key_hash
 from tafe.cqs.state import UserState
+from tafe.cqs.store import key_hash, write_store
 from tafe.cqs.swap import Holder, Watcher
 from tafe.settings import Settings
 

@@ -12,8 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, start_tafe
+
 from tafe.cqs.state import UserState
 from tafe.cqs.store import key_hash, write_store
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tafe.cqs import CqsError, model as model_mod, train
 from tafe.cli import main
+from tafe.cqs import CqsError, train
+from tafe.cqs import model as model_mod
 
 
 @pytest.fixture(scope="module")

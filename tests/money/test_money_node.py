@@ -18,13 +18,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from test_master import Proc, alive, children, request, scrape
+from test_up import UP_RE, free_port
 
 from tafe import nginx as nginx_mod
 from tafe.money.token import Keys, NoticeFields, sign
 from tafe.settings import Settings
-from test_master import alive, children, request, scrape
-from test_up import UP_RE, free_port
-from test_master import Proc
 
 from .exchange import Exchange
 

@@ -126,7 +126,7 @@ def test_no_blocking_does_not_hide_the_body_exception() -> None:
 
 
 @pytest.mark.block_limit_ms(200)  # usable here; its verdicts are tested in a pytest run below
-def test_fixture_passes(no_blocking_spans) -> None:
+def test_fixture_passes(no_blocking_spans) -> None:  # noqa: F811 - the imported fixture, by name
     gevent.sleep(0.02)
 
 
@@ -298,7 +298,7 @@ def test_a_block_just_over_the_threshold_is_sampled_while_blocked() -> None:
     # a tenth of the threshold old is looked at again at half the threshold, so a block
     # of 1.4x the threshold is sampled, not only seen when it yields. Twenty blocks,
     # one more batch if the host held the watchdog off (see test_profiler_server).
-    for attempt in range(2):
+    for _ in range(2):
         prof = profiler.install(threshold_ms=10, log=False)
         seen: list[BlockEvent] = []
         prof.listeners.append(seen.append)
