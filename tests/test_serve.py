@@ -15,11 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-import tafe.settings
-
 from conftest import ROOT, start_tafe
 from test_examples_http import check_response, post, post_bid
+
+import tafe.settings
 
 DEMO = (ROOT / "tafe" / "data" / "demo-request.json").read_bytes()
 
