@@ -113,7 +113,8 @@ def make_public_app(
     )  # fmt: skip
     notice = NoticeHandler(
         metrics=metrics, campaigns=campaigns, state=money.state, keys=keys_of(settings), events=money.events,
-        notice_ttl_s=settings.notice_ttl_s, period_s=settings.budget_period_s, spend_on=settings.spend_on,
+        notice_ttl_s=settings.notice_ttl_s, reservation_ttl_s=settings.reservation_ttl_s,
+        period_s=settings.budget_period_s, spend_on=settings.spend_on,
     )  # fmt: skip
     exchanges: set[str] = set()
     updates = metrics.updates

@@ -90,6 +90,7 @@ class NoticeHandler:
         keys: Keys,
         events: EventSink,
         notice_ttl_s: int,
+        reservation_ttl_s: int,
         period_s: int,
         spend_on: str = "bill",
     ) -> None:
@@ -98,6 +99,7 @@ class NoticeHandler:
         self.keys = keys
         self.events = events
         self.ttl = notice_ttl_s
+        self.reservation_ttl = reservation_ttl_s
         self.period_s = period_s
         self.spend_on = spend_on
         self.metrics = metrics
@@ -123,6 +125,7 @@ class NoticeHandler:
         bid = BidRef(
             bid_id=fields.bid_id, campaign=fields.campaign, period=period_of(fields.ts, self.period_s),
             nanos=fields.price_micros, user=fields.user, expires=fields.ts + self.ttl,
+            reserved_until=fields.ts + self.reservation_ttl,
         )
         price: int | str = 0
         if kind in ("win", "bill"):

@@ -18,8 +18,10 @@ def want(n: int, pacing_: str = "asap", campaign: str = "c1") -> Want:
     return Want(campaign=campaign, period=PERIOD, period_end=END, budget=BUDGET, pacing=pacing_, want=n)
 
 
-def ref(bid: str, nanos: int = 1000, campaign: str = "c1", user: str = "u1") -> BidRef:
-    return BidRef(bid_id=bid, campaign=campaign, period=PERIOD, nanos=nanos, user=user, expires=int(NOW) + 3600)
+def ref(bid: str, nanos: int = 1000, campaign: str = "c1", user: str = "u1", until: int = int(NOW) + 60) -> BidRef:
+    return BidRef(
+        bid_id=bid, campaign=campaign, period=PERIOD, nanos=nanos, user=user, expires=int(NOW) + 3600, reserved_until=until
+    )
 
 
 def test_floats_never_exceed_the_budget_across_workers(tmp_path):
@@ -55,7 +57,7 @@ def test_win_lowers_the_reservation_and_expiry_releases_it(tmp_path):
     s = EmbeddedState(str(tmp_path))
     s.reserve("w1", [], [want(5000)], NOW)
     s.reserve("w1", [Reservation("b1", "c1", PERIOD, 3000, int(NOW) + 10)], [want(5000)], NOW)
-    assert s.release("win", ref("b1", 3000), 1000, NOW)
+    assert s.release("win", ref("b1", 3000, until=int(NOW) + 10), 1000, NOW)
     assert s.accounts(PERIOD)["c1"].reserved == 1000
     s.reserve("w1", [], [want(5000)], NOW + 11)  # past the reservation's expiry: swept
     assert s.accounts(PERIOD)["c1"].reserved == 0
@@ -100,3 +102,18 @@ def test_even_pacing_grants_the_rate_and_asap_everything():
     granted, _, _ = pacing.grant(pacing="even", want=10**9, left=3600_000, now=NOW, period_end=END, bucket=0, bucket_ts=NOW - 0.5)
     assert granted == 500
     assert pacing.grant(pacing="asap", want=10**9, left=3600_000, now=NOW, period_end=END, bucket=0, bucket_ts=0)[0] == 3600_000
+
+
+def _count_one(path: str, bid: str) -> None:
+    EmbeddedState(path).count_impression(ref(bid, user="u9"), 5, NOW)
+
+
+def test_an_impression_counted_by_another_process_is_seen_at_once(tmp_path):
+    s = EmbeddedState(str(tmp_path))
+    assert s.frequency("u9") == {}  # the bid path now holds a read snapshot
+    ctx = multiprocessing.get_context("spawn")
+    for i, want_seen in enumerate(([int(NOW)], [int(NOW)] * 2)):
+        p = ctx.Process(target=_count_one, args=(str(tmp_path), f"b{i}"))
+        p.start()
+        p.join(60)
+        assert s.frequency("u9") == {"c1": want_seen}
