@@ -15,11 +15,12 @@ from collections.abc import Iterable
 
 from tafe.core.campaigns import Campaign
 from tafe.core.types import Decision
-from tafe.money.state import Account, Reservation, State, Want
+from tafe.money.state import LEASE_S, Account, Reservation, State, Want
 
 __all__ = ["Banker", "period_of"]
 
 NANOS_PER_MICRO = 1000
+FLOAT_TRUST_S = LEASE_S - 1.0  # a float is used only while its lease surely still holds
 
 
 def period_of(ts: float, period_s: int) -> int:
@@ -38,13 +39,16 @@ class Banker:
         self.accounts: dict[str, Account] = {}  # as of the last sync
         self.short = False  # a bid was refused for want of float: sync soon
         self.period = -1  # the budget period the floats were granted for
+        self.synced_at = 0.0  # unix time of the last successful sync
         self._queue: list[Reservation] = []
         self._used: dict[str, int] = {}
 
     def floats_at(self, now: float) -> dict[str, int] | None:
         """The floats ``decide`` may bid against now: none left once their period is over."""
         floats = self.floats
-        if floats is not None and now // self.period_s != self.period:
+        if floats is not None and (now // self.period_s != self.period or now - self.synced_at > FLOAT_TRUST_S):
+            # A new period, or the state unreachable for so long that our lease may have
+            # expired there and the float been handed to another worker: bid on nothing.
             self.floats = floats = dict.fromkeys(floats, 0)
             self.short = True
         return floats
@@ -89,6 +93,7 @@ class Banker:
             raise
         self._used = {}
         self.period = period
+        self.synced_at = now
         self.floats = {cid: g.nanos for cid, g in grants.items()}
         self.accounts = {cid: g.account for cid, g in grants.items()}
         # Less left than one impression at the campaign's top price, floats aside: a bid

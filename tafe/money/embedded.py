@@ -35,11 +35,10 @@ import lmdb
 import orjson
 
 from tafe.money import pacing
-from tafe.money.state import Account, BidRef, Grant, Reservation, Want
+from tafe.money.state import LEASE_S, Account, BidRef, Grant, Reservation, Want
 
 __all__ = ["EmbeddedState", "LEASE_S"]
 
-LEASE_S = 5.0  # a worker silent this long has its floats returned
 READ_RENEW_S = 1.0  # the bid path's read snapshot is renewed at least this often
 _ACCT = struct.Struct("<7q")
 _LEASE = struct.Struct("<2q")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import multiprocessing
 
 from tafe.money import pacing
-from tafe.money.embedded import LEASE_S, EmbeddedState
-from tafe.money.state import BidRef, Reservation, Want
+from tafe.money.embedded import EmbeddedState
+from tafe.money.state import LEASE_S, BidRef, Reservation, Want
 
 NOW = 1_800_000_000.0
 PERIOD = 0
