@@ -12,27 +12,16 @@ import json
 import shutil
 import subprocess
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import pytest
 import yaml
-from conftest import stop_process
-from test_up import free_port
 
-from .conftest import ON_FIRST_EVENT, RunningNode
+from .conftest import ON_FIRST_EVENT, RunningNode, binary, query
 from .node import DEPLOY, manifests
 from .promql import metric_names
 
 PROM = DEPLOY / "prometheus"
-
-
-def binary(name: str) -> str:
-    found = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
-    if found is None:
-        pytest.skip(f"{name} not installed (Debian's prometheus package; .ci/run installs it)")
-    return found
 
 
 def promtool(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess[str]:
@@ -89,44 +78,18 @@ def _get(url: str) -> dict:
         return json.loads(resp.read())
 
 
-def test_real_prometheus_scrapes_a_node_and_answers_for_tafes_series(running_node: RunningNode, tmp_path: Path):
-    admin = urllib.parse.urlsplit(running_node.admin_url).netloc
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(PROM / "alerts.yml")],
-        "scrape_configs": [{"job_name": "tafe", "static_configs": [{"targets": [admin]}]}],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    cmd = [
-        binary("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    api = f"http://127.0.0.1:{port}/api/v1"
-    try:
-        deadline = time.monotonic() + 40
-        series: list = []
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                query = urllib.parse.quote('tafe_http_requests_total{job="tafe",route="bid",status="200"}')
-                series = _get(f"{api}/query?query={query}")["data"]["result"]
-            except OSError:
-                pass
-            if series:
-                break
-            time.sleep(0.5)
-        assert series, f"no TAFE series in Prometheus (exit {proc.poll()}): {proc.stderr.read() if proc.poll() is not None else ''}"
-        assert float(series[0]["value"][1]) >= running_node.metrics['tafe_http_requests_total{route="bid",status="200"}']
-        up = _get(f"{api}/query?query=" + urllib.parse.quote('up{job="tafe"}'))["data"]["result"]
-        assert [float(s["value"][1]) for s in up] == [1.0]
-        # The alert rules, loaded by the real Prometheus, evaluate against real data without error.
-        while time.monotonic() < deadline:
-            loaded = [r for g in _get(f"{api}/rules")["data"]["groups"] for r in g["rules"]]
-            if len(loaded) == len(rules()) and all(r.get("lastEvaluation", "").startswith("20") for r in loaded):
-                break
-            time.sleep(0.5)
-        assert {r["name"] for r in loaded} == {r["alert"] for r in rules()}
-        assert all(r["health"] == "ok" for r in loaded), [(r["name"], r.get("lastError")) for r in loaded]
-    finally:
-        stop_process(proc, timeout=15)
+def test_real_prometheus_scrapes_a_node_and_answers_for_tafes_series(running_node: RunningNode, prometheus: str):
+    series = query(prometheus, 'tafe_http_requests_total{job="tafe",route="bid",status="200"}')["data"]["result"]
+    assert float(series[0]["value"][1]) >= running_node.metrics['tafe_http_requests_total{route="bid",status="200"}']
+    up = query(prometheus, 'up{job="tafe"}')["data"]["result"]
+    assert [float(s["value"][1]) for s in up] == [1.0]
+    # The alert rules, loaded by the real Prometheus, evaluate against real data without error.
+    deadline = time.monotonic() + 20
+    while True:
+        loaded = [r for g in _get(f"{prometheus}/rules")["data"]["groups"] for r in g["rules"]]
+        evaluated = len(loaded) == len(rules()) and all(r.get("lastEvaluation", "").startswith("20") for r in loaded)
+        if evaluated or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert {r["name"] for r in loaded} == {r["alert"] for r in rules()}
+    assert all(r["health"] == "ok" for r in loaded), [(r["name"], r.get("lastError")) for r in loaded]
