@@ -66,7 +66,10 @@ def test_grace_period_covers_prestop_and_tafes_whole_drain(tmp_path: Path):
     container, pre_stop_s, grace_s = _pod_numbers()
     # What `tafe up` allows itself before it kills its own children (tafe/up.py, Node.stop).
     up_worst_s = s.drain_grace_s + nginx_budget_s(s) + s.drain_timeout_s + 15
-    assert pre_stop_s + up_worst_s <= grace_s
+    assert pre_stop_s + up_worst_s <= grace_s, (
+        f"preStop {pre_stop_s:g} s + tafe up's longest stop {up_worst_s:g} s = {pre_stop_s + up_worst_s:g} s"
+        f" > terminationGracePeriodSeconds {grace_s:g}"
+    )
     # The drain's 503s on /ping must take the pod out of the Service, not get it restarted.
     readiness, liveness = container["readinessProbe"], container["livenessProbe"]
     assert readiness["httpGet"]["path"] == liveness["httpGet"]["path"] == "/ping"
