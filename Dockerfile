@@ -3,16 +3,20 @@
 #   docker build -t tafe:0.1.0 .
 FROM python:3.11-slim
 
-# nginx: the public listener `tafe up` runs. gcc and libc6-dev build the profiler's C
-# extension at `pip install` and are removed in the same layer.
+# nginx: the public listener `tafe up` runs (Debian's package, run unprivileged with its own prefix).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends nginx \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent tafe
+
+# gcc and libc6-dev build the profiler's C extension at `pip install` and leave in the same layer.
 COPY . /src
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends nginx gcc libc6-dev \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir /src \
     && apt-get purge -y gcc libc6-dev \
     && apt-get autoremove -y \
-    && rm -rf /var/lib/apt/lists/* /src \
-    && useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent tafe
+    && rm -rf /var/lib/apt/lists/* /src
 
 USER 10001:10001
 EXPOSE 8080 8081

@@ -8,10 +8,7 @@ directory, and 127.0.0.1 with free ports.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -61,16 +58,10 @@ def start_node(tmp: Path, **env: str) -> tuple[Proc, re.Match[str]]:
         "TAFE_ADMIN_HOST": "127.0.0.1",
         "TAFE_ADMIN_PORT": "0",
         "TAFE_NOTICE_KEYS": "k1:deploy-test-secret-0123456789",
+        "TAFE_STATE": "",  # the embedded state: the ConfigMap's Redis is a fleet's
         **env,
     }
     assert {e["name"] for e in container["env"]} >= {"TAFE_CONFIG", "TAFE_NOTICE_KEYS"}
-    os.environ.pop("TAFE_STATE", None)  # the embedded state: the Redis of TAFE_STATE is a fleet's
     proc = Proc(*container["args"], env=pod_env)
     return proc, proc.wait_for(UP_RE, timeout=60)
 
-
-def campaigns_json() -> dict[str, Any]:
-    return json.loads(manifests()["ConfigMap"]["data"]["campaigns.json"])
-
-
-PYTHON = sys.executable

@@ -3,6 +3,7 @@ node started exactly as the Deployment starts it drains within the pod's grace p
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from tafe import settings as tafe_settings
 from tafe.core import load_campaigns
 from tafe.up import nginx_budget_s
 
-from .node import K8S, manifests, start_node, tafe_container, toml_settings
+from .node import K8S, ROOT, manifests, start_node, tafe_container, toml_settings
 
 VALIDATE = Path(sys.executable).with_name("kubernetes-validate")
 # The oldest Kubernetes with native sidecars (init containers with restartPolicy: Always), and the newest schemas shipped.
@@ -121,3 +122,17 @@ def test_node_started_as_the_pod_answers_its_probes_and_drains_within_the_grace(
     finally:
         proc.stop(signal.SIGKILL)
         shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def test_dockerfile_agrees_with_the_pod():
+    """The image cannot be built here (no container runtime): what the pod relies on is read from it."""
+    lines = [line.split(None, 1) for line in (ROOT / "Dockerfile").read_text().splitlines() if line and not line.startswith(("#", " "))]
+    instructions = {word: rest for word, rest in lines}
+    assert instructions["FROM"] == "python:3.11-slim"
+    pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    container = tafe_container(manifests()["Deployment"])
+    assert instructions["USER"] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    assert set(map(int, instructions["EXPOSE"].split())) == {p["containerPort"] for p in container["ports"]}
+    assert json.loads(instructions["ENTRYPOINT"]) == ["tafe"] and container["args"][0] == "up"
+    text = (ROOT / "Dockerfile").read_text()
+    assert "install -y --no-install-recommends nginx" in text and "pip install --no-cache-dir /src" in text
