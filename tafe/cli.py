@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "nginx": ("tafe.nginx", "render the shipped Nginx config, or run a real Nginx with it"),
     "cqs": ("tafe.cqs.cli", "CQS models and user stores: synth, build-store, train, evaluate, inspect"),
     "campaigns": ("tafe.campaigns_cli", "campaigns files: validate (every error, with its place in the file)"),
+    "exchanges": ("tafe.exchanges", "exchange profiles files: validate (every error, with its place in the file)"),
 }
 
 

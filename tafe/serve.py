@@ -18,6 +18,7 @@ from collections.abc import Callable
 from tafe import logs
 from tafe.cli import add_settings_options, settings_from_args
 from tafe.core import load_campaigns
+from tafe.exchanges import load as load_exchanges
 from tafe.lifecycle import Lifecycle
 from tafe.metrics import Deferred, Immediate
 from tafe.settings import Settings, SettingsError, demo_curl
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
         # Refused here in one line, not by every forked worker with a traceback.
         load_campaigns(settings.campaigns, seat=settings.seat, currency=settings.currency)
+        load_exchanges(settings)
         return master.run(settings)
     return serve_in_process(settings)
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 from tafe import logs, nginx
 from tafe.core import load_campaigns
+from tafe.exchanges import load as load_exchanges
 from tafe.master import Master, bind, describe_exit, run_directory
 from tafe.settings import Settings, demo_curl
 
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(settings)
     # Refused here in one line, before Nginx starts or a worker is forked.
     load_campaigns(settings.campaigns, seat=settings.seat, currency=settings.currency)
+    load_exchanges(settings)
     binary = nginx.ensure_binary(settings)
     if binary is None:
         log.warning("serving without Nginx: the workers listen on the public port themselves")

@@ -75,6 +75,8 @@ class Inputs:
     # campaigns with a frequency cap need be present). None: the user is not known or
     # may not be looked up, so nothing can be counted against a cap.
     impressions: Mapping[str, int] | None = None
+    # The seat the request's exchange knows us by (its profile); None: the campaigns' seat.
+    seat: str | None = None
 
 
 # A way to bid on an imp: (deal id, "" for the open auction; floor in micros of our
@@ -133,13 +135,13 @@ def _targeted(campaign: Campaign, request: BidRequest) -> bool:
     return True
 
 
-def _lanes(imp: Imp, campaigns: Campaigns) -> list[_Lane]:
+def _lanes(imp: Imp, campaigns: Campaigns, seat: str) -> list[_Lane]:
     if not imp.deals and not imp.private_auction:  # the common case: the open auction alone
         floor = _convert(imp.bidfloor, imp.bidfloorcur, campaigns.fx_micros)
         return [("", floor, ())] if floor is not None else []
     lanes = []
     for deal in imp.deals:
-        if deal.wseat and campaigns.seat not in deal.wseat:
+        if deal.wseat and seat not in deal.wseat:
             continue
         floor = _convert(deal.bidfloor, deal.bidfloorcur, campaigns.fx_micros)
         if floor is not None:
@@ -183,7 +185,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
     models, campaigns, now = inputs.models, inputs.campaigns, inputs.now
     cur = campaigns.currency
     versions = models.versions
-    seat = campaigns.seat
+    seat = campaigns.seat if inputs.seat is None else inputs.seat
     if seat in request.bseat or (request.wseat and seat not in request.wseat):
         return no_bid(request.id, NoBidReason.BLOCKED, cur=cur, versions=versions)
     if request.cur and cur not in request.cur:
@@ -202,7 +204,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
     bids: list[Bid] = []
     furthest = -1
     for imp in request.imps:
-        lanes = _lanes(imp, campaigns)
+        lanes = _lanes(imp, campaigns, seat)
         if not lanes:  # private auction with no deal open to our seat, or a floor in an unknown currency
             furthest = max(furthest, 1 if imp.deals else 0)
             continue

@@ -25,6 +25,7 @@ from tafe.cqs import open_snapshot
 from tafe.cqs.decision_log import DecisionLog
 from tafe.cqs.swap import Holder
 from tafe.events import EventSink, NullSink, RotatingFiles
+from tafe.exchanges import load as load_exchanges
 from tafe.handlers.bid import BidHandler
 from tafe.handlers.notices import KINDS, TRACKS, NoticeHandler
 from tafe.lifecycle import Lifecycle
@@ -102,21 +103,23 @@ def make_public_app(
     decision_log: Any = None,
 ) -> WSGIApp:
     """Bids on ``POST /openrtb2/bid[/{exchange}]``, notices on ``/notice/{win,bill,loss}``, tracking on
-    ``/track/{imp,click}``, ``GET /ping``. Without ``money``, a fresh state of its own."""
+    ``/track/{imp,click}``, ``GET /ping``. Without ``money``, a fresh state of its own. Each exchange
+    of the ``exchanges`` file gets its profile (``tafe.exchanges``); ``ExchangesError`` if it is bad."""
     if money is None:
         settings = node_settings(settings)
         money = open_money(settings, campaigns)
         money.sync(metrics, time.time())
+    profiles = load_exchanges(settings)
     bid = BidHandler(
         settings, metrics=metrics, holder=holder, campaigns=campaigns, banker=money.banker, state=money.state,
-        keys=keys_of(settings), decision_log=decision_log,
+        keys=keys_of(settings), exchanges=profiles, decision_log=decision_log,
     )  # fmt: skip
     notice = NoticeHandler(
         metrics=metrics, campaigns=campaigns, state=money.state, keys=keys_of(settings), events=money.events,
         notice_ttl_s=settings.notice_ttl_s, reservation_ttl_s=settings.reservation_ttl_s,
-        period_s=settings.budget_period_s, spend_on=settings.spend_on,
+        period_s=settings.budget_period_s, exchanges=profiles,
     )  # fmt: skip
-    exchanges: set[str] = set()
+    exchanges = set(profiles.by_name)  # labelled in /metrics whatever the cap
     updates = metrics.updates
     latency = {r: updates.histogram(metrics.latency.labels(r)) for r in ("bid", "notice", "ping", "other")}
     counters: dict[tuple[str, str], Any] = {}

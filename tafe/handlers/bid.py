@@ -21,6 +21,7 @@ from tafe.core.privacy import may_use_history
 from tafe.core.render import render
 from tafe.core.request import BadRequest, parse
 from tafe.core.types import BidRequest, Decision, NoBidReason
+from tafe.exchanges import Exchanges, Profile
 from tafe.metrics import Metrics
 from tafe.money.banker import Banker
 from tafe.money.state import State
@@ -127,6 +128,7 @@ class BidHandler:
         banker: Banker,
         state: State,
         keys: Keys,
+        exchanges: Exchanges,
         decision_log: Any = None,
     ) -> None:
         self.metrics = metrics
@@ -135,6 +137,7 @@ class BidHandler:
         self.banker = banker
         self.state = state
         self.keys = keys
+        self.exchanges = exchanges
         self.caps = {c.id: c.frequency_cap for c in campaigns.campaigns if c.frequency_cap is not None}
         self.decision_log = decision_log
         self.max_body = settings.max_body_bytes
@@ -142,11 +145,8 @@ class BidHandler:
         self.gzip_min = settings.gzip_min_bytes
         self.default_tmax = settings.default_tmax_ms
         self.max_tmax = settings.max_tmax_ms
-        self.margin = settings.network_margin_ms
         self.min_budget = settings.min_budget_ms / 1000
         self.nbr = settings.nbr_in_response
-        self.seat = settings.seat
-        self.notice_base = settings.notice_base_url.rstrip("/")  # empty: from each request's Host
         self._bases: dict[tuple[str, str | None], str] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
         self._bids: dict[str, Any] = {}  # prometheus children per exchange, bound once
@@ -189,7 +189,7 @@ class BidHandler:
         if self.debug:
             log.debug("no bid: %s", reason.label, extra={"fields": {"request": request_id, "exchange": exchange}})
         if self.nbr:
-            return "200 OK", [_JSON, *headers], render(no_bid(request_id, reason), seat=self.seat, notice_base="", nbr_in_response=True)
+            return "200 OK", [_JSON, *headers], render(no_bid(request_id, reason), seat="", notice_base="", nbr_in_response=True)
         return "204 No Content", headers, b""
 
     def _impressions(self, user: str, now: float) -> dict[str, int] | None:
@@ -210,15 +210,16 @@ class BidHandler:
                 out[cid] = sum(1 for t in seen if t > since)
         return out
 
-    def _tokens(self, request: BidRequest, decision: Decision, user: str, ts: int) -> list[str]:
+    def _tokens(self, request: BidRequest, decision: Decision, user: str, ts: int, exchange: str) -> list[str]:
         model, keys = decision.versions.get("model", ""), self.keys
         return [
             sign(
                 NoticeFields(
-                    request.id, b.imp_id, b.bid_id, b.campaign_id, b.creative.id, user, b.price_micros, ts, model, b.deal_id
+                    request.id, b.imp_id, b.bid_id, b.campaign_id, b.creative.id, user, b.price_micros, ts, model, b.deal_id,
+                    exchange,
                 ),
                 keys,
-            )
+            )  # fmt: skip
             for b in decision.bids
         ]
 
@@ -243,8 +244,9 @@ class BidHandler:
         except BadRequest as exc:
             return self._bad_request(exc.reason)
 
+        profile: Profile = self.exchanges.of(exchange)
         tmax = request.tmax or self.default_tmax
-        deadline = arrival + (min(tmax, self.max_tmax) - self.margin) / 1000
+        deadline = arrival + (min(tmax, self.max_tmax) - profile.network_margin_ms) / 1000
         if deadline - time.monotonic() < self.min_budget:
             self.metrics.over_deadline.inc()
             return self._no_bid(request.id, NoBidReason.DEADLINE, exchange, headers)
@@ -255,7 +257,7 @@ class BidHandler:
         banker = self.banker
         inputs = Inputs(
             snapshot, self.campaigns, now, budgets=banker.floats_at(now), exhausted=banker.exhausted,
-            impressions=self._impressions(user, now) if self.caps else None,
+            impressions=self._impressions(user, now) if self.caps else None, seat=profile.seat,
         )  # fmt: skip
         decision = decide(request, inputs)
         if self.decision_log is not None:
@@ -269,8 +271,8 @@ class BidHandler:
             return self._no_bid(request.id, NoBidReason.DEADLINE, exchange, headers)
         banker.apply(decision, now)
         out = render(
-            decision, seat=self.seat, notice_base=self.notice_base or self._base_of(environ),
-            tokens=self._tokens(request, decision, user, int(now)),
+            decision, seat=profile.seat, notice_base=profile.notice_base_url or self._base_of(environ),
+            tokens=self._tokens(request, decision, user, int(now), profile.name),
         )  # fmt: skip
 
         counter = self._bids.get(exchange)
@@ -281,7 +283,7 @@ class BidHandler:
         for bid in decision.bids:
             observe(bid.price)
         headers.append(_JSON)
-        if len(out) >= self.gzip_min and accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING", "")):
+        if profile.gzip and len(out) >= self.gzip_min and accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING", "")):
             out = zlib.compress(out, 1, wbits=31)
             headers.append(("Content-Encoding", "gzip"))
             headers.append(("Vary", "Accept-Encoding"))

@@ -6,12 +6,16 @@ forged or altered one is refused before it can touch money. Rules, in order:
 
 1. The token must verify (``unsigned``, ``bad_token``: 403; ``expired``: 410).
 2. Win and bill need the clearing price ``p`` (``${AUCTION_PRICE}``): a plain number,
-   at least 0 and at most our own bid price, in our currency (``cur``, when filled in).
-   Anything else is ``bad_price`` (400), except a price the exchange encrypted, which is
-   logged and counted as ``encrypted_price`` and changes nothing yet (202).
+   or one the exchange encrypted (``tafe.money.price_crypto``) with the keys of its
+   profile (``tafe.exchanges``; the token names the exchange), at least 0 and at most our
+   own bid price, in our currency (``cur``, when filled in). Anything else is
+   ``bad_price`` (400); an encrypted price whose signature fails is ``bad_signature``
+   (400); one from an exchange without keys is logged and counted as ``encrypted_price``
+   and changes nothing (202).
 3. The money state applies it once per bid, whichever worker gets each retry:
-   bill (or win, with ``spend_on = win``) commits the price as spend and releases the
-   bid's reservation; win lowers the reservation to the clearing price; loss releases it.
+   bill (or win, when the exchange's ``spend_on`` is ``win``) commits the price as spend
+   and releases the bid's reservation; win lowers the reservation to the clearing price;
+   loss releases it.
    A second time is ``duplicate`` (still 204: the exchange must stop retrying).
 4. The first of win, bill and impression counts one impression of the campaign for the
    user (frequency caps). A click answers 302 to the campaign's declared ``landing_url``,
@@ -32,8 +36,10 @@ from urllib.parse import parse_qsl
 
 from tafe.core.campaigns import Campaigns
 from tafe.events import EventSink
+from tafe.exchanges import Exchanges
 from tafe.metrics import Metrics
 from tafe.money.banker import period_of
+from tafe.money.price_crypto import PriceError, PriceKeys, decrypt
 from tafe.money.state import BidRef, State
 from tafe.money.token import Keys, NoticeFields, verify
 
@@ -42,8 +48,8 @@ log = logging.getLogger("tafe.notice")
 KINDS = ("win", "bill", "loss")
 TRACKS = ("imp", "click")
 OUTCOMES = (
-    "accepted", "duplicate", "unsigned", "bad_token", "expired", "bad_price", "encrypted_price", "unknown_campaign",
-    "state_error",
+    "accepted", "duplicate", "unsigned", "bad_token", "expired", "bad_price", "bad_signature", "encrypted_price",
+    "unknown_campaign", "state_error",
 )  # fmt: skip
 Response = tuple[str, list[tuple[str, str]], bytes]
 
@@ -52,7 +58,8 @@ _TEXT = ("Content-Type", "text/plain; charset=utf-8")
 _NO_STORE = ("Cache-Control", "no-store")
 _STATUS = {
     "unsigned": "403 Forbidden", "bad_token": "403 Forbidden", "expired": "410 Gone", "bad_price": "400 Bad Request",
-    "encrypted_price": "202 Accepted", "unknown_campaign": "404 Not Found", "state_error": "503 Service Unavailable",
+    "bad_signature": "400 Bad Request", "encrypted_price": "202 Accepted", "unknown_campaign": "404 Not Found",
+    "state_error": "503 Service Unavailable",
 }  # fmt: skip
 # A 1x1 transparent GIF: what an <img> impression pixel expects back.
 PIXEL = (
@@ -61,8 +68,9 @@ PIXEL = (
 )
 
 
-def clearing_nanos(text: str, bid_price_micros: int, currency: str, ours: str) -> int | str:
-    """The clearing price of one impression in nanos (CPM micros), or why it is refused."""
+def clearing_nanos(text: str, bid_price_micros: int, currency: str, ours: str, keys: PriceKeys | None = None) -> int | str:
+    """The clearing price of one impression in nanos (CPM micros), or why it is refused;
+    ``keys``: the exchange's, to decrypt an encrypted price."""
     if currency and not currency.startswith("${") and currency.upper() != ours:
         return "bad_price"
     if not text or text.startswith("${") or text.startswith("%24%7B"):
@@ -71,7 +79,15 @@ def clearing_nanos(text: str, bid_price_micros: int, currency: str, ours: str) -
         value = Decimal(text)
     except InvalidOperation:
         # Not a number: exchanges that encrypt send base64url ciphertext here.
-        return "encrypted_price" if len(text) >= 16 and text.replace("-", "").replace("_", "").isalnum() else "bad_price"
+        if len(text) < 16 or not text.rstrip("=").replace("-", "").replace("_", "").isalnum():
+            return "bad_price"
+        if keys is None:
+            return "encrypted_price"
+        try:
+            micros = decrypt(text, keys)
+        except PriceError as exc:
+            return exc.reason
+        return micros if micros <= bid_price_micros else "bad_price"
     if not value.is_finite() or value < 0:
         return "bad_price"
     micros = int((value * 1_000_000).to_integral_value(rounding="ROUND_HALF_UP"))
@@ -92,7 +108,7 @@ class NoticeHandler:
         notice_ttl_s: int,
         reservation_ttl_s: int,
         period_s: int,
-        spend_on: str = "bill",
+        exchanges: Exchanges,
     ) -> None:
         self.campaigns = campaigns
         self.state = state
@@ -101,7 +117,7 @@ class NoticeHandler:
         self.ttl = notice_ttl_s
         self.reservation_ttl = reservation_ttl_s
         self.period_s = period_s
-        self.spend_on = spend_on
+        self.exchanges = exchanges
         self.metrics = metrics
         self._counters: dict[tuple[str, str], Any] = {}
         self._log_budget = _LogBudget()
@@ -127,14 +143,17 @@ class NoticeHandler:
             nanos=fields.price_micros, user=fields.user, expires=fields.ts + self.ttl,
             reserved_until=fields.ts + self.reservation_ttl,
         )
+        profile = self.exchanges.of(fields.exchange)
         price: int | str = 0
         if kind in ("win", "bill"):
-            price = clearing_nanos(query.get("p", ""), fields.price_micros, query.get("cur", ""), self.campaigns.currency)
+            price = clearing_nanos(
+                query.get("p", ""), fields.price_micros, query.get("cur", ""), self.campaigns.currency, profile.price_keys
+            )
             if isinstance(price, str):
                 return self._refuse(kind, price, query, fields)
         cap = campaign.frequency_cap
         try:
-            if kind == "bill" or (kind == "win" and self.spend_on == "win"):
+            if kind == "bill" or (kind == "win" and profile.spend_on == "win"):
                 first = self.state.commit(bid, price, now)
             elif kind in ("win", "loss"):
                 first = self.state.release(kind, bid, price, now)
@@ -179,6 +198,8 @@ def _event(kind: str, outcome: str, f: NoticeFields, now: float, query: dict[str
     }  # fmt: skip
     if f.deal:
         event["deal"] = f.deal
+    if f.exchange:
+        event["exchange"] = f.exchange
     if kind in ("win", "bill"):
         event["price"] = price / 1e6 if isinstance(price, int) else None
         if outcome == "encrypted_price":
