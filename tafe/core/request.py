@@ -45,6 +45,7 @@ MAX_DEALS = 100  # per imp: every deal is tried against every fitting campaign
 # deals-at-request-limit, demo campaigns) take ~2 ms.
 MAX_REQUEST_DEALS = 1000
 MAX_USER_KEYS = 8
+MAX_GPP_SIDS = 64  # section ids assigned so far: under 30
 MAX_ID_CHARS = 256  # request, imp and deal ids are echoed in the response and in three notice URLs per bid
 
 
@@ -194,6 +195,7 @@ class _WRegs(_W):
     gdpr: _Flag = None
     us_privacy: _Str = None
     gpp: _Str = None
+    gpp_sid: _Ints = None
     ext: Raw = _NO_EXT
 
 
@@ -268,6 +270,13 @@ def _ext(raw: Raw, key: bytes) -> dict:
 def _ext_str(ext: dict, key: str) -> str:
     v = ext.get(key)
     return v if type(v) is str else ""
+
+
+def _ext_ints(ext: dict, key: str) -> tuple[int, ...]:
+    v = ext.get(key)
+    if type(v) is not list or len(v) > MAX_GPP_SIDS:
+        return ()
+    return tuple([i for i in v if type(i) is int])
 
 
 def _ext_flag(ext: dict, key: str) -> bool:
@@ -509,17 +518,21 @@ def parse(body: bytes) -> BidRequest:
     regs = root.regs
     coppa = gdpr = False
     us_privacy = gpp = ""
+    gpp_sid: tuple[int, ...] = ()
     if regs is not None:
         coppa = regs.coppa == 1
-        us_privacy, gpp = regs.us_privacy or "", regs.gpp or ""
+        us_privacy, gpp, gpp_sid = regs.us_privacy or "", regs.gpp or "", regs.gpp_sid or ()
+        if len(gpp_sid) > MAX_GPP_SIDS:
+            raise BadRequest("too_many_gpp_sids")
         if regs.gdpr is not None:
             gdpr = regs.gdpr == 1
-        if regs.ext and (regs.gdpr is None or not us_privacy or not gpp):  # 2.5 keeps these in regs.ext
+        if regs.ext and (regs.gdpr is None or not us_privacy or not gpp or not gpp_sid):  # 2.5 keeps these in regs.ext
             rext = _ext(regs.ext, b'"')
             if regs.gdpr is None:
                 gdpr = _ext_flag(rext, "gdpr")
             us_privacy = us_privacy or _ext_str(rext, "us_privacy")
             gpp = gpp or _ext_str(rext, "gpp")
+            gpp_sid = gpp_sid or _ext_ints(rext, "gpp_sid")
 
     # Integral floats are rare: _int (a call) only for them.
     tmax, at = root.tmax, root.at
@@ -559,4 +572,5 @@ def parse(body: bytes) -> BidRequest:
         consent=consent,
         us_privacy=us_privacy,
         gpp=gpp,
+        gpp_sid=gpp_sid,
     )

@@ -125,6 +125,7 @@ class BidRequest:
     consent: str = ""
     us_privacy: str = ""
     gpp: str = ""
+    gpp_sid: tuple[int, ...] = ()  # GPP section ids that apply (regs.gpp_sid, 2.5 regs.ext.gpp_sid)
 
 
 @dataclass(frozen=True, slots=True)
