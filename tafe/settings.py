@@ -69,6 +69,7 @@ class Settings:
     nbr_in_response: bool = _opt(False, "answer no-bids as 200 {id, nbr} instead of an empty 204")
     notice_base_url: str = _opt("", "base URL put in nurl/burl/lurl; empty: the scheme and Host header each bid request came in by")
     seat: str = _opt("tafe", "seat id in seatbid[].seat")
+    gvl_vendor_id: int = _opt(0, "TAFE's IAB Global Vendor List id, checked in TCF consent strings; 0 (not registered): no bids where GDPR applies")
 
     # --- learning ---------------------------------------------------------------------
     decision_log: str = _opt("", "JSON-lines file of sampled bid decisions for training; empty disables it")
@@ -148,6 +149,8 @@ def load(
         if value is not None:
             values[name] = _coerce(name, value, "command line")
     settings = Settings(**values)
+    if not 0 <= settings.gvl_vendor_id <= 0xFFFF:  # a TCF vendor id is 16 bits
+        raise SettingsError(f"gvl_vendor_id must be 0-65535, got {settings.gvl_vendor_id}")
     if settings.workers == 0:
         settings = settings.with_overrides(workers=os.cpu_count() or 1)
     return settings
