@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
+import subprocess
+import sys
 import timeit
 
 import pytest
@@ -124,8 +128,6 @@ def test_basic_ads_consent_without_personalisation_bids_without_history():
     data = bytearray(tc._data)
     for bit in (152 + 2, 152 + 3):
         data[bit // 8] &= ~(0x80 >> (bit % 8))
-    import base64
-
     refused = base64.urlsafe_b64encode(bytes(data)).decode().rstrip("=")
     r = req(gdpr=True, consent=refused)
     assert may_bid(r, VENDOR) is None
@@ -261,8 +263,6 @@ def test_verdicts_are_cached_by_string():
 
 
 def body(regs) -> bytes:
-    import json
-
     return json.dumps({"id": "r", "imp": [{"id": "1", "banner": {"w": 1, "h": 1}}], "regs": regs}).encode()
 
 
@@ -285,3 +285,13 @@ def test_end_to_end_from_json():
     r = dataclasses.replace(r, consent=FULL_2_6_8)
     assert may_bid(r, VENDOR) is None
     assert may_use_history(r, VENDOR) == "gpp_opt_out"
+
+
+def test_privacy_modules_stay_pure():
+    code = (
+        "import sys, tafe.core.privacy\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('gevent', 'prometheus_client', 'greenlet'))\n"
+        "assert not bad, bad\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
