@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from xxhash import xxh3_64_hexdigest
 
 from tafe.core.campaigns import MICROS, Campaign, Campaigns
-from tafe.core.privacy import may_use_history
+from tafe.core.privacy import may_bid, may_use_history
 from tafe.core.types import Bid, BidRequest, Creative, Decision, Imp, MediaType, NoBidReason
 
 __all__ = ["Inputs", "Scorer", "decide", "no_bid"]
@@ -75,6 +75,9 @@ class Inputs:
     # campaigns with a frequency cap need be present). None: the user is not known or
     # may not be looked up, so nothing can be counted against a cap.
     impressions: Mapping[str, int] | None = None
+    # TAFE's IAB Global Vendor List id (setting gvl_vendor_id), read in TCF consent
+    # strings by the privacy rules; 0: not registered.
+    gvl_vendor_id: int = 0
 
 
 # A way to bid on an imp: (deal id, "" for the open auction; floor in micros of our
@@ -184,12 +187,16 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
     cur = campaigns.currency
     versions = models.versions
     seat = campaigns.seat
+    refused = may_bid(request, inputs.gvl_vendor_id)
+    if refused is not None:
+        return Decision(request_id=request.id, no_bid=NoBidReason.PRIVACY, cur=cur, versions=versions, privacy=refused)
     if seat in request.bseat or (request.wseat and seat not in request.wseat):
         return no_bid(request.id, NoBidReason.BLOCKED, cur=cur, versions=versions)
     if request.cur and cur not in request.cur:
         return no_bid(request.id, NoBidReason.NO_ELIGIBLE_CAMPAIGN, cur=cur, versions=versions)
     # A user whose history may not be used is scored from the request alone.
-    scored = dataclasses.replace(request, user_keys=()) if request.user_keys and may_use_history(request) else request
+    hidden = may_use_history(request, inputs.gvl_vendor_id)
+    scored = dataclasses.replace(request, user_keys=()) if hidden is not None and request.user_keys else request
     capped = _capped(campaigns, inputs.impressions)
     budgets = inputs.budgets
     taken: dict[str, int] = {}  # nanos reserved by this request's earlier imps, per campaign
@@ -282,6 +289,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
     if bids:
         return Decision(
             request_id=request.id, bids=tuple(bids), cur=cur, versions=versions, reservations=tuple(reservations),
+            privacy=hidden,
         )
     reason = next((r for r, s in _STAGE.items() if s == furthest), NoBidReason.NO_ELIGIBLE_CAMPAIGN)
-    return Decision(request_id=request.id, no_bid=reason, cur=cur, versions=versions)
+    return Decision(request_id=request.id, no_bid=reason, cur=cur, versions=versions, privacy=hidden)

@@ -54,6 +54,7 @@ MAX_DEALS = 100  # per imp: every deal is tried against every fitting campaign
 MAX_REQUEST_DEALS = 1000
 MAX_USER_KEYS = 8
 MAX_UIDS = 64  # eids uid entries looked at for those keys
+MAX_GPP_SIDS = 64  # section ids assigned so far: under 30
 MAX_ID_CHARS = 256  # request, imp and deal ids are echoed in the response and in three notice URLs per bid
 
 
@@ -203,6 +204,7 @@ class _WRegs(_W):
     gdpr: _Flag = None
     us_privacy: _Str = None
     gpp: _Str = None
+    gpp_sid: _Ints = None
     ext: Raw = _NO_EXT
 
 
@@ -238,6 +240,7 @@ class _WExt(_W):
     gdpr: Any = None  # regs.ext (2.5)
     us_privacy: Any = None
     gpp: Any = None
+    gpp_sid: Any = None
 
 
 _NO_EXT_KEYS = _WExt()
@@ -287,6 +290,12 @@ def _ext(raw: Raw) -> _WExt:
 
 def _ext_str(v: Any) -> str:
     return v if type(v) is str else ""
+
+
+def _ext_ints(v: Any) -> tuple[int, ...]:
+    if type(v) is not list or len(v) > MAX_GPP_SIDS:
+        return ()
+    return tuple([i for i in v if type(i) is int])
 
 
 def _ext_flag(v: Any) -> bool:
@@ -542,17 +551,21 @@ def parse(body: bytes) -> BidRequest:
     regs = root.regs
     coppa = gdpr = False
     us_privacy = gpp = ""
+    gpp_sid: tuple[int, ...] = ()
     if regs is not None:
         coppa = regs.coppa == 1
-        us_privacy, gpp = regs.us_privacy or "", regs.gpp or ""
+        us_privacy, gpp, gpp_sid = regs.us_privacy or "", regs.gpp or "", regs.gpp_sid or ()
+        if len(gpp_sid) > MAX_GPP_SIDS:
+            raise BadRequest("too_many_gpp_sids")
         if regs.gdpr is not None:
             gdpr = regs.gdpr == 1
-        if regs.ext and (regs.gdpr is None or not us_privacy or not gpp):  # 2.5 keeps these in regs.ext
+        if regs.ext and (regs.gdpr is None or not us_privacy or not gpp or not gpp_sid):  # 2.5 keeps these in regs.ext
             rext = _ext(regs.ext)
             if regs.gdpr is None:
                 gdpr = _ext_flag(rext.gdpr)
             us_privacy = us_privacy or _ext_str(rext.us_privacy)
             gpp = gpp or _ext_str(rext.gpp)
+            gpp_sid = gpp_sid or _ext_ints(rext.gpp_sid)
 
     # Integral floats are rare: _int (a call) only for them.
     tmax, at = root.tmax, root.at
@@ -592,4 +605,5 @@ def parse(body: bytes) -> BidRequest:
         consent=consent,
         us_privacy=us_privacy,
         gpp=gpp,
+        gpp_sid=gpp_sid,
     )

@@ -28,6 +28,7 @@ class NoBidReason(enum.Enum):
     FREQUENCY_CAP = ("frequency_cap", 0)  # the user saw the fitting campaigns often enough
     PACING = ("pacing", 0)  # budget left, but not yet: even pacing holds it for later
     BUDGET = ("budget", 0)  # the fitting campaigns' budgets are spent (or reserved) for the period
+    PRIVACY = ("privacy", 0)  # the privacy rules forbid bidding at all (``Decision.privacy`` says which)
 
     def __init__(self, label: str, nbr: int) -> None:
         self.label = label
@@ -125,6 +126,7 @@ class BidRequest:
     consent: str = ""
     us_privacy: str = ""
     gpp: str = ""
+    gpp_sid: tuple[int, ...] = ()  # GPP section ids that apply (regs.gpp_sid, 2.5 regs.ext.gpp_sid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,3 +166,6 @@ class Decision:
     # The budget each bid of a budgeted campaign holds until it is billed, lost or times
     # out: (campaign id, bid id, nanos). The shell applies them to the worker's floats.
     reservations: tuple[tuple[str, str, int], ...] = ()
+    # Why the privacy rules forbade bidding (no_bid PRIVACY) or using the user's history;
+    # None: they allowed both (``tafe.core.privacy``).
+    privacy: str | None = None
