@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import binascii
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["TCString", "decode"]
 
@@ -31,7 +32,7 @@ _VENDOR_CONSENTS = 213  # MaxVendorId(16) IsRangeEncoding(1) then a bit field or
 _TO_STD = str.maketrans("-_", "+/")
 
 # A vendor section: ("bits", max_vendor_id, first bit offset) or ("ranges", ((start, end), ...)).
-_Vendors = tuple
+_Vendors = tuple[Any, ...]
 
 
 @dataclass(frozen=True, slots=True)
