@@ -1,7 +1,8 @@
 """``decide(request, inputs) -> Decision``: which imps to bid on, with what, at what price.
 
 For each imp, the creatives whose format and size fit are filtered by media details,
-targeting, ``imp.secure`` and the request's blocks (bcat, badv, bapp); the user is
+targeting, ``imp.secure``, the request's blocks (bcat, badv, bapp, the imp's battr) and,
+when the request requires DSA transparency, the campaign's DSA fields; the user is
 scored once (CQS from ``models``); each remaining campaign values the impression at
 ``base_cpm * score / score_pivot`` clipped to its ``max_cpm``; the best value wins.
 The price is that value (second price, ``at=2``) or the value shaded by
@@ -43,11 +44,12 @@ PRICE_STEP = 100  # micros: prices are sent with 4 decimals
 _STAGE = {
     NoBidReason.NO_ELIGIBLE_CAMPAIGN: 0,
     NoBidReason.BLOCKED: 1,
-    NoBidReason.FREQUENCY_CAP: 2,
-    NoBidReason.UNKNOWN_USER: 3,
-    NoBidReason.BELOW_FLOOR: 4,
-    NoBidReason.PACING: 5,
-    NoBidReason.BUDGET: 6,
+    NoBidReason.DSA: 2,
+    NoBidReason.FREQUENCY_CAP: 3,
+    NoBidReason.UNKNOWN_USER: 4,
+    NoBidReason.BELOW_FLOOR: 5,
+    NoBidReason.PACING: 6,
+    NoBidReason.BUDGET: 7,
 }
 
 
@@ -121,6 +123,14 @@ def _fits(imp: Imp, creative: Creative) -> bool:
         if media.maxduration is not None and dur > media.maxduration:
             return False
     return True
+
+
+def _battr(imp: Imp, fmt: MediaType) -> tuple[int, ...]:
+    """The creative attributes the imp refuses for creatives of this format."""
+    if fmt is MediaType.BANNER:
+        return imp.banner_battr
+    media = imp.video if fmt is MediaType.VIDEO else imp.audio if fmt is MediaType.AUDIO else None
+    return media.battr if media is not None else ()  # native battr sits in the native request, unread
 
 
 def _targeted(campaign: Campaign, request: BidRequest) -> bool:
@@ -206,6 +216,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
     blocks = bool(request.bcat or request.badv or request.bapp)
     bcat, badv = (frozenset(request.bcat), frozenset(request.badv)) if blocks else (frozenset(), frozenset())
     bapp = request.bapp
+    dsa = request.dsa_required >= 2  # a bid must then carry the campaign's DSA transparency
     bids: list[Bid] = []
     furthest = -1
     for imp in request.imps:
@@ -218,6 +229,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
         s = 0.0
         best: tuple[tuple[int, int, int], Campaign, Creative, _Lane, int] | None = None
         secure = imp.secure
+        battrs = bool(imp.banner_battr or (imp.video and imp.video.battr) or (imp.audio and imp.audio.battr))
         for rank, (campaign, creative, media_check, restricts, creative_secure, known_only, base, top) in enumerate(
             campaigns.candidates(imp)
         ):
@@ -234,16 +246,22 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
             ):
                 stage = stage or 1
                 continue
-            if capped and campaign.id in capped:
+            if battrs and creative.attr and not frozenset(creative.attr).isdisjoint(_battr(imp, creative.format)):
+                stage = stage or 1
+                continue
+            if dsa and campaign.dsa is None:
                 stage = max(stage, 2)
+                continue
+            if capped and campaign.id in capped:
+                stage = max(stage, 3)
                 continue
             if score is None:
                 score = models.score(scored, imp, now)
                 s = min(max(float(score.value), 0.0), 1.0)
             if known_only and not score.known_user:
-                stage = max(stage, 3)
+                stage = max(stage, 4)
                 continue
-            stage = max(stage, 4)
+            stage = max(stage, 5)
             value = min(int(base * s / pivot), top)
             left = budgets.get(campaign.id) if budgets is not None else None
             for lane in lanes:  # deals first, then the open auction
@@ -257,7 +275,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
                         continue
                     price = priced
                 if left is not None and price > left - taken.get(campaign.id, 0):
-                    stage = max(stage, 6 if campaign.id in inputs.exhausted else 5)
+                    stage = max(stage, 7 if campaign.id in inputs.exhausted else 6)
                     continue
                 key = (1 if deal_id else 0, value, -rank)
                 if best is None or key > best[0]:
@@ -284,6 +302,9 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
                 deal_id=lane[0],
                 cqs=s,
                 secure=secure,
+                cattax=campaign.cattax,
+                bundle=campaign.bundle,
+                dsa=campaign.dsa if dsa else None,
             )
         )
     if bids:
