@@ -1,5 +1,9 @@
 """``decide(request, inputs) -> Decision``: which imps to bid on, with what, at what price.
 
+The privacy rules come first (``tafe.core.privacy``, with ``Inputs.gvl_vendor_id``): a
+request TAFE may not bid on is a no-bid ``privacy``; a user whose history may not be used
+is scored from the request alone; either reason goes out in ``Decision.privacy``.
+
 For each imp, the creatives whose format and size fit are filtered by media details,
 targeting, ``imp.secure``, the request's blocks (bcat, badv, bapp, the imp's battr) and,
 when the request requires DSA transparency, the campaign's DSA fields; the user is
