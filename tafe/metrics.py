@@ -55,6 +55,10 @@ class Metrics:
         )
         self.bids = Counter("tafe_bids_total", "Bids returned (one per imp bid on), by exchange", ["exchange"], registry=registry)
         self.no_bids = Counter("tafe_no_bids_total", "Bid requests answered with no bid, by reason", ["reason"], registry=registry)
+        self.privacy = Counter(
+            "tafe_privacy_total", "Bid requests the privacy rules restricted: decision no_bid (may not bid) or no_history"
+            " (scored from the request alone), by reason", ["decision", "reason"], registry=registry,
+        )  # fmt: skip
         self.bid_price = Histogram(
             "tafe_bid_price_cpm", "Price of bids returned, CPM in the bid currency", buckets=PRICE_BUCKETS, registry=registry
         )

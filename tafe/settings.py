@@ -88,6 +88,10 @@ class Settings:
         " notice_base_url, network_margin_ms and gzip; empty: every exchange gets the global settings",
         commands=("serve", "up", "exchanges"),
     )  # fmt: skip
+    gvl_vendor_id: int = _opt(
+        0, "TAFE's IAB Global Vendor List id, checked in TCF consent strings; 0 (not registered): where GDPR applies,"
+        " contextual bids only", low=0, high=65535, commands=("serve", "up"),  # a TCF vendor id is 16 bits
+    )  # fmt: skip
 
     # --- money -------------------------------------------------------------------------
     budget_period_s: int = _opt(

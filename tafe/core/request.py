@@ -54,6 +54,7 @@ MAX_DEALS = 100  # per imp: every deal is tried against every fitting campaign
 MAX_REQUEST_DEALS = 1000
 MAX_USER_KEYS = 8
 MAX_UIDS = 64  # eids uid entries looked at for those keys
+MAX_GPP_SIDS = 64  # section ids assigned so far: under 30
 MAX_ID_CHARS = 256  # request, imp and deal ids are echoed in the response and in three notice URLs per bid
 
 
@@ -96,6 +97,7 @@ class _WBanner(_W):
     format: tuple[_WFormat, ...] | None = None
     w: _Int = None
     h: _Int = None
+    battr: _Ints = None
 
 
 class _WVideo(_W):
@@ -108,6 +110,7 @@ class _WVideo(_W):
     protocols: _Ints = None
     plcmt: _Int = None
     placement: Any = None  # read (and type-checked) only without plcmt
+    battr: _Ints = None
     ext: Raw = _NO_EXT
 
 
@@ -115,6 +118,7 @@ class _WAudio(_W):
     mimes: _Strs = None
     minduration: _Int = None
     maxduration: _Int = None
+    battr: _Ints = None
 
 
 class _WNative(_W):
@@ -198,11 +202,17 @@ class _WUser(_W):
     ext: Raw = _NO_EXT
 
 
+class _WDsa(_W):
+    dsarequired: _Int = None
+
+
 class _WRegs(_W):
     coppa: _Flag = None
     gdpr: _Flag = None
     us_privacy: _Str = None
     gpp: _Str = None
+    gpp_sid: _Ints = None
+    dsa: _WDsa | None = None  # where some exchanges send it; the DSA extension says regs.ext.dsa
     ext: Raw = _NO_EXT
 
 
@@ -238,6 +248,8 @@ class _WExt(_W):
     gdpr: Any = None  # regs.ext (2.5)
     us_privacy: Any = None
     gpp: Any = None
+    gpp_sid: Any = None
+    dsa: Any = None  # regs.ext.dsa, the IAB DSA transparency extension
 
 
 _NO_EXT_KEYS = _WExt()
@@ -287,6 +299,18 @@ def _ext(raw: Raw) -> _WExt:
 
 def _ext_str(v: Any) -> str:
     return v if type(v) is str else ""
+
+
+def _ext_ints(v: Any) -> tuple[int, ...]:
+    if type(v) is not list or len(v) > MAX_GPP_SIDS:
+        return ()
+    return tuple([i for i in v if type(i) is int])
+
+
+def _dsa_required(v: Any) -> int:
+    """``dsarequired`` of a DSA object: 0 (not wanted) unless it is 1, 2 or 3."""
+    required = v.get("dsarequired") if type(v) is dict else getattr(v, "dsarequired", None)
+    return required if type(required) is int and 0 <= required <= 3 else 0
 
 
 def _ext_flag(v: Any) -> bool:
@@ -361,6 +385,7 @@ def _video(v: _WVideo) -> Video:
         rqddurs=v.rqddurs or (),
         protocols=v.protocols or (),
         placement=placement,
+        battr=v.battr or (),
     )
 
 
@@ -369,6 +394,7 @@ def _audio(a: _WAudio) -> Audio:
         mimes=a.mimes or (),
         minduration=_int(a.minduration, "imp.audio.minduration"),
         maxduration=_int(a.maxduration, "imp.audio.maxduration"),
+        battr=a.battr or (),
     )
 
 
@@ -404,6 +430,7 @@ def _imp(i: _WImp) -> Imp:
         id=imp_id,
         banner_sizes=_sizes(banner) if banner is not None else (),
         has_banner=banner is not None,
+        banner_battr=banner.battr or () if banner is not None else (),
         video=_video(video) if video is not None else None,
         audio=_audio(audio) if audio is not None else None,
         native=native is not None and _has_native(native.request),
@@ -542,17 +569,25 @@ def parse(body: bytes) -> BidRequest:
     regs = root.regs
     coppa = gdpr = False
     us_privacy = gpp = ""
+    gpp_sid: tuple[int, ...] = ()
+    dsa_required = 0
     if regs is not None:
         coppa = regs.coppa == 1
-        us_privacy, gpp = regs.us_privacy or "", regs.gpp or ""
+        us_privacy, gpp, gpp_sid = regs.us_privacy or "", regs.gpp or "", regs.gpp_sid or ()
+        if len(gpp_sid) > MAX_GPP_SIDS:
+            raise BadRequest("too_many_gpp_sids")
         if regs.gdpr is not None:
             gdpr = regs.gdpr == 1
-        if regs.ext and (regs.gdpr is None or not us_privacy or not gpp):  # 2.5 keeps these in regs.ext
+        if regs.dsa is not None:
+            dsa_required = _dsa_required(regs.dsa)
+        if regs.ext:  # 2.5 keeps the privacy signals in regs.ext; the DSA extension is there too
             rext = _ext(regs.ext)
             if regs.gdpr is None:
                 gdpr = _ext_flag(rext.gdpr)
             us_privacy = us_privacy or _ext_str(rext.us_privacy)
             gpp = gpp or _ext_str(rext.gpp)
+            gpp_sid = gpp_sid or _ext_ints(rext.gpp_sid)
+            dsa_required = dsa_required or _dsa_required(rext.dsa)
 
     # Integral floats are rare: _int (a call) only for them.
     tmax, at = root.tmax, root.at
@@ -592,4 +627,6 @@ def parse(body: bytes) -> BidRequest:
         consent=consent,
         us_privacy=us_privacy,
         gpp=gpp,
+        gpp_sid=gpp_sid,
+        dsa_required=dsa_required,
     )

@@ -147,12 +147,14 @@ class BidHandler:
         self.max_tmax = settings.max_tmax_ms
         self.min_budget = settings.min_budget_ms / 1000
         self.nbr = settings.nbr_in_response
+        self.gvl_vendor_id = settings.gvl_vendor_id
         self._bases: dict[tuple[str, str | None], str] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
         self._bids: dict[str, Any] = {}  # prometheus children per exchange, bound once
         self._no_bids = {r: metrics.updates.counter(metrics.no_bids.labels(r.label)) for r in NoBidReason}
         self._bid_price = metrics.updates.histogram(metrics.bid_price)
         self._bad: dict[str, Any] = {}
+        self._privacy: dict[tuple[str, str], Any] = {}
 
     def _base_of(self, environ: dict[str, Any]) -> str:
         """``scheme://host[:port]`` the exchange reached us by (Nginx passes the Host through,
@@ -183,6 +185,13 @@ class BidHandler:
         if self.debug:
             log.debug("bad request: %s", reason)
         return "400 Bad Request", [_TEXT], reason.encode() + b"\n"
+
+    def _count_privacy(self, decision: Decision) -> None:
+        key = ("no_bid" if decision.no_bid is NoBidReason.PRIVACY else "no_history", decision.privacy or "")
+        counter = self._privacy.get(key)
+        if counter is None:  # reasons are a fixed set of labels from tafe.core.privacy
+            counter = self._privacy[key] = self.metrics.updates.counter(self.metrics.privacy.labels(*key))
+        counter.inc()
 
     def _no_bid(self, request_id: str, reason: NoBidReason, exchange: str, headers: list) -> Response:
         self._no_bids[reason].inc()
@@ -253,13 +262,16 @@ class BidHandler:
 
         snapshot = self.holder.current
         now = time.time()
-        user = xxh3_64_hexdigest(request.user_keys[0].encode()) if request.user_keys and may_use_history(request) is None else ""
+        vendor = self.gvl_vendor_id
+        user = xxh3_64_hexdigest(request.user_keys[0].encode()) if request.user_keys and may_use_history(request, vendor) is None else ""
         banker = self.banker
         inputs = Inputs(
             snapshot, self.campaigns, now, budgets=banker.floats_at(now), exhausted=banker.exhausted,
-            impressions=self._impressions(user, now) if self.caps else None, seat=profile.seat,
+            impressions=self._impressions(user, now) if self.caps else None, seat=profile.seat, gvl_vendor_id=vendor,
         )  # fmt: skip
         decision = decide(request, inputs)
+        if decision.privacy is not None:
+            self._count_privacy(decision)
         if self.decision_log is not None:
             self.decision_log.record(request, decision, snapshot, now)
         if not decision.bids:
