@@ -38,13 +38,14 @@ from tafe.settings import Settings
 
 __all__ = ["Apps", "build", "make_admin_app", "make_public_app"]
 
-WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+Headers = list[tuple[str, str]]
 log = logging.getLogger("tafe")
 
 _BID_PREFIX = "/openrtb2/bid"
 _EXCHANGE = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 _MAX_EXCHANGES = 64  # bounds the exchange label's cardinality in /metrics
-_TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+_TEXT: Headers = [("Content-Type", "text/plain; charset=utf-8")]
 
 
 class Apps(NamedTuple):
@@ -86,7 +87,7 @@ class Money(NamedTuple):
         self.state.flush()
 
 
-def _ping(lifecycle: Lifecycle) -> tuple[str, list, bytes]:
+def _ping(lifecycle: Lifecycle) -> tuple[str, Headers, bytes]:
     if lifecycle.draining:
         return "503 Service Unavailable", _TEXT, b"draining\n"
     return "200 OK", _TEXT, b"pong\n"
@@ -97,10 +98,10 @@ def make_public_app(
     *,
     lifecycle: Lifecycle,
     metrics: Metrics,
-    holder: Any,
+    holder: Holder,
     campaigns: Campaigns,
     money: Money | None = None,
-    decision_log: Any = None,
+    decision_log: DecisionLog | None = None,
 ) -> WSGIApp:
     """Bids on ``POST /openrtb2/bid[/{exchange}]``, notices on ``/notice/{win,bill,loss}``, tracking on
     ``/track/{imp,click}``, ``GET /ping``. Without ``money``, a fresh state of its own. Each exchange
@@ -134,7 +135,7 @@ def make_public_app(
             return name
         return "other"
 
-    def route(environ: dict[str, Any], method: str, path: str) -> tuple[str, str, list, bytes]:
+    def route(environ: dict[str, Any], method: str, path: str) -> tuple[str, str, Headers, bytes]:
         if path == _BID_PREFIX or path.startswith(_BID_PREFIX + "/"):
             if method != "POST":
                 return "bid", "405 Method Not Allowed", [*_TEXT, ("Allow", "POST")], b"POST only\n"
@@ -153,7 +154,7 @@ def make_public_app(
             return ("ping", *_ping(lifecycle))
         return "other", "404 Not Found", _TEXT, b"not found\n"
 
-    def app(environ: dict[str, Any], start_response: Callable) -> list[bytes]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         start = environ.get("tafe.arrival") or time.monotonic()
         in_flight.inc()
         try:
@@ -227,7 +228,7 @@ def make_admin_app(
     mounted = sorted((mounts or {}).items(), key=lambda kv: -len(kv[0]))  # longest prefix first
     registry = metrics.registry
 
-    def app(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         for prefix, sub in mounted:
             if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
