@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from itertools import chain, islice
-from typing import Annotated, Any
+from typing import Annotated, Any, overload
 from urllib.parse import urlsplit
 
 import msgspec
@@ -314,7 +314,7 @@ def _dsa_required(v: Any) -> int:
 
 
 def _ext_flag(v: Any) -> bool:
-    return v == 1 or v == "1"
+    return bool(v == 1 or v == "1")
 
 
 def _has_native(raw: Raw) -> bool:
@@ -322,7 +322,7 @@ def _has_native(raw: Raw) -> bool:
     creative's business, never decoded here); any other JSON type is refused."""
     if not raw:
         return False
-    view = memoryview(raw)
+    view: Any = memoryview(raw)  # compared with bytes, which typeshed's memoryview does not declare
     first = view[:1]
     if first == b"n" and view == b"null":
         return False
@@ -331,8 +331,12 @@ def _has_native(raw: Raw) -> bool:
     return len(view) > 16 or bytes(view[1:-1]).strip(b" \t\r\n") != b""
 
 
+@overload
+def _int(v: int | float, path: str) -> int: ...
+@overload
+def _int(v: int | float | None, path: str) -> int | None: ...
 def _int(v: int | float | None, path: str) -> int | None:
-    if type(v) is float:
+    if isinstance(v, float):
         if not v.is_integer():
             raise _fail_type(path)
         return int(v)
@@ -531,7 +535,8 @@ def parse(body: bytes) -> BidRequest:
         raise BadRequest("site_and_app")
     if dooh is not None and (site is not None or app is not None):
         raise BadRequest("dooh_with_site_or_app")
-    channel, domain, bundle, publisher_id, cats = "", "", "", "", ()
+    channel, domain, bundle, publisher_id = "", "", "", ""
+    cats: tuple[str, ...] = ()
     inventory = site if site is not None else app if app is not None else dooh
     if inventory is not None:
         channel = "site" if site is not None else "app" if app is not None else "dooh"
@@ -547,11 +552,11 @@ def parse(body: bytes) -> BidRequest:
         cats = (inventory.cat or ()) + (inventory.sectioncat or ()) + (inventory.pagecat or ())
 
     device = root.device
-    devicetype, os_name, country, region, ifa, lmt, dnt = None, "", "", "", "", False, False
+    devicetype: int | None = None
+    os_name, country, region, ifa, lmt, dnt = "", "", "", "", False, False
     if device is not None:
-        devicetype = device.devicetype
-        if type(devicetype) is float:
-            devicetype = _int(devicetype, "device.devicetype")
+        dt = device.devicetype
+        devicetype = _int(dt, "device.devicetype") if isinstance(dt, float) else dt
         os_name = (device.os or "").lower()
         ifa = device.ifa or ""
         lmt = device.lmt == 1
@@ -591,11 +596,11 @@ def parse(body: bytes) -> BidRequest:
 
     # Integral floats are rare: _int (a call) only for them.
     tmax, at = root.tmax, root.at
-    if type(tmax) is float:
+    if isinstance(tmax, float):
         tmax = _int(tmax, "tmax")
     if tmax is not None and tmax <= 0:
         tmax = None  # "unknown": the configured default applies
-    if type(at) is float:
+    if isinstance(at, float):
         at = _int(at, "at")
     return BidRequest(
         id=req_id,

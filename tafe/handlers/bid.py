@@ -55,8 +55,8 @@ def read_body(environ: dict[str, Any], max_bytes: int) -> bytes:
             raise BadRequest("bad_content_length")
         if n > max_bytes:
             raise TooLarge()
-        return stream.read(n) if n else b""
-    body = stream.read(max_bytes + 1)  # chunked or unknown length: the server terminated the stream
+        return bytes(stream.read(n)) if n else b""
+    body: bytes = stream.read(max_bytes + 1)  # chunked or unknown length: the server terminated the stream
     if len(body) > max_bytes:
         raise TooLarge()
     return body
@@ -193,7 +193,7 @@ class BidHandler:
             counter = self._privacy[key] = self.metrics.updates.counter(self.metrics.privacy.labels(*key))
         counter.inc()
 
-    def _no_bid(self, request_id: str, reason: NoBidReason, exchange: str, headers: list) -> Response:
+    def _no_bid(self, request_id: str, reason: NoBidReason, exchange: str, headers: list[tuple[str, str]]) -> Response:
         self._no_bids[reason].inc()
         if self.debug:
             log.debug("no bid: %s", reason.label, extra={"fields": {"request": request_id, "exchange": exchange}})

@@ -144,13 +144,14 @@ class NoticeHandler:
             reserved_until=fields.ts + self.reservation_ttl,
         )
         profile = self.exchanges.of(fields.exchange)
-        price: int | str = 0
+        price = 0
         if kind in ("win", "bill"):
-            price = clearing_nanos(
+            cleared = clearing_nanos(
                 query.get("p", ""), fields.price_micros, query.get("cur", ""), self.campaigns.currency, profile.price_keys
             )
-            if isinstance(price, str):
-                return self._refuse(kind, price, query, fields)
+            if isinstance(cleared, str):
+                return self._refuse(kind, cleared, query, fields)
+            price = cleared
         cap = campaign.frequency_cap
         try:
             if kind == "bill" or (kind == "win" and profile.spend_on == "win"):
