@@ -14,11 +14,13 @@ Databases (keys are UTF-8; numbers little-endian int64):
 
 - ``acct``  ``campaign\\0period`` -> budget, spent, reserved, floated, bucket, bucket time (ms), rate
 - ``lease`` ``worker\\0campaign\\0period`` -> float nanos, expiry (ms)
-- ``res``   ``expiry (s, big-endian) + bid id`` -> nanos, expiry, ``campaign\\0period``: keyed by time
-  first, so a second's reservations land on a few adjacent pages (random bid-id keys made
-  every insert copy its own page: ~7 us a bid) and the sweep reads them in order. A notice
-  finds its bid's record from the token (bid time + ``reservation_ttl_s``).
-- ``seen``  ``kind:bid id`` -> expiry (s); ``seenx`` indexes it by expiry
+- ``res``   ``expiry (s, big-endian) + campaign\\0period`` -> nanos reserved by the bids that time
+  out in that second. Summed, not one record per bid (a record per bid cost ~2-7 us a bid
+  to write): a notice knows its bid's price and expiry from its token, takes its own
+  amount off its second's sum (before the worker has even reported it: the sum then goes
+  negative until it does), and does nothing to the sums once its second has passed,
+  since the sweep released that whole second then.
+- ``seen``  ``kind:bid id`` -> expiry (s) (``winp:`` also the win's clearing price); ``seenx`` indexes it by expiry
 - ``freq``  ``user hash`` -> JSON ``{campaign: [unix seconds, ...]}`` (newest last, at most the cap kept)
 """
 
@@ -43,6 +45,7 @@ READ_RENEW_S = 1.0  # the bid path's read snapshot is renewed at least this ofte
 _ACCT = struct.Struct("<7q")
 _LEASE = struct.Struct("<2q")
 _RES = struct.Struct("<2q")
+_RES1 = struct.Struct("<q")
 _EXP = struct.Struct(">q")  # big-endian: index keys sort by time
 _SWEEP_MAX = 2000  # expired entries dropped per reserve call: bounds the transaction
 
@@ -107,32 +110,20 @@ class EmbeddedState:
                     a = accts[key] = self._get_acct(txn, key)
                 return a
 
-            # 1. What was bid since the last call becomes reservations (its float is
-            # returned whole below), unless a notice already settled the bid.
+            # 1. What was bid since the last call becomes reservations, summed per expiry
+            # second (its float is returned whole below). A notice that came first has
+            # already taken its bid off the same sum, which may so have gone negative.
             used_by: dict[bytes, int] = {}
-            settled: dict[bytes, bytes] = {}
-            if used:  # one C-level lookup for all the notices that may have come first
-                probes = [kind + r.bid_id.encode() for r in used for kind in (b"bill:", b"loss:", b"winp:")]
-                with txn.cursor(db=self._seen) as cur:
-                    settled = dict(cur.getmulti(probes))
-            records = []
+            sums: dict[bytes, int] = {}
             for r in used:
                 key = _acct_key(r.campaign, r.period)
-                a = acct(key)
                 used_by[key] = used_by.get(key, 0) + r.nanos
-                bid = r.bid_id.encode()
-                if settled and (b"bill:" + bid in settled or b"loss:" + bid in settled):
-                    a[4] += r.nanos  # settled before it got here: the bill took its price from the bucket
-                    continue
-                won = settled.get(b"winp:" + bid) if settled else None  # a win came first: hold only its price
-                nanos = min(r.nanos, _RES.unpack(won)[0]) if won is not None else r.nanos
+                rkey = _EXP.pack(r.expires) + key
+                sums[rkey] = sums.get(rkey, 0) + r.nanos
+            for rkey, nanos in sums.items():
+                a = acct(rkey[8:])
                 a[2] += nanos
-                a[4] += r.nanos - nanos
-                records.append((_EXP.pack(r.expires) + bid, _RES.pack(nanos, r.expires) + key))
-            if records:
-                records.sort()
-                with txn.cursor(db=self._res) as cur:
-                    cur.putmulti(records)
+                self._add_reserved(txn, rkey, nanos)
             # 2. Return this worker's previous floats (what it used is reserved now), grant new ones.
             for w in wants:
                 key = _acct_key(w.campaign, w.period)
@@ -176,34 +167,41 @@ class EmbeddedState:
                         break
                     expired.append(k)
             for k in expired:
-                if db is self._res:
-                    self._drop_reservation(txn, k)
+                if db is self._res:  # a second's reservations timed out: release what is left of them
+                    nanos = _RES1.unpack(txn.get(k, db=db))[0]
+                    a = self._get_acct(txn, k[8:])
+                    a[2] -= nanos
+                    a[4] += nanos
+                    self._put_acct(txn, k[8:], a)
+                    txn.delete(k, db=db)
                 else:
                     txn.delete(k, db=db)
                     txn.delete(k[8:], db=self._seen)
 
-    def _drop_reservation(self, txn: Any, rkey: bytes, keep: int = 0, spent: int = 0) -> bool:
-        """Release a bid's reservation (all of it, or down to ``keep`` nanos); False if there is none.
+    def _add_reserved(self, txn: Any, rkey: bytes, nanos: int) -> None:
+        raw = txn.get(rkey, db=self._res)
+        txn.put(rkey, _RES1.pack((_RES1.unpack(raw)[0] if raw is not None else 0) + nanos), db=self._res)
 
-        What it held and was not ``spent`` goes back to the even-pacing bucket: the bucket
+    def _release(self, txn: Any, bid: BidRef, nanos: int, now: float, spent: int = 0) -> None:
+        """Take ``nanos`` of a bid's reservation back (it held our price, or the win's clearing
+        price), unless it timed out already (the sweep released its whole second then).
+
+        What is released and not ``spent`` goes back to the even-pacing bucket: the bucket
         is debited by spend, not by what bids reserve and then lose.
         """
-        raw = txn.get(rkey, db=self._res)
-        if raw is None:
-            return False
-        nanos, expires = _RES.unpack(raw[:16])
-        key = raw[16:]
+        key = _acct_key(bid.campaign, bid.period)
         a = self._get_acct(txn, key)
-        if keep and keep < nanos:
-            a[2] -= nanos - keep
-            a[4] += nanos - keep
-            txn.put(rkey, _RES.pack(keep, expires) + key, db=self._res)
-        elif not keep:
+        a[4] -= spent
+        if now < bid.reserved_until:
             a[2] -= nanos
-            a[4] += nanos - spent
-            txn.delete(rkey, db=self._res)
+            a[4] += nanos
+            self._add_reserved(txn, _EXP.pack(bid.reserved_until) + key, -nanos)
         self._put_acct(txn, key, a)
-        return True
+
+    def _held(self, txn: Any, bid: BidRef) -> int:
+        """What a bid's reservation holds now: our price, or the clearing price once it won."""
+        won = txn.get(f"winp:{bid.bid_id}".encode(), db=self._seen)
+        return min(bid.nanos, _RES.unpack(won)[0]) if won is not None else bid.nanos
 
     # --- notices -----------------------------------------------------------------------
 
@@ -219,12 +217,15 @@ class EmbeddedState:
         with self.env.begin(write=True) as txn:
             if not self._first(txn, "bill", bid):
                 return False
+            if txn.get(f"loss:{bid.bid_id}".encode(), db=self._seen) is not None:
+                held = 0  # a loss released it already (and then the exchange billed it anyway)
+            else:
+                held = self._held(txn, bid)
+            self._release(txn, bid, held, now, spent=nanos)
             key = _acct_key(bid.campaign, bid.period)
             a = self._get_acct(txn, key)
             a[1] += nanos
-            a[4] -= nanos  # spend is what the pacing bucket pays; the reservation's release refunds it
             self._put_acct(txn, key, a)
-            self._drop_reservation(txn, _EXP.pack(bid.reserved_until) + bid.bid_id.encode())
         return True
 
     def release(self, kind: str, bid: BidRef, keep: int, now: float) -> bool:
@@ -233,10 +234,13 @@ class EmbeddedState:
                 return False
             if txn.get(f"bill:{bid.bid_id}".encode(), db=self._seen) is not None:
                 return True  # billed already: the reservation is gone
-            if kind == "win":
-                # Remember the price for a reservation not yet reported by its worker.
-                self._first(txn, "winp", bid, _RES.pack(keep, bid.expires))
-            self._drop_reservation(txn, _EXP.pack(bid.reserved_until) + bid.bid_id.encode(), keep if kind == "win" else 0)
+            held = self._held(txn, bid)
+            if kind == "loss":
+                self._release(txn, bid, held, now)
+            elif txn.get(f"loss:{bid.bid_id}".encode(), db=self._seen) is None:  # a win, not after a loss
+                keep = min(keep, held)
+                self._first(txn, "winp", bid, _RES.pack(keep, bid.expires))  # what the bill will release
+                self._release(txn, bid, held - keep, now)
         return True
 
     def count_impression(self, bid: BidRef, keep: int, now: float) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 
+import pytest
+
 from tafe.money import pacing
 from tafe.money.embedded import EmbeddedState
 from tafe.money.state import LEASE_S, BidRef, Reservation, Want
@@ -117,3 +119,45 @@ def test_an_impression_counted_by_another_process_is_seen_at_once(tmp_path):
         p.start()
         p.join(60)
         assert s.frequency("u9") == {"c1": want_seen}
+
+
+@pytest.mark.parametrize(
+    "notices",
+    [
+        [("win", 1000), ("bill", 1000)],
+        [("bill", 1200)],
+        [("loss", 0)],
+        [("win", 800), ("loss", 0)],
+        [("loss", 0), ("win", 800)],
+        [("loss", 0), ("bill", 900)],  # an exchange that bills a bid it said was lost: spend counts, no double release
+        [("win", 700), ("bill", 700), ("bill", 700), ("loss", 0)],
+    ],
+)
+@pytest.mark.parametrize("before_report", [False, True])
+def test_any_order_of_notices_leaves_nothing_reserved_and_spends_each_bill_once(tmp_path, notices, before_report):
+    s = EmbeddedState(str(tmp_path))
+    s.reserve("w1", [], [want(10_000)], NOW)
+    used = [Reservation("b1", "c1", PERIOD, 2000, int(NOW) + 60)]
+    if not before_report:
+        s.reserve("w1", used, [want(10_000)], NOW + 1)
+    for kind, price in notices:
+        if kind == "bill":
+            s.commit(ref("b1", 2000), price, NOW + 2)
+        else:
+            s.release(kind, ref("b1", 2000), price, NOW + 2)
+    if before_report:  # the worker reports the bid after its notices came (they were faster than its sync)
+        s.reserve("w1", used, [want(10_000)], NOW + 3)
+    acct = s.reserve("w1", [], [want(0)], NOW + 4)["c1"].account
+    billed = next((p for k, p in notices if k == "bill"), 0)
+    assert (acct.spent, acct.reserved, acct.floated) == (billed, 0, 0)
+
+
+def test_reservations_time_out_by_the_second_and_late_notices_spend_without_releasing(tmp_path):
+    s = EmbeddedState(str(tmp_path))
+    s.reserve("w1", [], [want(10_000)], NOW)
+    used = [Reservation(f"b{i}", "c1", PERIOD, 1000, int(NOW) + 10 + i % 2) for i in range(4)]
+    assert s.reserve("w1", used, [want(10_000)], NOW)["c1"].account.reserved == 4000
+    assert s.reserve("w1", [], [want(10_000)], NOW + 11)["c1"].account.reserved == 2000  # the first second's two
+    s.commit(ref("b0", 1000, until=int(NOW) + 10), 600, NOW + 12.5)  # billed after its reservation timed out
+    acct = s.reserve("w1", [], [want(10_000)], NOW + 12.5)["c1"].account
+    assert (acct.spent, acct.reserved) == (600, 0)
