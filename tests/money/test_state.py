@@ -1,17 +1,36 @@
-"""The embedded money state (a real LMDB environment) and pacing: the accounting rules."""
+"""The accounting rules on both money states (embedded: a real LMDB environment; Redis: a real redis-server), and pacing."""
 
 from __future__ import annotations
 
 import multiprocessing
 
+import pytest
+
 from tafe.money import pacing
 from tafe.money.embedded import LEASE_S, EmbeddedState
-from tafe.money.state import BidRef, Reservation, Want
+from tafe.money.redis_state import RedisState
+from tafe.money.state import BidRef, Reservation, State, Want
+
+from .redis_server import RedisServer
 
 NOW = 1_800_000_000.0
 PERIOD = 0
 END = int(NOW) + 3600
 BUDGET = 1_000_000  # nanos
+
+
+def _open(spec: str) -> State:
+    return RedisState(spec) if spec.startswith("redis://") else EmbeddedState(spec)
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def spec(request, tmp_path) -> str:
+    """Where a state lives: an LMDB directory, or the URL of a real redis-server."""
+    if request.param == "embedded":
+        return str(tmp_path / "state")
+    server = RedisServer(tmp_path / "redis")
+    request.addfinalizer(server.stop)
+    return server.url
 
 
 def want(n: int, pacing_: str = "asap", campaign: str = "c1") -> Want:
@@ -22,16 +41,16 @@ def ref(bid: str, nanos: int = 1000, campaign: str = "c1", user: str = "u1") -> 
     return BidRef(bid_id=bid, campaign=campaign, period=PERIOD, nanos=nanos, user=user, expires=int(NOW) + 3600)
 
 
-def test_floats_never_exceed_the_budget_across_workers(tmp_path):
-    s = EmbeddedState(str(tmp_path))
+def test_floats_never_exceed_the_budget_across_workers(spec):
+    s = _open(spec)
     a = s.reserve("w1", [], [want(700_000)], NOW)["c1"]
     b = s.reserve("w2", [], [want(700_000)], NOW)["c1"]
     assert (a.nanos, b.nanos) == (700_000, 300_000)
     assert b.account.left == 0 and b.account.floated == BUDGET
 
 
-def test_used_float_becomes_reservations_and_bill_commits_once(tmp_path):
-    s = EmbeddedState(str(tmp_path))
+def test_used_float_becomes_reservations_and_bill_commits_once(spec):
+    s = _open(spec)
     s.reserve("w1", [], [want(5000)], NOW)
     used = [Reservation("b1", "c1", PERIOD, 2000, int(NOW) + 60), Reservation("b2", "c1", PERIOD, 2000, int(NOW) + 60)]
     acct = s.reserve("w1", used, [want(5000)], NOW + 1)["c1"].account
@@ -43,16 +62,16 @@ def test_used_float_becomes_reservations_and_bill_commits_once(tmp_path):
     assert (acct.spent, acct.reserved) == (1500, 0)
 
 
-def test_a_bill_before_its_reservation_is_reported_is_not_reserved_again(tmp_path):
-    s = EmbeddedState(str(tmp_path))
+def test_a_bill_before_its_reservation_is_reported_is_not_reserved_again(spec):
+    s = _open(spec)
     s.reserve("w1", [], [want(5000)], NOW)
     assert s.commit(ref("b1", 2000), 1200, NOW)  # the bill beat the worker's next sync
     acct = s.reserve("w1", [Reservation("b1", "c1", PERIOD, 2000, int(NOW) + 60)], [want(5000)], NOW + 1)["c1"].account
     assert (acct.spent, acct.reserved) == (1200, 0)
 
 
-def test_win_lowers_the_reservation_and_expiry_releases_it(tmp_path):
-    s = EmbeddedState(str(tmp_path))
+def test_win_lowers_the_reservation_and_expiry_releases_it(spec):
+    s = _open(spec)
     s.reserve("w1", [], [want(5000)], NOW)
     s.reserve("w1", [Reservation("b1", "c1", PERIOD, 3000, int(NOW) + 10)], [want(5000)], NOW)
     assert s.release("win", ref("b1", 3000), 1000, NOW)
@@ -61,15 +80,15 @@ def test_win_lowers_the_reservation_and_expiry_releases_it(tmp_path):
     assert s.accounts(PERIOD)["c1"].reserved == 0
 
 
-def test_a_silent_workers_float_comes_back(tmp_path):
-    s = EmbeddedState(str(tmp_path))
+def test_a_silent_workers_float_comes_back(spec):
+    s = _open(spec)
     s.reserve("dead", [], [want(BUDGET)], NOW)
     assert s.reserve("alive", [], [want(BUDGET)], NOW + 1)["c1"].nanos == 0
     assert s.reserve("alive", [], [want(BUDGET)], NOW + LEASE_S + 2)["c1"].nanos == BUDGET
 
 
-def test_frequency_counts_once_per_bid_and_keeps_the_cap(tmp_path):
-    s = EmbeddedState(str(tmp_path))
+def test_frequency_counts_once_per_bid_and_keeps_the_cap(spec):
+    s = _open(spec)
     for i in range(5):
         assert s.count_impression(ref(f"b{i}"), 3, NOW + i)
         assert not s.count_impression(ref(f"b{i}"), 3, NOW + i)  # the same impression again
@@ -77,20 +96,20 @@ def test_frequency_counts_once_per_bid_and_keeps_the_cap(tmp_path):
     assert s.first_seen("click", ref("b0")) and not s.first_seen("click", ref("b0"))
 
 
-def _hammer(path: str, worker: str, n: int) -> None:
-    s = EmbeddedState(path)
+def _hammer(spec: str, worker: str, n: int) -> None:
+    s = _open(spec)
     for i in range(n):
         s.commit(ref(f"bid-{i}"), 10, NOW)  # every process bills the same n bids
         s.reserve(worker, [], [want(1000)], NOW)
 
 
-def test_processes_racing_on_the_same_bills_count_each_once(tmp_path):
-    procs = [multiprocessing.get_context("spawn").Process(target=_hammer, args=(str(tmp_path), f"w{i}", 300)) for i in range(3)]
+def test_processes_racing_on_the_same_bills_count_each_once(spec):
+    procs = [multiprocessing.get_context("spawn").Process(target=_hammer, args=(spec, f"w{i}", 300)) for i in range(3)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
-    acct = EmbeddedState(str(tmp_path)).accounts(PERIOD)["c1"]
+    acct = _open(spec).accounts(PERIOD)["c1"]
     assert acct.spent == 300 * 10 and acct.floated <= BUDGET - acct.spent
 
 
@@ -100,3 +119,42 @@ def test_even_pacing_grants_the_rate_and_asap_everything():
     granted, _, _ = pacing.grant(pacing="even", want=10**9, left=3600_000, now=NOW, period_end=END, bucket=0, bucket_ts=NOW - 0.5)
     assert granted == 500
     assert pacing.grant(pacing="asap", want=10**9, left=3600_000, now=NOW, period_end=END, bucket=0, bucket_ts=0)[0] == 3600_000
+
+
+def test_both_states_keep_exactly_the_same_accounts(tmp_path):
+    """A random run of reserves, bills, wins, losses and expiries, with even and asap pacing, on both states."""
+    import random
+
+    server = RedisServer(tmp_path / "redis")
+    try:
+        states = [EmbeddedState(str(tmp_path / "state")), RedisState(server.url)]
+        rng = random.Random(7)
+        queued: dict[str, list[Reservation]] = {"w1": [], "w2": []}
+        bids: list[Reservation] = []
+        now = NOW
+        for step in range(400):
+            now += rng.random() * 2
+            worker = rng.choice(("w1", "w2"))
+            op = rng.random()
+            if op < 0.3:
+                r = Reservation(f"b{step}", rng.choice(("c1", "c2")), PERIOD, rng.randint(1000, 5000), int(now) + rng.randint(5, 60))
+                queued[worker].append(r)
+                bids.append(r)
+            elif op < 0.6:
+                wants = [want(rng.randint(0, 20_000)), want(rng.randint(0, 20_000), "even", "c2")]
+                grants = [s.reserve(worker, queued[worker], wants, now) for s in states]
+                assert grants[0] == grants[1], step
+                queued[worker] = []
+            elif bids:
+                r = rng.choice(bids)
+                b = ref(r.bid_id, r.nanos, r.campaign)
+                kind, price = rng.choice(("bill", "win", "loss")), rng.randint(1, r.nanos)
+                if kind == "bill":
+                    out = [s.commit(b, price, now) for s in states]
+                else:
+                    out = [s.release(kind, b, price if kind == "win" else 0, now) for s in states]
+                assert out[0] == out[1], step
+        assert states[0].accounts(PERIOD) == states[1].accounts(PERIOD)
+        assert states[0].accounts(PERIOD)["c1"].spent > 0
+    finally:
+        server.stop()
