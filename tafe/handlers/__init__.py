@@ -26,12 +26,11 @@ from tafe.cqs.decision_log import DecisionLog
 from tafe.cqs.swap import Holder
 from tafe.events import EventSink, NullSink, RotatingFiles
 from tafe.handlers.bid import BidHandler
-from tafe.handlers.notices import KINDS, TRACKS, NoticeHandler
+from tafe.handlers.notices import KINDS, TRACKS, NoticeHandler, NoticeQueue
 from tafe.lifecycle import Lifecycle
 from tafe.metrics import Metrics, cooperative, exposition
-from tafe.money import keys_of, node_settings
+from tafe.money import keys_of, node_settings, open_state
 from tafe.money.banker import Banker, period_of
-from tafe.money.embedded import EmbeddedState
 from tafe.money.state import State
 from tafe.settings import Settings
 
@@ -56,12 +55,13 @@ class Apps(NamedTuple):
 
 
 class Money(NamedTuple):
-    """A worker's side of the money loop: what the shell syncs, flushes and closes."""
+    """A worker's side of the money loop: what the shell syncs, drains, flushes and closes."""
 
     banker: Banker
     state: State
     events: EventSink
     settings: Settings
+    queue: NoticeQueue  # notices the state could not take (Redis gone), applied by ``drain``
 
     def sync(self, metrics: Metrics, now: float, *, final: bool = False) -> None:
         """Report reservations and take new floats; publish the accounts as gauges."""
@@ -78,8 +78,23 @@ class Money(NamedTuple):
             metrics.campaign_left.labels(cid).set(account.left / 1e9)
             metrics.campaign_pacing.labels(cid).set(account.rate / 1e9)
 
+    def drain(self, metrics: Metrics) -> None:
+        """Apply the notices kept while the state was gone, once it answers again."""
+        if not self.queue.items:
+            return
+        try:
+            n = self.queue.drain(self.state)
+        except Exception as exc:
+            metrics.money_errors.labels("notice_queue").inc()
+            log.warning("money state still failing: %d notices kept for later (%s)", len(self.queue.items), exc)
+            return
+        log.info("money state back: %d kept notices applied", n)
+
     def close(self, metrics: Metrics) -> None:
         """Report what is queued and give the floats back, so other workers can use them at once."""
+        self.drain(metrics)
+        if self.queue.items:
+            log.error("money state unreachable at exit: %d notices lost", len(self.queue.items))
         self.sync(metrics, time.time(), final=True)
         self.events.close()
         self.state.flush()
@@ -113,7 +128,7 @@ def make_public_app(
     )  # fmt: skip
     notice = NoticeHandler(
         metrics=metrics, campaigns=campaigns, state=money.state, keys=keys_of(settings), events=money.events,
-        notice_ttl_s=settings.notice_ttl_s, period_s=settings.budget_period_s, spend_on=settings.spend_on,
+        notice_ttl_s=settings.notice_ttl_s, period_s=settings.budget_period_s, queue=money.queue,
     )  # fmt: skip
     exchanges: set[str] = set()
     updates = metrics.updates
@@ -268,13 +283,13 @@ def _decision_log(settings: Settings) -> DecisionLog | None:
 
 def open_money(settings: Settings, campaigns: Campaigns) -> Money:
     """The worker's banker on the node's money state, synced once so that it bids at once."""
-    state = EmbeddedState(settings.state)
+    state = open_state(settings)
     banker = Banker(
         campaigns.campaigns, worker=f"{socket.gethostname()}:{os.getpid()}", period_s=settings.budget_period_s,
         reservation_ttl_s=settings.reservation_ttl_s,
     )  # fmt: skip
     events: EventSink = RotatingFiles(settings.event_log) if settings.event_log else NullSink()
-    return Money(banker, state, events, settings)
+    return Money(banker, state, events, settings, NoticeQueue(spend_on=settings.spend_on))
 
 
 def build(settings: Settings, *, lifecycle: Lifecycle | None = None, registry: CollectorRegistry | None = None) -> Apps:
