@@ -168,11 +168,12 @@ class NoticeHandler:
             bid_id=fields.bid_id, campaign=fields.campaign, period=period_of(fields.ts, self.period_s),
             nanos=fields.price_micros, user=fields.user, expires=fields.ts + self.ttl,
         )
-        price: int | str = 0
+        price = 0
         if kind in ("win", "bill"):
-            price = clearing_nanos(query.get("p", ""), fields.price_micros, query.get("cur", ""), self.campaigns.currency)
-            if isinstance(price, str):
-                return self._refuse(kind, price, query, fields)
+            cleared = clearing_nanos(query.get("p", ""), fields.price_micros, query.get("cur", ""), self.campaigns.currency)
+            if isinstance(cleared, str):
+                return self._refuse(kind, cleared, query, fields)
+            price = cleared
         cap = campaign.frequency_cap.impressions if campaign.frequency_cap is not None else 0
         try:
             outcome = "accepted" if self.queue.apply(self.state, kind, bid, price, now, cap) else "duplicate"

@@ -98,7 +98,9 @@ end
 
 # ARGV: prefix, worker, now (s), now_ms, lease_ms, sweep max, burst_s, n used, then
 # 5 per used (bid, campaign, period, nanos, expires), then 6 per want.
-_RESERVE = _PRELUDE + r"""
+_RESERVE = (
+    _PRELUDE
+    + r"""
 local worker, now, now_ms = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local lease_ms, sweep, burst, nused = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local function trunc(x) if x >= 0 then return math.floor(x) end return math.ceil(x) end
@@ -172,9 +174,12 @@ end
 save()
 return out
 """
+)
 
 # ARGV: prefix, bid, period, campaign, expires, nanos
-_COMMIT = _PRELUDE + r"""
+_COMMIT = (
+    _PRELUDE
+    + r"""
 local bid, period, campaign, expires, nanos = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 if not first('bill', bid, expires, '1') then return 0 end
 local a = acct(period, campaign)
@@ -184,9 +189,12 @@ drop_res(bid, 0)
 save()
 return 1
 """
+)
 
 # ARGV: prefix, kind, bid, expires, keep
-_RELEASE = _PRELUDE + r"""
+_RELEASE = (
+    _PRELUDE
+    + r"""
 local kind, bid, expires, keep = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 if not first(kind, bid, expires, '1') then return 0 end
 if redis.call('EXISTS', P .. 's:bill:' .. bid) > 0 then return 1 end
@@ -195,9 +203,12 @@ drop_res(bid, keep)
 save()
 return 1
 """
+)
 
 # ARGV: prefix, bid, expires, user, campaign, now (whole s), keep
-_IMPRESSION = _PRELUDE + r"""
+_IMPRESSION = (
+    _PRELUDE
+    + r"""
 local bid, expires, user, campaign, now, keep = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 if not first('freq', bid, expires, '1') then return 0 end
 local times = {}
@@ -211,6 +222,11 @@ end
 redis.call('HSET', P .. 'f:' .. user, campaign, table.concat(kept, ' '))
 return 1
 """
+)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _client(url: str, timeout: float) -> redis.Redis:
@@ -247,7 +263,7 @@ class RedisState:
             args += (w.campaign, w.period, w.period_end, w.budget, w.pacing, w.want)
         out = {}
         for cid, granted, budget, spent, reserved, floated, rate in self._reserve(args=args):
-            out[cid.decode()] = Grant(granted, Account(budget=budget, spent=spent, reserved=reserved, floated=floated, rate=rate))
+            out[_text(cid)] = Grant(granted, Account(budget=budget, spent=spent, reserved=reserved, floated=floated, rate=rate))
         return out
 
     def commit(self, bid: BidRef, nanos: int, now: float) -> bool:
@@ -266,23 +282,25 @@ class RedisState:
 
     def frequency(self, user: str) -> Mapping[str, Sequence[int]]:
         raw = self._fast.hgetall(f"{_P}f:{user}")
-        return {k.decode(): [int(t) for t in v.split()] for k, v in raw.items()}
+        return {_text(k): [int(t) for t in v.split()] for k, v in raw.items()}
 
     def accounts(self, period: int) -> dict[str, Account]:
         out = {}
         for cid, value in self._r.hgetall(f"{_P}a:{period}").items():
             b, s, r, f, _, _, rate = (int(n) for n in value.split())
-            out[cid.decode()] = Account(budget=b, spent=s, reserved=r, floated=f, rate=rate)
+            out[_text(cid)] = Account(budget=b, spent=s, reserved=r, floated=f, rate=rate)
         return out
 
-    def capped_users(self, limits: Mapping[str, int], windows: Mapping[str, int], now: float, scan: int = 100_000) -> dict[str, int]:
+    def capped_users(
+        self, limits: Mapping[str, int], windows: Mapping[str, int], now: float, scan: int = 100_000
+    ) -> dict[str, int]:
         """Users at their cap now, per campaign (of about the first ``scan`` users: a debugging view)."""
         out = dict.fromkeys(limits, 0)
         for i, key in enumerate(self._r.scan_iter(match=f"{_P}f:*", count=1000)):
             if i >= scan:
                 break
             for cid, times in self._r.hgetall(key).items():
-                c = cid.decode()
+                c = _text(cid)
                 if c in limits and sum(1 for t in times.split() if int(t) > now - windows[c]) >= limits[c]:
                     out[c] += 1
         return out

@@ -46,7 +46,9 @@ class FleetNode:
             "id": f"r-{time.monotonic_ns()}", "imp": [{"id": "1", "banner": {"w": w, "h": h}}],
             "site": {"domain": "news.example"}, "user": {"id": user}, "device": {"ip": "192.0.2.1"},
         }  # fmt: skip
-        status, _, out = request(self.url, "POST", "/openrtb2/bid", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        status, _, out = request(
+            self.url, "POST", "/openrtb2/bid", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
         return status, (json.loads(out)["seatbid"][0]["bid"][0] if status == 200 else {})
 
     def get(self, url: str, **macros: str) -> int:
@@ -140,6 +142,19 @@ def test_redis_killed_mid_run_no_5xx_no_overspend_and_notices_applied_when_back(
     for cid in ("c-bill", "c-asap"):
         assert spent[cid] == ledger.billed.get(cid, 0), (cid, spent[cid], ledger.billed.get(cid, 0))
     assert spent["c-asap"] <= 400_000_000 * 1.01 + len(nodes) * TOP_PRICE
-    queued = sum(scrape(n.admin_url).get(f'tafe_notices_total{{kind="{k}",outcome="queued"}}', 0) for n in nodes for k in ("bill", "win"))
+    queued = sum(
+        scrape(n.admin_url).get(f'tafe_notices_total{{kind="{k}",outcome="queued"}}', 0) for n in nodes for k in ("bill", "win")
+    )
     errors = sum(v for n in nodes for k, v in scrape(n.admin_url).items() if k.startswith("tafe_money_state_errors_total"))
     assert queued > 0 and errors > 0  # /metrics says Redis was gone
+
+
+@pytest.mark.parametrize("state", ["redis://127.0.0.1:{port}/0", "redis:///0"])
+def test_an_unreachable_or_malformed_redis_is_one_line_at_start(state):
+    from .redis_server import free_port
+
+    state = state.format(port=free_port())  # nothing listens there
+    proc = Proc("serve", "--workers", "2", "--port", "0", "--admin-port", "-1", "--state", state, env={"TAFE_NOTICE_KEYS": KEYS})
+    assert proc.proc.wait(30) != 0
+    out = proc.output().strip()
+    assert len(out.splitlines()) == 1 and f"state {state}" in out and "Traceback" not in out, out
