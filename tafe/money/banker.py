@@ -6,7 +6,8 @@ returns the bids it reserved, ``apply`` takes them off the floats and queues the
 the shared state and takes new floats in one ``State.reserve`` call. A float is the
 most this worker may reserve for a campaign until its next sync; the state sizes it by
 pacing and by what is left, so the workers of a node together never hold more than the
-budget. Not thread-safe: one per worker process, used from its event loop.
+budget. A float lasts as long as its lease in the state: a worker that cannot sync (the
+state gone) stops bidding from it before the state hands it to others. Not thread-safe: one per worker process, used from its event loop.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterable
 
 from tafe.core.campaigns import Campaign
 from tafe.core.types import Decision
-from tafe.money.state import Account, Reservation, State, Want
+from tafe.money.state import LEASE_S, Account, Reservation, State, Want
 
 __all__ = ["Banker", "period_of"]
 
@@ -38,13 +39,15 @@ class Banker:
         self.accounts: dict[str, Account] = {}  # as of the last sync
         self.short = False  # a bid was refused for want of float: sync soon
         self.period = -1  # the budget period the floats were granted for
+        self.synced_at = 0.0  # unix seconds of the last sync that reached the state
         self._queue: list[Reservation] = []
         self._used: dict[str, int] = {}
 
     def floats_at(self, now: float) -> dict[str, int] | None:
-        """The floats ``decide`` may bid against now: none left once their period is over."""
+        """The floats ``decide`` may bid against now: none left once their period or their lease is over
+        (a second short of it: the state may sweep a lease by another node's clock)."""
         floats = self.floats
-        if floats is not None and now // self.period_s != self.period:
+        if floats is not None and (now // self.period_s != self.period or now - self.synced_at >= LEASE_S - 1):
             self.floats = floats = dict.fromkeys(floats, 0)
             self.short = True
         return floats
@@ -89,6 +92,7 @@ class Banker:
             raise
         self._used = {}
         self.period = period
+        self.synced_at = now
         self.floats = {cid: g.nanos for cid, g in grants.items()}
         self.accounts = {cid: g.account for cid, g in grants.items()}
         # Less left than one impression at the campaign's top price, floats aside: a bid

@@ -30,11 +30,10 @@ import lmdb
 import orjson
 
 from tafe.money import pacing
-from tafe.money.state import Account, BidRef, Grant, Reservation, Want
+from tafe.money.state import LEASE_S, Account, BidRef, Grant, Reservation, Want
 
 __all__ = ["EmbeddedState", "LEASE_S"]
 
-LEASE_S = 5.0  # a worker silent this long has its floats returned
 _ACCT = struct.Struct("<7q")
 _LEASE = struct.Struct("<2q")
 _RES = struct.Struct("<2q")

@@ -37,8 +37,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tafe.money import pacing
-from tafe.money.embedded import LEASE_S
-from tafe.money.state import Account, BidRef, Grant, Reservation, Want
+from tafe.money.state import LEASE_S, Account, BidRef, Grant, Reservation, Want
 
 __all__ = ["FAST_TIMEOUT_S", "RedisState", "TIMEOUT_S"]
 

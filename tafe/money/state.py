@@ -37,7 +37,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Account", "BidRef", "Grant", "Reservation", "State", "Want"]
+__all__ = ["LEASE_S", "Account", "BidRef", "Grant", "Reservation", "State", "Want"]
+
+LEASE_S = 5.0  # a worker silent this long has its floats returned (and stops bidding from them)
 
 
 @dataclass(frozen=True, slots=True)
