@@ -31,7 +31,7 @@ from tafe.lifecycle import Lifecycle
 from tafe.metrics import Metrics, cooperative, exposition
 from tafe.money import keys_of, node_settings, open_state
 from tafe.money.banker import Banker, period_of
-from tafe.money.state import State
+from tafe.money.state import LEASE_S, State
 from tafe.settings import Settings
 
 __all__ = ["Apps", "build", "make_admin_app", "make_public_app"]
@@ -65,12 +65,19 @@ class Money(NamedTuple):
 
     def sync(self, metrics: Metrics, now: float, *, final: bool = False) -> None:
         """Report reservations and take new floats; publish the accounts as gauges."""
+        failing = self.banker.failures > 0
         try:
             self.banker.sync(self.state, now, final=final)
         except Exception:
             metrics.money_errors.labels("reserve").inc()
-            log.warning("money state sync failed; budgeted campaigns bid only from the floats they hold", exc_info=True)
+            if not failing:  # said once per outage, not at every retry
+                log.warning(
+                    "money state sync failed; budgeted campaigns bid only from the floats they hold, for %.0f s",
+                    LEASE_S - 1, exc_info=True,
+                )  # fmt: skip
             return
+        if failing:
+            log.info("money state reachable again")
         for cid, account in self.banker.accounts.items():
             metrics.campaign_budget.labels(cid).set(account.budget / 1e9)
             metrics.campaign_spend.labels(cid).set(account.spent / 1e9)
@@ -84,9 +91,8 @@ class Money(NamedTuple):
             return
         try:
             n = self.queue.drain(self.state)
-        except Exception as exc:
+        except Exception:  # still gone: counted, said once already (NoticeHandler)
             metrics.money_errors.labels("notice_queue").inc()
-            log.warning("money state still failing: %d notices kept for later (%s)", len(self.queue.items), exc)
             return
         log.info("money state back: %d kept notices applied", n)
 

@@ -153,6 +153,7 @@ class BidHandler:
         self._no_bids = {r: metrics.updates.counter(metrics.no_bids.labels(r.label)) for r in NoBidReason}
         self._bid_price = metrics.updates.histogram(metrics.bid_price)
         self._bad: dict[str, Any] = {}
+        self._warned_at = -10.0  # monotonic time of the last "state unreadable" warning
 
     def _base_of(self, environ: dict[str, Any]) -> str:
         """``scheme://host[:port]`` the exchange reached us by (Nginx passes the Host through,
@@ -198,9 +199,11 @@ class BidHandler:
             return None
         try:
             times = self.state.frequency(user)
-        except Exception:  # state unreadable: count every capped campaign as at its cap
+        except Exception as exc:  # state unreadable: count every capped campaign as at its cap
             self.metrics.money_errors.labels("frequency").inc()
-            log.warning("money state unreadable: capped campaigns do not bid", exc_info=True)
+            if time.monotonic() - self._warned_at >= 10:  # not per request: counted in /metrics
+                self._warned_at = time.monotonic()
+                log.warning("money state unreadable: capped campaigns do not bid until it is back (%s)", exc)
             return {cid: cap.impressions for cid, cap in self.caps.items()}
         out = {}
         for cid, seen in times.items():

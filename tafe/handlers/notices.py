@@ -182,8 +182,8 @@ class NoticeHandler:
                 log.error("money state failed on a %s notice for bid %s and the queue is full: %s", kind, fields.bid_id, exc)
                 self._count(kind, "state_error")
                 return _STATUS["state_error"], [_TEXT], b"state_error\n"
-            if self._log_budget.take():
-                log.warning("money state failed on a %s notice: kept to apply when it is back (%s)", kind, exc)
+            if len(self.queue.items) == 1:  # the first one kept: once per outage
+                log.warning("money state failed on a %s notice: notices are kept to apply when it is back (%s)", kind, exc)
             outcome = "queued"
         self._count(kind, outcome)
         event = _event(kind, outcome, fields, now, query, price)

@@ -40,6 +40,7 @@ class Banker:
         self.short = False  # a bid was refused for want of float: sync soon
         self.period = -1  # the budget period the floats were granted for
         self.synced_at = 0.0  # unix seconds of the last sync that reached the state
+        self.failures = 0  # syncs failed in a row since then
         self._queue: list[Reservation] = []
         self._used: dict[str, int] = {}
 
@@ -89,7 +90,9 @@ class Banker:
             grants = state.reserve(self.worker, queue, wants, now)
         except Exception:
             self._queue = queue + self._queue  # keep them for the next try; floats stay as they are
+            self.failures += 1
             raise
+        self.failures = 0
         self._used = {}
         self.period = period
         self.synced_at = now

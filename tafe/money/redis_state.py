@@ -22,8 +22,10 @@ touch keys they compute themselves):
 - ``f:USER`` hash: campaign -> "t1 t2 ..." impression times (at most the cap kept)
 
 Every call is cooperative under gevent: redis-py's pure-Python connection over patched
-sockets. Calls never retry and time out (``FAST_TIMEOUT_S`` on the bid path's frequency
-read, ``TIMEOUT_S`` otherwise): the callers already decide what a failure means.
+sockets. Calls time out (``FAST_TIMEOUT_S`` on the bid path's frequency read, ``TIMEOUT_S``
+otherwise) and are retried only once on a broken connection: every script is idempotent
+(first-seen keys; ``reserve`` skips a reservation it already holds), and the callers
+decide what a failure means.
 """
 
 from __future__ import annotations
@@ -125,10 +127,13 @@ for _ = 1, nused do
   i = i + 5
   local a = acct(period, campaign)
   local ck = period .. ' ' .. campaign
-  used_by[ck] = (used_by[ck] or 0) + nanos
-  if redis.call('EXISTS', P .. 's:bill:' .. bid, P .. 's:loss:' .. bid) > 0 then
+  if redis.call('HEXISTS', P .. 'res', bid) == 1 then
+    -- reported already (a reply lost on the way back, the call retried): nothing to add
+  elseif redis.call('EXISTS', P .. 's:bill:' .. bid, P .. 's:loss:' .. bid) > 0 then
+    used_by[ck] = (used_by[ck] or 0) + nanos
     a[5] = a[5] + nanos
   else
+    used_by[ck] = (used_by[ck] or 0) + nanos
     local won = redis.call('GET', P .. 's:winp:' .. bid)
     local held = nanos
     if won then held = math.min(nanos, tonumber(won)) end
@@ -229,8 +234,11 @@ def _text(value: bytes | str) -> str:
 
 
 def _client(url: str, timeout: float) -> redis.Redis:
+    """Retried once on a broken connection only (a pooled one from before a Redis restart; every call is
+    idempotent), never on a timeout: the caller decides what a slow Redis means."""
+    retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
     return redis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), health_check_interval=0
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=retry, health_check_interval=0
     )
 
 

@@ -147,6 +147,9 @@ def test_redis_killed_mid_run_no_5xx_no_overspend_and_notices_applied_when_back(
     )
     errors = sum(v for n in nodes for k, v in scrape(n.admin_url).items() if k.startswith("tafe_money_state_errors_total"))
     assert queued > 0 and errors > 0  # /metrics says Redis was gone
+    for n in nodes:  # the log says so once per worker and outage, not per request or retry
+        said = [line for line in n.proc.lines if "money state" in line]
+        assert len(said) <= 6 * 2, said
 
 
 @pytest.mark.parametrize("state", ["redis://127.0.0.1:{port}/0", "redis:///0"])

@@ -158,3 +158,15 @@ def test_both_states_keep_exactly_the_same_accounts(tmp_path):
         assert states[0].accounts(PERIOD)["c1"].spent > 0
     finally:
         server.stop()
+
+
+def test_redis_reserve_reported_twice_reserves_once(redis_server):
+    """A reply lost on the way back: the banker reports the same reservations again (or redis-py retries)."""
+    s = RedisState(redis_server.url)
+    s.reserve("w1", [], [want(5000)], NOW)
+    used = [Reservation("b1", "c1", PERIOD, 2000, int(NOW) + 60)]
+    s.reserve("w1", used, [want(5000)], NOW + 1)
+    acct = s.reserve("w1", used, [want(5000)], NOW + 2)["c1"].account
+    assert (acct.reserved, acct.floated) == (2000, 5000)
+    assert s.commit(ref("b1", 2000), 1500, NOW + 3)
+    assert s.accounts(PERIOD)["c1"].reserved == 0
