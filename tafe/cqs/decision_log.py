@@ -30,21 +30,27 @@ from tafe.core.privacy import may_use_history
 from tafe.core.types import BidRequest, Decision
 from tafe.cqs import Snapshot
 from tafe.cqs.features import SPEC
+from tafe.events import EventSink
 
 
 class DecisionLog:
-    def __init__(self, path: str, sample: float, seed: int | None = None) -> None:
+    """Sampled decisions to a file (``path``), to the event sink as ``"event": "decision"``
+    records (``events``: the node's ``--event-log``, beside its wins, bills and clicks), or both."""
+
+    def __init__(self, path: str | None, sample: float, seed: int | None = None, events: EventSink | None = None) -> None:
         if not 0.0 <= sample <= 1.0:
             raise ValueError(f"decision log sample must be within 0..1, got {sample}")
         self.path = path
         self.sample = sample
+        self.events = events
         self.written = 0
         self.errors = 0
         self._random = random.Random(seed).random
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        self._fd = os.open(path, flags, 0o644) if path else -1
 
     def record(self, request: BidRequest, decision: Decision, snapshot: Snapshot, now: float) -> None:
-        if not decision.bids or self._fd < 0 or self._random() >= self.sample:
+        if not decision.bids or (self._fd < 0 and self.events is None) or self._random() >= self.sample:
             return
         if may_use_history(request) is not None:
             return
@@ -55,13 +61,16 @@ class DecisionLog:
             if imp is None:
                 continue
             features, state = snapshot.features(request, imp, now)
-            lines.append(orjson.dumps({
+            line = {
                 "ts": round(now, 3), "request_id": request.id, "imp_id": bid.imp_id, "bid_id": bid.bid_id,
                 "campaign": bid.campaign_id, "price": bid.price, "cur": decision.cur, "cqs": round(bid.cqs, 6),
                 "known": state is not None, "model": snapshot.versions.get("model", ""),
                 "store": snapshot.versions.get("store", ""), "spec": SPEC, "features": features,
-            }) + b"\n")
-        if not lines:
+            }  # fmt: skip
+            if self.events is not None:
+                self.events.emit({"event": "decision", **line})
+            lines.append(orjson.dumps(line) + b"\n")
+        if not lines or self._fd < 0:
             return
         try:
             os.write(self._fd, b"".join(lines))

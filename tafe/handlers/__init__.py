@@ -134,7 +134,8 @@ def make_public_app(
     )  # fmt: skip
     notice = NoticeHandler(
         metrics=metrics, campaigns=campaigns, state=money.state, keys=keys_of(settings), events=money.events,
-        notice_ttl_s=settings.notice_ttl_s, period_s=settings.budget_period_s, queue=money.queue,
+        notice_ttl_s=settings.notice_ttl_s, reservation_ttl_s=settings.reservation_ttl_s,
+        period_s=settings.budget_period_s, queue=money.queue,
     )  # fmt: skip
     exchanges: set[str] = set()
     updates = metrics.updates
@@ -281,10 +282,12 @@ def _show_versions(metrics: Metrics, old: dict[str, str], new: dict[str, str]) -
         metrics.model_info.labels(kind, version).set(1)
 
 
-def _decision_log(settings: Settings) -> DecisionLog | None:
-    if not settings.decision_log:
+def _decision_log(settings: Settings, money: Money) -> DecisionLog | None:
+    """Sampled decisions go to ``--decision-log`` and, with ``--event-log``, to the event sink."""
+    events = money.events if settings.event_log else None
+    if not settings.decision_log and events is None:
         return None
-    return DecisionLog(settings.decision_log, settings.decision_log_sample)
+    return DecisionLog(settings.decision_log or None, settings.decision_log_sample, events=events)
 
 
 def open_money(settings: Settings, campaigns: Campaigns) -> Money:
@@ -312,7 +315,7 @@ def build(settings: Settings, *, lifecycle: Lifecycle | None = None, registry: C
     holder.on_swap.append(lambda old, new: _show_versions(metrics, old.versions, new.versions))
     public = make_public_app(
         settings, lifecycle=lifecycle, metrics=metrics, holder=holder, campaigns=campaigns, money=money,
-        decision_log=_decision_log(settings),
+        decision_log=_decision_log(settings, money),
     )  # fmt: skip
     admin = make_admin_app(settings, lifecycle=lifecycle, metrics=metrics, money=money, campaigns=campaigns)
     return Apps(public=public, admin=admin, holder=holder, metrics=metrics, campaigns=campaigns, money=money)

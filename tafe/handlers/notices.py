@@ -134,6 +134,7 @@ class NoticeHandler:
         keys: Keys,
         events: EventSink,
         notice_ttl_s: int,
+        reservation_ttl_s: int,
         period_s: int,
         queue: NoticeQueue | None = None,
     ) -> None:
@@ -142,6 +143,7 @@ class NoticeHandler:
         self.keys = keys
         self.events = events
         self.ttl = notice_ttl_s
+        self.reservation_ttl = reservation_ttl_s
         self.period_s = period_s
         self.queue = queue or NoticeQueue()
         self.metrics = metrics
@@ -167,6 +169,7 @@ class NoticeHandler:
         bid = BidRef(
             bid_id=fields.bid_id, campaign=fields.campaign, period=period_of(fields.ts, self.period_s),
             nanos=fields.price_micros, user=fields.user, expires=fields.ts + self.ttl,
+            reserved_until=fields.ts + self.reservation_ttl,
         )
         price = 0
         if kind in ("win", "bill"):

@@ -21,6 +21,7 @@ from tafe.money.state import LEASE_S, Account, Reservation, State, Want
 __all__ = ["Banker", "period_of"]
 
 NANOS_PER_MICRO = 1000
+FLOAT_TRUST_S = LEASE_S - 1.0  # a float is used only while its lease surely still holds
 
 
 def period_of(ts: float, period_s: int) -> int:
@@ -39,7 +40,7 @@ class Banker:
         self.accounts: dict[str, Account] = {}  # as of the last sync
         self.short = False  # a bid was refused for want of float: sync soon
         self.period = -1  # the budget period the floats were granted for
-        self.synced_at = 0.0  # unix seconds of the last sync that reached the state
+        self.synced_at = 0.0  # unix time of the last successful sync
         self.failures = 0  # syncs failed in a row since then
         self._queue: list[Reservation] = []
         self._used: dict[str, int] = {}
@@ -48,7 +49,9 @@ class Banker:
         """The floats ``decide`` may bid against now: none left once their period or their lease is over
         (a second short of it: the state may sweep a lease by another node's clock)."""
         floats = self.floats
-        if floats is not None and (now // self.period_s != self.period or now - self.synced_at >= LEASE_S - 1):
+        if floats is not None and (now // self.period_s != self.period or now - self.synced_at > FLOAT_TRUST_S):
+            # A new period, or the state unreachable for so long that our lease may have
+            # expired there and the float been handed to another worker: bid on nothing.
             self.floats = floats = dict.fromkeys(floats, 0)
             self.short = True
         return floats

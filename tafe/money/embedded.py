@@ -14,15 +14,20 @@ Databases (keys are UTF-8; numbers little-endian int64):
 
 - ``acct``  ``campaign\\0period`` -> budget, spent, reserved, floated, bucket, bucket time (ms), rate
 - ``lease`` ``worker\\0campaign\\0period`` -> float nanos, expiry (ms)
-- ``res``   ``bid id`` -> nanos, expiry (s), ``campaign\\0period``; ``resx`` indexes it by expiry
+- ``res``   ``expiry (s, big-endian) + bid id`` -> nanos, expiry, ``campaign\\0period``: keyed by time
+  first, so a second's reservations land on a few adjacent pages (random bid-id keys made
+  every insert copy its own page: ~7 us a bid) and the sweep reads them in order. A notice
+  finds its bid's record from the token (bid time + ``reservation_ttl_s``).
 - ``seen``  ``kind:bid id`` -> expiry (s); ``seenx`` indexes it by expiry
 - ``freq``  ``user hash`` -> JSON ``{campaign: [unix seconds, ...]}`` (newest last, at most the cap kept)
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,6 +39,7 @@ from tafe.money.state import LEASE_S, Account, BidRef, Grant, Reservation, Want
 
 __all__ = ["EmbeddedState", "LEASE_S"]
 
+READ_RENEW_S = 1.0  # the bid path's read snapshot is renewed at least this often
 _ACCT = struct.Struct("<7q")
 _LEASE = struct.Struct("<2q")
 _RES = struct.Struct("<2q")
@@ -57,11 +63,21 @@ class EmbeddedState:
         self._acct = self.env.open_db(b"acct")
         self._lease = self.env.open_db(b"lease")
         self._res = self.env.open_db(b"res")
-        self._resx = self.env.open_db(b"resx")
         self._seen = self.env.open_db(b"seen")
         self._seenx = self.env.open_db(b"seenx")
         self._freq = self.env.open_db(b"freq")
         self.path = path
+        self._read: Any = None  # the bid path's read snapshot (``frequency``)
+        self._read_at = 0.0
+        self._read_gen = -1
+        # How many impressions were ever counted, in a tiny file every worker maps: a
+        # worker's snapshot is stale once it changes.
+        gen_path = os.path.join(path, "impressions.gen")
+        with open(gen_path, "a+b") as f:
+            if os.fstat(f.fileno()).st_size < 8:
+                f.truncate(8)
+            self._gen_map = mmap.mmap(f.fileno(), 8)
+        self._gen = memoryview(self._gen_map).cast("q")
 
     # --- accounts ------------------------------------------------------------------
 
@@ -94,20 +110,29 @@ class EmbeddedState:
             # 1. What was bid since the last call becomes reservations (its float is
             # returned whole below), unless a notice already settled the bid.
             used_by: dict[bytes, int] = {}
+            settled: dict[bytes, bytes] = {}
+            if used:  # one C-level lookup for all the notices that may have come first
+                probes = [kind + r.bid_id.encode() for r in used for kind in (b"bill:", b"loss:", b"winp:")]
+                with txn.cursor(db=self._seen) as cur:
+                    settled = dict(cur.getmulti(probes))
+            records = []
             for r in used:
                 key = _acct_key(r.campaign, r.period)
                 a = acct(key)
                 used_by[key] = used_by.get(key, 0) + r.nanos
                 bid = r.bid_id.encode()
-                if txn.get(b"bill:" + bid, db=self._seen) is not None or txn.get(b"loss:" + bid, db=self._seen) is not None:
+                if settled and (b"bill:" + bid in settled or b"loss:" + bid in settled):
                     a[4] += r.nanos  # settled before it got here: the bill took its price from the bucket
                     continue
-                won = txn.get(b"winp:" + bid, db=self._seen)  # a win came first: hold only its price
+                won = settled.get(b"winp:" + bid) if settled else None  # a win came first: hold only its price
                 nanos = min(r.nanos, _RES.unpack(won)[0]) if won is not None else r.nanos
                 a[2] += nanos
                 a[4] += r.nanos - nanos
-                txn.put(bid, _RES.pack(nanos, r.expires) + key, db=self._res)
-                txn.put(_EXP.pack(r.expires) + bid, b"", db=self._resx)
+                records.append((_EXP.pack(r.expires) + bid, _RES.pack(nanos, r.expires) + key))
+            if records:
+                records.sort()
+                with txn.cursor(db=self._res) as cur:
+                    cur.putmulti(records)
             # 2. Return this worker's previous floats (what it used is reserved now), grant new ones.
             for w in wants:
                 key = _acct_key(w.campaign, w.period)
@@ -143,27 +168,27 @@ class EmbeddedState:
             self._put_acct(txn, key, a)
             txn.delete(lkey, db=self._lease)
         limit = _EXP.pack(int(now))
-        for db, index in ((self._res, self._resx), (self._seen, self._seenx)):
-            with txn.cursor(db=index) as cur:
+        for db in (self._res, self._seenx):
+            with txn.cursor(db=db) as cur:
                 expired = []
                 for k in cur.iternext(values=False):
                     if k[:8] >= limit or len(expired) >= _SWEEP_MAX:
                         break
                     expired.append(k)
             for k in expired:
-                txn.delete(k, db=index)
                 if db is self._res:
-                    self._drop_reservation(txn, k[8:])
+                    self._drop_reservation(txn, k)
                 else:
+                    txn.delete(k, db=db)
                     txn.delete(k[8:], db=self._seen)
 
-    def _drop_reservation(self, txn: Any, bid: bytes, keep: int = 0, spent: int = 0) -> bool:
+    def _drop_reservation(self, txn: Any, rkey: bytes, keep: int = 0, spent: int = 0) -> bool:
         """Release a bid's reservation (all of it, or down to ``keep`` nanos); False if there is none.
 
         What it held and was not ``spent`` goes back to the even-pacing bucket: the bucket
         is debited by spend, not by what bids reserve and then lose.
         """
-        raw = txn.get(bid, db=self._res)
+        raw = txn.get(rkey, db=self._res)
         if raw is None:
             return False
         nanos, expires = _RES.unpack(raw[:16])
@@ -172,12 +197,11 @@ class EmbeddedState:
         if keep and keep < nanos:
             a[2] -= nanos - keep
             a[4] += nanos - keep
-            txn.put(bid, _RES.pack(keep, expires) + key, db=self._res)
+            txn.put(rkey, _RES.pack(keep, expires) + key, db=self._res)
         elif not keep:
             a[2] -= nanos
             a[4] += nanos - spent
-            txn.delete(bid, db=self._res)
-            txn.delete(_EXP.pack(expires) + bid, db=self._resx)
+            txn.delete(rkey, db=self._res)
         self._put_acct(txn, key, a)
         return True
 
@@ -200,7 +224,7 @@ class EmbeddedState:
             a[1] += nanos
             a[4] -= nanos  # spend is what the pacing bucket pays; the reservation's release refunds it
             self._put_acct(txn, key, a)
-            self._drop_reservation(txn, bid.bid_id.encode())
+            self._drop_reservation(txn, _EXP.pack(bid.reserved_until) + bid.bid_id.encode())
         return True
 
     def release(self, kind: str, bid: BidRef, keep: int, now: float) -> bool:
@@ -212,7 +236,7 @@ class EmbeddedState:
             if kind == "win":
                 # Remember the price for a reservation not yet reported by its worker.
                 self._first(txn, "winp", bid, _RES.pack(keep, bid.expires))
-            self._drop_reservation(txn, bid.bid_id.encode(), keep if kind == "win" else 0)
+            self._drop_reservation(txn, _EXP.pack(bid.reserved_until) + bid.bid_id.encode(), keep if kind == "win" else 0)
         return True
 
     def count_impression(self, bid: BidRef, keep: int, now: float) -> bool:
@@ -226,6 +250,7 @@ class EmbeddedState:
             seen.append(int(now))
             times[bid.campaign] = sorted(seen)[-keep:] if keep > 0 else []
             txn.put(user, orjson.dumps(times), db=self._freq)
+            self._gen[0] += 1  # under LMDB's writer lock: one writer at a time
         return True
 
     def first_seen(self, kind: str, bid: BidRef) -> bool:
@@ -233,8 +258,18 @@ class EmbeddedState:
             return self._first(txn, kind, bid)
 
     def frequency(self, user: str) -> Mapping[str, Sequence[int]]:
-        with self.env.begin() as txn:
-            raw = txn.get(user.encode(), db=self._freq)
+        """Read in a snapshot kept while no impression has been counted since (by any worker:
+        a shared generation number says so) and for at most ``READ_RENEW_S``: a read
+        transaction begun per bid request cost ~1.5 us of the ~2 us read."""
+        now = time.monotonic()
+        txn = self._read
+        gen = self._gen[0]
+        if txn is None or gen != self._read_gen or now - self._read_at > READ_RENEW_S:
+            if txn is not None:
+                txn.abort()
+            txn = self._read = self.env.begin()
+            self._read_at, self._read_gen = now, gen
+        raw = txn.get(user.encode(), db=self._freq)
         return orjson.loads(raw) if raw is not None else {}
 
     def capped_users(self, limits: Mapping[str, int], windows: Mapping[str, int], now: float, scan: int = 100_000) -> dict[str, int]:
@@ -262,4 +297,9 @@ class EmbeddedState:
         self.env.sync(True)
 
     def close(self) -> None:
+        if self._read is not None:
+            self._read.abort()
+            self._read = None
+        self._gen.release()
+        self._gen_map.close()
         self.env.close()

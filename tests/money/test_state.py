@@ -7,9 +7,9 @@ import multiprocessing
 import pytest
 
 from tafe.money import pacing
-from tafe.money.embedded import LEASE_S, EmbeddedState
+from tafe.money.embedded import EmbeddedState
 from tafe.money.redis_state import RedisState
-from tafe.money.state import BidRef, Reservation, State, Want
+from tafe.money.state import LEASE_S, BidRef, Reservation, State, Want
 
 from .redis_server import RedisServer
 
@@ -37,8 +37,10 @@ def want(n: int, pacing_: str = "asap", campaign: str = "c1") -> Want:
     return Want(campaign=campaign, period=PERIOD, period_end=END, budget=BUDGET, pacing=pacing_, want=n)
 
 
-def ref(bid: str, nanos: int = 1000, campaign: str = "c1", user: str = "u1") -> BidRef:
-    return BidRef(bid_id=bid, campaign=campaign, period=PERIOD, nanos=nanos, user=user, expires=int(NOW) + 3600)
+def ref(bid: str, nanos: int = 1000, campaign: str = "c1", user: str = "u1", until: int = int(NOW) + 60) -> BidRef:
+    return BidRef(
+        bid_id=bid, campaign=campaign, period=PERIOD, nanos=nanos, user=user, expires=int(NOW) + 3600, reserved_until=until
+    )
 
 
 def test_floats_never_exceed_the_budget_across_workers(spec):
@@ -74,7 +76,7 @@ def test_win_lowers_the_reservation_and_expiry_releases_it(spec):
     s = _open(spec)
     s.reserve("w1", [], [want(5000)], NOW)
     s.reserve("w1", [Reservation("b1", "c1", PERIOD, 3000, int(NOW) + 10)], [want(5000)], NOW)
-    assert s.release("win", ref("b1", 3000), 1000, NOW)
+    assert s.release("win", ref("b1", 3000, until=int(NOW) + 10), 1000, NOW)
     assert s.accounts(PERIOD)["c1"].reserved == 1000
     s.reserve("w1", [], [want(5000)], NOW + 11)  # past the reservation's expiry: swept
     assert s.accounts(PERIOD)["c1"].reserved == 0
@@ -121,6 +123,21 @@ def test_even_pacing_grants_the_rate_and_asap_everything():
     assert pacing.grant(pacing="asap", want=10**9, left=3600_000, now=NOW, period_end=END, bucket=0, bucket_ts=0)[0] == 3600_000
 
 
+def _count_one(spec: str, bid: str) -> None:
+    _open(spec).count_impression(ref(bid, user="u9"), 5, NOW)
+
+
+def test_an_impression_counted_by_another_process_is_seen_at_once(spec):
+    s = _open(spec)
+    assert s.frequency("u9") == {}  # the bid path now holds a read snapshot
+    ctx = multiprocessing.get_context("spawn")
+    for i, want_seen in enumerate(([int(NOW)], [int(NOW)] * 2)):
+        p = ctx.Process(target=_count_one, args=(spec, f"b{i}"))
+        p.start()
+        p.join(60)
+        assert s.frequency("u9") == {"c1": want_seen}
+
+
 def test_both_states_keep_exactly_the_same_accounts(tmp_path):
     """A random run of reserves, bills, wins, losses and expiries, with even and asap pacing, on both states."""
     import random
@@ -147,7 +164,7 @@ def test_both_states_keep_exactly_the_same_accounts(tmp_path):
                 queued[worker] = []
             elif bids:
                 r = rng.choice(bids)
-                b = ref(r.bid_id, r.nanos, r.campaign)
+                b = ref(r.bid_id, r.nanos, r.campaign, until=r.expires)
                 kind, price = rng.choice(("bill", "win", "loss")), rng.randint(1, r.nanos)
                 if kind == "bill":
                     out = [s.commit(b, price, now) for s in states]
