@@ -30,8 +30,8 @@ from tafe.handlers.notices import KINDS, TRACKS, NoticeHandler, NoticeQueue
 from tafe.lifecycle import Lifecycle
 from tafe.metrics import Metrics, cooperative, exposition
 from tafe.money import keys_of, node_settings, open_state
-from tafe.money.banker import Banker, period_of
-from tafe.money.state import LEASE_S, State
+from tafe.money.banker import FLOAT_TRUST_S, Banker, period_of
+from tafe.money.state import State
 from tafe.settings import Settings
 
 __all__ = ["Apps", "build", "make_admin_app", "make_public_app"]
@@ -73,7 +73,7 @@ class Money(NamedTuple):
             if not failing:  # said once per outage, not at every retry
                 log.warning(
                     "money state sync failed; budgeted campaigns bid only from the floats they hold, for %.0f s",
-                    LEASE_S - 1, exc_info=True,
+                    FLOAT_TRUST_S, exc_info=True,
                 )  # fmt: skip
             return
         if failing:
