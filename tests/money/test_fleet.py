@@ -25,12 +25,12 @@ TOP_PRICE = 3_000_000  # nanos: one impression at the campaigns' 3.00 CPM max
 
 
 class FleetNode:
-    def __init__(self, tmp: Path, state: str) -> None:
+    def __init__(self, tmp: Path, state: str, period_s: int = 100_000_000) -> None:
         path = tmp / "campaigns.json"
         path.write_text(json.dumps(CAMPAIGNS))
         self.proc = Proc(
             "serve", "--workers", "2", "--port", "0", "--admin-port", "0", "--drain-grace-s", "0.5",
-            "--campaigns", str(path), "--state", state, "--reservation-ttl-s", "30", "--budget-period-s", "100000000",
+            "--campaigns", str(path), "--state", state, "--reservation-ttl-s", "30", "--budget-period-s", str(period_s),
             env={"TAFE_NOTICE_KEYS": KEYS},
         )  # fmt: skip
         m = self.proc.wait_for(NODE_RE, timeout=60)
@@ -59,13 +59,14 @@ class FleetNode:
 
 
 @pytest.fixture
-def fleet(tmp_path):
+def fleet(tmp_path, request):
     redis = RedisServer(tmp_path / "redis")
     nodes: list[FleetNode] = []
+    period_s = getattr(request, "param", 100_000_000)
     try:
         for i in range(2):
             (tmp_path / f"n{i}").mkdir()
-            nodes.append(FleetNode(tmp_path / f"n{i}", redis.url))
+            nodes.append(FleetNode(tmp_path / f"n{i}", redis.url, period_s))
         yield redis, nodes
     finally:
         for n in nodes:
@@ -116,6 +117,25 @@ def test_asap_budget_stops_within_one_percent_across_nodes(fleet):
     assert budget - workers * TOP_PRICE <= billed <= budget * 1.01 + len(nodes) * TOP_PRICE, billed
     time.sleep(1.5)  # every worker has reported
     assert _spent(nodes[0])["c-asap"] == _spent(nodes[1])["c-asap"] == billed
+
+
+EVEN_PERIOD_S = 16
+
+
+@pytest.mark.parametrize("fleet", [EVEN_PERIOD_S], indirect=True)
+def test_even_pacing_follows_its_line_for_the_fleet_as_a_whole(fleet):
+    _, nodes = fleet
+    time.sleep(EVEN_PERIOD_S - time.time() % EVEN_PERIOD_S + 0.2)  # a whole period, from its start
+    start = time.time()
+    period_end = (start // EVEN_PERIOD_S + 1) * EVEN_PERIOD_S
+    sim = Exchange([n.url for n in nodes], imps=[{"banner": {"w": 728, "h": 90}}], users=300, bill_retries=1)
+    ledger = sim.run(period_end - time.time() - 0.3, threads=4)
+    assert not [e for e in ledger.errors if not e.startswith("4")], ledger.errors[:5]
+    budget = 300_000_000
+    for half in (1, 2):
+        at = start - 0.2 + EVEN_PERIOD_S * half / 2
+        spent = sum(n for t, c, n in ledger.billed_at if c == "c-even" and start - 0.2 <= t < at)
+        assert abs(spent - budget * half / 2) <= 0.2 * budget * half / 2, (half, spent)
 
 
 def test_redis_killed_mid_run_no_5xx_no_overspend_and_notices_applied_when_back(fleet):
