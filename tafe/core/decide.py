@@ -190,7 +190,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
         return no_bid(request.id, NoBidReason.NO_ELIGIBLE_CAMPAIGN, cur=cur, versions=versions)
     # A user whose history may not be used is scored from the request alone.
     scored = dataclasses.replace(request, user_keys=()) if request.user_keys and may_use_history(request) else request
-    capped = _capped(campaigns, inputs.impressions)
+    capped: frozenset[str] | None = None  # read at the first capped candidate: a request no campaign fits reads none
     budgets = inputs.budgets
     taken: dict[str, int] = {}  # nanos reserved by this request's earlier imps, per campaign
     reservations: list[tuple[str, str, int]] = []
@@ -227,9 +227,12 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
             ):
                 stage = stage or 1
                 continue
-            if capped and campaign.id in capped:
-                stage = max(stage, 2)
-                continue
+            if campaign.frequency_cap is not None:
+                if capped is None:
+                    capped = _capped(campaigns, inputs.impressions)
+                if campaign.id in capped:
+                    stage = max(stage, 2)
+                    continue
             if score is None:
                 score = models.score(scored, imp, now)
                 s = min(max(float(score.value), 0.0), 1.0)

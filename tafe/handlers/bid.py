@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import zlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from xxhash import xxh3_64_hexdigest
@@ -112,6 +113,29 @@ def accepts_gzip(accept_encoding: str) -> bool:
         if coding == "*":
             star = q > 0
     return star
+
+
+class _Lazy(Mapping[str, int]):
+    """The user's impressions, read from the money state on first use: ``decide`` looks only
+    when a capped campaign is a candidate, so a request no campaign fits costs no round trip."""
+
+    def __init__(self, read: Callable[[], Mapping[str, int] | None]) -> None:
+        self._read = read
+        self._value: Mapping[str, int] | None = None
+
+    def _get(self) -> Mapping[str, int]:
+        if self._value is None:
+            self._value = self._read() or {}
+        return self._value
+
+    def __getitem__(self, key: str) -> int:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 class BidHandler:
@@ -258,7 +282,7 @@ class BidHandler:
         banker = self.banker
         inputs = Inputs(
             snapshot, self.campaigns, now, budgets=banker.floats_at(now), exhausted=banker.exhausted,
-            impressions=self._impressions(user, now) if self.caps else None,
+            impressions=_Lazy(lambda: self._impressions(user, now)) if self.caps and user else None,
         )  # fmt: skip
         decision = decide(request, inputs)
         if self.decision_log is not None:
