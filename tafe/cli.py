@@ -18,13 +18,14 @@ from tafe import __version__
 from tafe import settings as settings_mod
 from tafe.core.campaigns import CampaignsError  # pure: safe to import before monkey-patching
 
-COMMANDS: dict[str, tuple[str, str]] = {
+COMMANDS: dict[str, tuple[str, str | None]] = {
     "serve": ("tafe.serve", "serve bid requests in the foreground (gevent workers, no Nginx)"),
     "worker": ("tafe.worker", None),  # internal: one pre-forked worker, started by the master
     "up": ("tafe.up", "run the whole node: Nginx in front of the master and its workers, plus the admin listener"),
     "nginx": ("tafe.nginx", "render the shipped Nginx config, or run a real Nginx with it"),
     "cqs": ("tafe.cqs.cli", "CQS models and user stores: synth, build-store, train, evaluate, inspect"),
     "campaigns": ("tafe.campaigns_cli", "campaigns files: validate (every error, with its place in the file)"),
+    "exchanges": ("tafe.exchanges", "exchange profiles files: validate (every error, with its place in the file)"),
 }
 
 
@@ -65,8 +66,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         if only is not None and name != only:
             continue
-        kwargs = {"help": help_text} if help_text else {}
-        sub = subs.add_parser(name, description=help_text, **kwargs)
+        # Without help, a command is left out of the list of commands.
+        sub = subs.add_parser(name, description=help_text, help=help_text) if help_text else subs.add_parser(name)
         module = importlib.import_module(module_name)
         module.add_arguments(sub, name)
         sub.set_defaults(_module=module)

@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tafe.money import node_settings, warn_if_random_key
 from tafe.settings import Settings, SettingsError, demo_curl
@@ -158,7 +159,7 @@ def bind(host: str, port: int) -> socket.socket:
 @dataclass(eq=False)
 class Worker:
     slot: int
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     ready_fd: int | None
     started: float
     state: str = "starting"  # starting -> serving -> draining
@@ -180,7 +181,7 @@ class Master:
         *,
         reload: Callable[[], Settings] | None = None,
         listen: tuple[str, int] | None = None,
-        worker_overrides: dict | None = None,
+        worker_overrides: dict[str, Any] | None = None,
         run_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.settings = settings
@@ -225,9 +226,16 @@ class Master:
         for slot in range(self.n):
             self._spawn(slot)
 
+    def _opened(self) -> tuple[socket.socket, SignalQueue]:
+        """The listener and the signal queue, which ``open`` makes."""
+        if self.listener is None or self.signals is None:
+            raise RuntimeError("Master.open() must come first")
+        return self.listener, self.signals
+
     @property
     def address(self) -> tuple[str, int]:
-        return self.listener.getsockname()[:2]
+        address: tuple[str, int] = self._opened()[0].getsockname()[:2]
+        return address
 
     @property
     def admin_address(self) -> tuple[str, int] | None:
@@ -295,7 +303,7 @@ class Master:
         now = time.monotonic()
         wait = min([timeout] + [when - now for when, _ in self._respawn.values()])
         fds = [w.ready_fd for w in self.workers if w.ready_fd is not None]
-        signums, readable = self.signals.wait(wait, fds)
+        signums, readable = self._opened()[1].wait(wait, fds)
         for fd in readable:
             self._read_ready(fd)
         self._reap()
@@ -338,11 +346,12 @@ class Master:
 
     def _spawn(self, slot: int, cause: str = "") -> Worker:
         settings = self._worker_settings()
+        listen_fd = self._opened()[0].fileno()
         ready_r, ready_w = os.pipe()
-        fds = [self.listener.fileno(), ready_w]
+        fds = [listen_fd, ready_w]
         cmd = [
             sys.executable, "-m", "tafe", "worker",
-            "--listen-fd", str(self.listener.fileno()),
+            "--listen-fd", str(listen_fd),
             "--ready-fd", str(ready_w),
             "--slot", str(slot),
             "--settings", json.dumps({**dataclasses.asdict(settings), "notice_keys": ""}),

@@ -22,7 +22,7 @@ import sys
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -55,6 +55,10 @@ class Metrics:
         )
         self.bids = Counter("tafe_bids_total", "Bids returned (one per imp bid on), by exchange", ["exchange"], registry=registry)
         self.no_bids = Counter("tafe_no_bids_total", "Bid requests answered with no bid, by reason", ["reason"], registry=registry)
+        self.privacy = Counter(
+            "tafe_privacy_total", "Bid requests the privacy rules restricted: decision no_bid (may not bid) or no_history"
+            " (scored from the request alone), by reason", ["decision", "reason"], registry=registry,
+        )  # fmt: skip
         self.bid_price = Histogram(
             "tafe_bid_price_cpm", "Price of bids returned, CPM in the bid currency", buckets=PRICE_BUCKETS, registry=registry
         )
@@ -71,12 +75,14 @@ class Metrics:
         )  # fmt: skip
         # Money, per campaign, in the bid currency, as the worker's last sync with the
         # money state saw it (about once a second); the most recent worker's value wins.
-        money = {"registry": registry, "multiprocess_mode": "livemostrecent"}
-        self.campaign_budget = Gauge("tafe_campaign_budget", "Budget of the current period", ["campaign"], **money)
-        self.campaign_spend = Gauge("tafe_campaign_spend", "Spend committed in the current period (billing notices)", ["campaign"], **money)
-        self.campaign_reserved = Gauge("tafe_campaign_reserved", "Budget reserved by bids awaiting their notices", ["campaign"], **money)
-        self.campaign_left = Gauge("tafe_campaign_budget_left", "Budget neither spent, reserved nor floated to a worker", ["campaign"], **money)
-        self.campaign_pacing = Gauge("tafe_campaign_pacing_rate", "Even pacing: spend allowed per second now", ["campaign"], **money)
+        def money(name: str, documentation: str) -> Gauge:
+            return Gauge(name, documentation, ["campaign"], registry=registry, multiprocess_mode="livemostrecent")
+
+        self.campaign_budget = money("tafe_campaign_budget", "Budget of the current period")
+        self.campaign_spend = money("tafe_campaign_spend", "Spend committed in the current period (billing notices)")
+        self.campaign_reserved = money("tafe_campaign_reserved", "Budget reserved by bids awaiting their notices")
+        self.campaign_left = money("tafe_campaign_budget_left", "Budget neither spent, reserved nor floated to a worker")
+        self.campaign_pacing = money("tafe_campaign_pacing_rate", "Even pacing: spend allowed per second now")
         self.money_errors = Counter("tafe_money_state_errors_total", "Failed calls to the money state, by call", ["call"], registry=registry)
         self.worker_restarts = worker_restarts(registry)
 
@@ -129,7 +135,7 @@ class Deferred:
     def gauge(self, child: Any) -> _Level:
         return self._add(_Level(child))
 
-    def _add(self, pending: Any) -> Any:
+    def _add(self, pending: _Pending) -> _Pending:
         self._pending.append(pending)
         return pending
 
@@ -137,6 +143,9 @@ class Deferred:
         self.due = time.monotonic() + self.period_s
         for pending in self._pending:
             pending.fold()
+
+
+_Pending = TypeVar("_Pending", "_Count", "_Observations", "_Level")
 
 
 class _Count:

@@ -114,7 +114,7 @@ def ensure_binary(settings: Settings) -> str | None:
     log.info("nginx is not installed: installing Debian's package (apt-get install -y nginx)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
-    def apt(*args: str) -> subprocess.CompletedProcess:
+    def apt(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["apt-get", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     result = apt("install", "-y", "-q", "nginx")
@@ -173,7 +173,7 @@ class Nginx:
         # While this file exists every answer closes its connection (the template's
         # file test): how a drain tells clients to go, with no reload.
         self.drain_flag = self.prefix / "draining"
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         # -e (1.19.5+): the error log before the config is read, so a non-root Nginx
         # never tries the package's /var/log/nginx/error.log.
         self._early_log = ["-e", "stderr"] if _version(binary) >= (1, 19, 5) else []
@@ -197,28 +197,29 @@ class Nginx:
             raise NginxError(f"nginx refused the config: {result.stdout.strip()}")
         candidate.replace(self.conf)
 
-    def start(self, config: str, wait_for: tuple[str, int] | None = None, timeout: float = 10.0) -> None:
-        """Start Nginx and wait until ``wait_for`` (host, port) accepts connections."""
+    def start(self, config: str, wait_for: tuple[str, int] | None = None, timeout: float = 10.0) -> subprocess.Popen[bytes]:
+        """Start Nginx and wait until ``wait_for`` (host, port) accepts connections; its process."""
         from tafe.master import child_preexec
 
         self.write(config)
         self.drain_flag.unlink(missing_ok=True)  # left by a run that was killed
-        self.proc = subprocess.Popen(self._cmd(), process_group=0, preexec_fn=child_preexec(signal.SIGQUIT))
-        log.info("nginx started (pid %d, prefix %s)", self.proc.pid, self.prefix)
+        proc = self.proc = subprocess.Popen(self._cmd(), process_group=0, preexec_fn=child_preexec(signal.SIGQUIT))
+        log.info("nginx started (pid %d, prefix %s)", proc.pid, self.prefix)
         if wait_for is not None:
-            self._wait_listening(wait_for, timeout)
+            self._wait_listening(proc, wait_for, timeout)
+        return proc
 
-    def _wait_listening(self, addr: tuple[str, int], timeout: float) -> None:
+    def _wait_listening(self, proc: subprocess.Popen[bytes], addr: tuple[str, int], timeout: float) -> None:
         """Until Nginx itself listens on ``addr``: a connection alone could reach another
         process holding the port (Nginx then retries its bind, and exits)."""
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(addr[0], addr[0])
         deadline = time.monotonic() + timeout
         while True:
-            if self.poll() is not None:
-                raise NginxError(f"nginx exited with code {self.proc.returncode} while starting on {address(*addr)}")
+            if proc.poll() is not None:
+                raise NginxError(f"nginx exited with code {proc.returncode} while starting on {address(*addr)}")
             try:
                 socket.create_connection((host, addr[1]), timeout=0.5).close()
-                if holds_listener(self.proc.pid, addr[1]):
+                if holds_listener(proc.pid, addr[1]):
                     return
             except OSError:
                 pass
@@ -233,6 +234,10 @@ class Nginx:
     def poll(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
+    def running(self) -> subprocess.Popen[bytes] | None:
+        """The Nginx process if started and not exited, to signal."""
+        return self.proc if self.proc is not None and self.proc.poll() is None else None
+
     def reload(self, config: str) -> bool:
         """New config, graceful: new Nginx workers start, old ones finish their requests.
 
@@ -245,15 +250,15 @@ class Nginx:
             log.info("nginx config unchanged: not reloaded")
             return False
         self.write(config)
-        if self.poll() is None:
-            self.proc.send_signal(signal.SIGHUP)
+        if (proc := self.running()) is not None:
+            proc.send_signal(signal.SIGHUP)
             log.info("nginx reloading its config")
         return True
 
     def quit(self) -> None:
         """Graceful stop: close the listener, finish requests in flight, exit."""
-        if self.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
+        if (proc := self.running()) is not None:
+            proc.send_signal(signal.SIGQUIT)
 
     def stop(self, timeout: float = 10.0) -> int:
         """Quit gracefully, then kill what is left after ``timeout``."""

@@ -14,13 +14,18 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tafe import logs
 from tafe.cli import add_settings_options, settings_from_args
 from tafe.core import load_campaigns
+from tafe.exchanges import load as load_exchanges
 from tafe.lifecycle import Lifecycle
 from tafe.metrics import Deferred, Immediate
 from tafe.settings import Settings, SettingsError, demo_curl
+
+if TYPE_CHECKING:
+    from tafe.server import Server
 
 log = logging.getLogger("tafe")
 
@@ -38,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
         # Refused here in one line, not by every forked worker with a traceback.
         load_campaigns(settings.campaigns, seat=settings.seat, currency=settings.currency)
+        load_exchanges(settings)
         return master.run(settings)
     return serve_in_process(settings)
 
@@ -177,7 +183,7 @@ def _keep_money(apps: object) -> None:
     gevent.spawn(loop)
 
 
-def _announce(servers: list, apps: object, curl: bool = True) -> None:
+def _announce(servers: list[Server], apps: object, curl: bool = True) -> None:
     host, port = servers[0].address
     versions = getattr(getattr(apps, "holder", None), "current", None)
     # The curl comes first: whoever waits for "listening on" then has both lines.

@@ -47,7 +47,7 @@ access_log = logging.getLogger("tafe.access")
 
 __all__ = ["bind", "Server", "run"]
 
-WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 _RECV = 64 * 1024
 _LINGER_S = 2.0  # longest time spent draining a refused client before closing
@@ -459,7 +459,7 @@ class _Connection:
                 self._log_access(request, env)
             return self.keep_alive
         finally:
-            if server.span_over is not None and server.span_over():  # a C call; rarely true
+            if server.span_over is not None and server.span_over() and server.profiler is not None:  # a C call; rarely true
                 server.profiler.finish(env, server.route_of)
 
     def _log_access(self, request: http.Request, env: dict[str, Any]) -> None:

@@ -83,6 +83,15 @@ class Settings:
     nbr_in_response: bool = _opt(False, "answer no-bids as 200 {id, nbr} instead of an empty 204")
     notice_base_url: str = _opt("", "base URL put in nurl/burl/lurl; empty: the scheme and Host header each bid request came in by")
     seat: str = _opt("tafe", "seat id in seatbid[].seat", commands=("serve", "up", "nginx", "campaigns"))
+    exchanges: str = _opt(
+        "", "exchange profiles file (JSON): per exchange of /openrtb2/bid/{exchange}, its seat, spend_on, price keys,"
+        " notice_base_url, network_margin_ms and gzip; empty: every exchange gets the global settings",
+        commands=("serve", "up", "exchanges"),
+    )  # fmt: skip
+    gvl_vendor_id: int = _opt(
+        0, "TAFE's IAB Global Vendor List id, checked in TCF consent strings; 0 (not registered): where GDPR applies,"
+        " contextual bids only", low=0, high=65535, commands=("serve", "up"),  # a TCF vendor id is 16 bits
+    )  # fmt: skip
 
     # --- money -------------------------------------------------------------------------
     budget_period_s: int = _opt(

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 from tafe import logs, nginx
 from tafe.core import load_campaigns
+from tafe.exchanges import load as load_exchanges
 from tafe.master import Master, bind, describe_exit, run_directory
 from tafe.settings import Settings, demo_curl
 
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(settings)
     # Refused here in one line, before Nginx starts or a worker is forked.
     load_campaigns(settings.campaigns, seat=settings.seat, currency=settings.currency)
+    load_exchanges(settings)
     binary = nginx.ensure_binary(settings)
     if binary is None:
         log.warning("serving without Nginx: the workers listen on the public port themselves")
@@ -91,7 +93,8 @@ def free_port(host: str, port: int = 0) -> int:
     itself); raises ``ListenError`` (a ``SettingsError``) naming it otherwise. Another process could take it
     before Nginx binds it: ``Nginx.start`` then fails, as it checks that Nginx holds the port."""
     with bind(host, port) as sock:
-        return sock.getsockname()[1]
+        bound: int = sock.getsockname()[1]
+        return bound
 
 
 def nginx_budget_s(settings: Settings) -> float:
@@ -119,7 +122,7 @@ class Node:
         self.exit_code = 0
 
     @staticmethod
-    def _overrides(settings: Settings) -> dict:
+    def _overrides(settings: Settings) -> dict[str, float]:
         # The workers keep accepting until a quitting Nginx no longer needs them.
         return {"drain_grace_s": settings.drain_grace_s + nginx_budget_s(settings)}
 
@@ -139,9 +142,9 @@ class Node:
                 self._watch()
             return self.exit_code or self.master.exit_code
         finally:
-            if not self._nginx_done():
-                self.nginx.proc.kill()
-                self.nginx.proc.wait()
+            if (proc := self.nginx.running()) is not None:
+                proc.kill()
+                proc.wait()
             self.master.close()
             if self._own_run_dir:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -149,7 +152,7 @@ class Node:
     def _start_nginx(self) -> None:
         s = self.settings
         try:
-            self.nginx.start(self._config(s), wait_for=(s.host, s.port))
+            proc = self.nginx.start(self._config(s), wait_for=(s.host, s.port))
         except nginx.NginxError as exc:
             log.error("%s", exc)
             self.exit_code = 1
@@ -158,7 +161,7 @@ class Node:
         admin = self.master.admin_address
         log.info(
             "up: public http://%s via nginx (pid %d); workers on http://%s (pids %s)%s",
-            nginx.address(s.host, s.port), self.nginx.proc.pid, nginx.address(*self.master.address),
+            nginx.address(s.host, s.port), proc.pid, nginx.address(*self.master.address),
             " ".join(map(str, self.master.serving_pids())), f"; admin http://{nginx.address(*admin)}" if admin else "",
         )  # fmt: skip
         log.info("try: %s", demo_curl(s.host, s.port))
@@ -200,12 +203,12 @@ class Node:
         self.master.stop()
 
     def _nginx_done(self) -> bool:
-        return self.nginx.proc is None or self.nginx.poll() is not None
+        return self.nginx.running() is None
 
     def _kill(self) -> None:
         self.master.kill()
-        if not self._nginx_done():
-            self.nginx.proc.kill()
+        if (proc := self.nginx.running()) is not None:
+            proc.kill()
 
     def _watch(self) -> None:
         now = time.monotonic()

@@ -122,6 +122,25 @@ def test_no_bid_is_204_empty_and_counted(env):
     assert sample(metrics, "tafe_no_bids_total", reason="no_eligible_campaign") == 1
 
 
+FULL_2_6_8 = "COzTVhaOzTVhaGvAAAENAiCIAP_AAH_AAAAAAEEUACCKAAA"  # core/test_privacy.py: purposes 1-10, vendors 2, 6, 8
+
+
+def gdpr_banner(consent: str) -> bytes:
+    return json.dumps({**json.loads(BANNER), "user": {"buyeruid": "u", "consent": consent}, "regs": {"gdpr": 1}}).encode()
+
+
+def test_privacy_rules_use_the_vendor_id_setting_and_are_counted(env):
+    app, metrics, _ = env(gvl_vendor_id=3)
+    assert call(app, body=gdpr_banner("BON"))[0] == 204
+    assert sample(metrics, "tafe_no_bids_total", reason="privacy") == 1
+    assert sample(metrics, "tafe_privacy_total", decision="no_bid", reason="gdpr_bad_consent") == 1
+    assert call(app, body=gdpr_banner(FULL_2_6_8))[0] == 200  # not our vendor: a contextual bid
+    assert sample(metrics, "tafe_privacy_total", decision="no_history", reason="gdpr_no_vendor") == 1
+    app, metrics, _ = env(gvl_vendor_id=2)
+    assert call(app, body=gdpr_banner(FULL_2_6_8))[0] == 200
+    assert metrics.registry.get_sample_value("tafe_privacy_total", {"decision": "no_history", "reason": "gdpr_no_vendor"}) is None
+
+
 def test_nbr_mode(env):
     app, _, _ = env(nbr_in_response=True)
     status, headers, body = call(app, body=NO_FIT)

@@ -130,6 +130,17 @@ def test_nginx_accepts_the_rendered_config(tmp_path: Path, log_json: bool, acces
     assert "nonsense" not in (tmp_path / "nginx.conf").read_text()  # the good one stays
 
 
+@pytest.mark.nginx
+@needs_nginx
+def test_reload_and_quit_before_start_signal_nothing(tmp_path: Path):
+    s = Settings(port=free_port())
+    ngx = nginx.Nginx(nginx.find_binary(s), tmp_path)
+    assert ngx.running() is None
+    assert ngx.reload(nginx.render(s, upstream="127.0.0.1:9", prefix=tmp_path)) is True  # written, no process to signal
+    ngx.quit()
+    assert ngx.stop() == 0
+
+
 class Echo(http.server.BaseHTTPRequestHandler):
     """Stands in for TAFE: answers what it received (path, request id, body length)."""
 

@@ -148,3 +148,21 @@ def test_version():
 
     out = subprocess.run([sys.executable, "-m", "tafe", "--version"], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout == f"tafe {__version__}\n"
+
+
+def test_gvl_vendor_id_from_env_and_command_line():
+    assert s.load(environ={}).gvl_vendor_id == 0  # not registered
+    assert s.load(environ={"TAFE_GVL_VENDOR_ID": "1234"}).gvl_vendor_id == 1234
+    args = build_parser().parse_args(["serve", "--gvl-vendor-id", "52"])
+    assert settings_from_args(args).gvl_vendor_id == 52
+
+
+@pytest.mark.parametrize("value", ["-1", "65536"])
+def test_gvl_vendor_id_out_of_range_is_one_line(value):
+    out = subprocess.run(
+        [sys.executable, "-m", "tafe", "serve", "--gvl-vendor-id", value],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode != 0
+    assert "gvl_vendor_id must be 0..65535" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -9,7 +9,13 @@ The file is JSON (the bundled demo set is ``tafe/data/campaigns.json``)::
       "fx": {"EUR": 1.08},           # units of "currency" per unit of another currency (floors)
       "campaigns": [{
         "id": "c1", "advertiser": "Acme", "adomain": ["acme.example"], "cat": ["IAB22"],
-        "bundle": "",                # the advertised app, matched against bapp
+        "cattax": 1,                 # taxonomy of "cat" (AdCOM list; default 1, IAB Content Category 1.0)
+        "bundle": "",                # the advertised app (app advertisers), matched against bapp
+        "language": "en",            # ISO-639-1 language of its creatives (each may say otherwise)
+        "dsa": {"behalf": "Acme", "paid": "Acme Group", "adrender": 0},  # DSA transparency: on
+                                     # whose behalf the ad is shown, who paid (1-100 characters
+                                     # each), and 1 if the creative renders the notice itself;
+                                     # absent: no bids where a request requires DSA transparency
         "base_cpm": 1.5, "max_cpm": 4.0,
         "targeting": {"country": ["USA"], "devicetype": [1, 4], "os": ["ios"],
                       "channel": ["site", "app", "dooh"], "known_users_only": false},
@@ -20,7 +26,7 @@ The file is JSON (the bundled demo set is ``tafe/data/campaigns.json``)::
         "frequency_cap": {"impressions": 3, "window_s": 86400},  # per user; absent: no cap
         "landing_url": "https://acme.example/spring",  # where a click goes (absolute http/https)
         "creatives": [
-          {"id": "cr1", "format": "banner", "w": 300, "h": 250, "secure": true,
+          {"id": "cr1", "format": "banner", "w": 300, "h": 250, "secure": true, "attr": [1],
            "adm": "<a href=\"${TAFE_CLICK_URL}\"><img src=...></a><img src=\"${TAFE_IMP_URL}\">"},
           {"id": "cr2", "format": "video", "mimes": ["video/mp4"], "duration": 15, "adm": "<VAST ...>"},
           {"id": "cr3", "format": "audio", "mimes": ["audio/mpeg"], "duration": 30, "adm": "<VAST ...>"},
@@ -29,7 +35,9 @@ The file is JSON (the bundled demo set is ``tafe/data/campaigns.json``)::
       }]
     }
 
-Empty targeting lists mean "any". Money is held as integer micros (millionths of the
+Empty targeting lists mean "any". A creative's ``attr`` (AdCOM creative attributes, e.g. 1
+audio auto-play, 6 in-banner video) keeps it from imps whose ``battr`` lists one of them, and
+goes out in its bids; ``language`` likewise. Money is held as integer micros (millionths of the
 currency unit) so that comparisons with floors and budgets are exact. In ``adm``, besides the
 exchange's OpenRTB macros, ``${TAFE_CLICK_URL}`` and ``${TAFE_IMP_URL}`` stand for TAFE's own
 click and impression tracking URLs; a campaign whose markup uses ``${TAFE_CLICK_URL}`` must
@@ -50,7 +58,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from tafe.core.types import Creative, Imp, MediaType
+from tafe.core.types import Creative, Dsa, Imp, MediaType
 
 MICROS = 1_000_000
 # An interstitial banner that states no size is full screen: phone and tablet portrait/landscape.
@@ -100,6 +108,8 @@ class Campaign:
     pacing: str = "even"  # "even" or "asap"
     frequency_cap: FrequencyCap | None = None
     landing_url: str = ""  # where ${TAFE_CLICK_URL} finally sends a click
+    cattax: int = 1  # the taxonomy of ``cat``
+    dsa: Dsa | None = None  # DSA transparency; None: no bids where a request requires it
     # Its categories and their tier-1 parents: a bcat of "IAB7" blocks "IAB7-39" too.
     cat_family: frozenset[str] = field(init=False, repr=False, compare=False)
 
@@ -193,10 +203,12 @@ class Campaigns:
 _DOCUMENT_KEYS = {"currency", "score_pivot", "first_price_shade", "fx", "campaigns"}
 _CAMPAIGN_KEYS = {
     "id", "advertiser", "adomain", "cat", "bundle", "base_cpm", "max_cpm", "daily_budget", "pacing", "frequency_cap",
-    "landing_url", "targeting", "deals", "creatives",
+    "landing_url", "targeting", "deals", "creatives", "cattax", "language", "dsa",
 }  # fmt: skip
 _TARGETING_KEYS = {"country", "devicetype", "os", "channel", "known_users_only"}
-_CREATIVE_KEYS = {"id", "format", "w", "h", "mimes", "duration", "adm", "secure"}
+_CREATIVE_KEYS = {"id", "format", "w", "h", "mimes", "duration", "adm", "secure", "attr", "language"}
+_DSA_KEYS = {"behalf", "paid", "adrender"}
+_LANGUAGE = re.compile(r"[a-z]{2}")
 _CAP_KEYS = {"impressions", "window_s"}
 PACINGS = ("even", "asap")
 CLICK_MACRO = "${TAFE_CLICK_URL}"
@@ -237,6 +249,16 @@ class _Check:
         ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
         return tuple(v) if self.need(ok, path, "expected a list of strings", key) else ()
 
+    def ints(self, d: Mapping[str, Any], key: str, path: str) -> tuple[int, ...]:
+        v = d.get(key, [])
+        ok = isinstance(v, list) and all(type(x) is int and x > 0 for x in v)
+        return tuple(v) if self.need(ok, path, "expected a list of positive integers", key) else ()
+
+    def language(self, d: Mapping[str, Any], path: str, default: str = "") -> str:
+        v = d.get("language", default)
+        ok = isinstance(v, str) and (v == default or bool(_LANGUAGE.fullmatch(v)))
+        return v if self.need(ok, path, "expected an ISO-639-1 code (two lower-case letters)", "language") else ""
+
     def positive_int(self, d: Mapping[str, Any], key: str, path: str, unit: str = "") -> int:
         v = d.get(key)
         ok = type(v) is int and v > 0
@@ -259,7 +281,7 @@ def _is_url(value: Any) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-def _creative(c: Any, path: str, check: _Check) -> Creative | None:
+def _creative(c: Any, path: str, check: _Check, language: str) -> Creative | None:
     before = len(check.errors)
     if not check.object(c, path, _CREATIVE_KEYS):
         return None
@@ -277,9 +299,14 @@ def _creative(c: Any, path: str, check: _Check) -> Creative | None:
     check.need(isinstance(adm, str) and adm != "", path, "expected the markup (macros allowed), a non-empty string", "adm")
     secure = c.get("secure", True)
     check.need(isinstance(secure, bool), path, "expected true or false", "secure")
+    attr = check.ints(c, "attr", path)
+    language = check.language(c, path, language)
     if len(check.errors) > before:
         return None
-    return Creative(id=c["id"], format=fmt, w=w, h=h, adm=adm, mimes=mimes, duration=duration, secure=secure)  # type: ignore[arg-type]
+    return Creative(
+        id=c["id"], format=fmt, w=w, h=h, adm=adm, mimes=mimes, duration=duration, secure=secure,  # type: ignore[arg-type]
+        attr=attr, language=language,
+    )  # fmt: skip
 
 
 def _frequency_cap(c: dict[str, Any], path: str, check: _Check) -> FrequencyCap | None:
@@ -292,6 +319,23 @@ def _frequency_cap(c: dict[str, Any], path: str, check: _Check) -> FrequencyCap 
     impressions = check.positive_int(cap, "impressions", path)
     window_s = check.positive_int(cap, "window_s", path, " (seconds)")
     return FrequencyCap(impressions, window_s) if impressions and window_s else None
+
+
+def _dsa(c: dict[str, Any], path: str, check: _Check) -> Dsa | None:
+    if "dsa" not in c:
+        return None
+    path = _key(path, "dsa")
+    dsa = c["dsa"]
+    if not check.object(dsa, path, _DSA_KEYS):
+        return None
+    for key in ("behalf", "paid"):  # the DSA extension caps both at 100 characters
+        v = dsa.get(key)
+        check.need(isinstance(v, str) and 0 < len(v) <= 100 and v.strip() == v, path, "expected 1-100 characters, no surrounding spaces", key)
+    adrender = dsa.get("adrender", 0)
+    ok = check.need(adrender in (0, 1) and type(adrender) is int, path, "expected 0 (the publisher renders the notice) or 1 (the creative does)", "adrender")
+    if not ok or not isinstance(dsa.get("behalf"), str) or not isinstance(dsa.get("paid"), str):
+        return None
+    return Dsa(dsa["behalf"], dsa["paid"], adrender)
 
 
 def _campaign(c: Any, path: str, check: _Check) -> Campaign | None:
@@ -328,7 +372,8 @@ def _campaign(c: Any, path: str, check: _Check) -> Campaign | None:
     cpath = _key(path, "creatives")
     if not check.need(isinstance(creatives, list) and creatives != [], cpath, "expected a non-empty list"):
         creatives = []
-    built = [_creative(cr, f"{cpath}[{i}]", check) for i, cr in enumerate(creatives)]
+    language = check.language(c, path)
+    built = [_creative(cr, f"{cpath}[{i}]", check, language) for i, cr in enumerate(creatives)]
     if not landing:
         for i, cr in enumerate(creatives):
             if isinstance(cr, dict) and isinstance(cr.get("adm"), str) and CLICK_MACRO in cr["adm"]:
@@ -337,6 +382,9 @@ def _campaign(c: Any, path: str, check: _Check) -> Campaign | None:
     adomain = check.strings(c, "adomain", path)
     cat = check.strings(c, "cat", path)
     deals = check.strings(c, "deals", path)
+    cattax = c.get("cattax", 1)
+    check.need(type(cattax) is int and cattax > 0, path, "expected a positive integer (AdCOM category taxonomy)", "cattax")
+    dsa = _dsa(c, path, check)
     if len(check.errors) > before:
         return None
     return Campaign(
@@ -361,6 +409,8 @@ def _campaign(c: Any, path: str, check: _Check) -> Campaign | None:
         pacing=pacing,
         frequency_cap=cap,
         landing_url=landing,
+        cattax=cattax,
+        dsa=dsa,
     )
 
 

@@ -1,7 +1,12 @@
 """``decide(request, inputs) -> Decision``: which imps to bid on, with what, at what price.
 
+The privacy rules come first (``tafe.core.privacy``, with ``Inputs.gvl_vendor_id``): a
+request TAFE may not bid on is a no-bid ``privacy``; a user whose history may not be used
+is scored from the request alone; either reason goes out in ``Decision.privacy``.
+
 For each imp, the creatives whose format and size fit are filtered by media details,
-targeting, ``imp.secure`` and the request's blocks (bcat, badv, bapp); the user is
+targeting, ``imp.secure``, the request's blocks (bcat, badv, bapp, the imp's battr) and,
+when the request requires DSA transparency, the campaign's DSA fields; the user is
 scored once (CQS from ``models``); each remaining campaign values the impression at
 ``base_cpm * score / score_pivot`` clipped to its ``max_cpm``; the best value wins.
 The price is that value (second price, ``at=2``) or the value shaded by
@@ -32,7 +37,7 @@ from typing import Any, Protocol
 from xxhash import xxh3_64_hexdigest
 
 from tafe.core.campaigns import MICROS, Campaign, Campaigns
-from tafe.core.privacy import may_use_history
+from tafe.core.privacy import may_bid, may_use_history
 from tafe.core.types import Bid, BidRequest, Creative, Decision, Imp, MediaType, NoBidReason
 
 __all__ = ["Inputs", "Scorer", "decide", "no_bid"]
@@ -43,11 +48,12 @@ PRICE_STEP = 100  # micros: prices are sent with 4 decimals
 _STAGE = {
     NoBidReason.NO_ELIGIBLE_CAMPAIGN: 0,
     NoBidReason.BLOCKED: 1,
-    NoBidReason.FREQUENCY_CAP: 2,
-    NoBidReason.UNKNOWN_USER: 3,
-    NoBidReason.BELOW_FLOOR: 4,
-    NoBidReason.PACING: 5,
-    NoBidReason.BUDGET: 6,
+    NoBidReason.DSA: 2,
+    NoBidReason.FREQUENCY_CAP: 3,
+    NoBidReason.UNKNOWN_USER: 4,
+    NoBidReason.BELOW_FLOOR: 5,
+    NoBidReason.PACING: 6,
+    NoBidReason.BUDGET: 7,
 }
 
 
@@ -75,6 +81,11 @@ class Inputs:
     # campaigns with a frequency cap need be present). None: the user is not known or
     # may not be looked up, so nothing can be counted against a cap.
     impressions: Mapping[str, int] | None = None
+    # The seat the request's exchange knows us by (its profile); None: the campaigns' seat.
+    seat: str | None = None
+    # TAFE's IAB Global Vendor List id (setting gvl_vendor_id), read in TCF consent
+    # strings by the privacy rules; 0: not registered.
+    gvl_vendor_id: int = 0
 
 
 # A way to bid on an imp: (deal id, "" for the open auction; floor in micros of our
@@ -120,6 +131,14 @@ def _fits(imp: Imp, creative: Creative) -> bool:
     return True
 
 
+def _battr(imp: Imp, fmt: MediaType) -> tuple[int, ...]:
+    """The creative attributes the imp refuses for creatives of this format."""
+    if fmt is MediaType.BANNER:
+        return imp.banner_battr
+    media = imp.video if fmt is MediaType.VIDEO else imp.audio if fmt is MediaType.AUDIO else None
+    return media.battr if media is not None else ()  # native battr sits in the native request, unread
+
+
 def _targeted(campaign: Campaign, request: BidRequest) -> bool:
     t = campaign.targeting
     if t.countries and request.country not in t.countries:
@@ -133,13 +152,13 @@ def _targeted(campaign: Campaign, request: BidRequest) -> bool:
     return True
 
 
-def _lanes(imp: Imp, campaigns: Campaigns) -> list[_Lane]:
+def _lanes(imp: Imp, campaigns: Campaigns, seat: str) -> list[_Lane]:
     if not imp.deals and not imp.private_auction:  # the common case: the open auction alone
         floor = _convert(imp.bidfloor, imp.bidfloorcur, campaigns.fx_micros)
         return [("", floor, ())] if floor is not None else []
     lanes = []
     for deal in imp.deals:
-        if deal.wseat and campaigns.seat not in deal.wseat:
+        if deal.wseat and seat not in deal.wseat:
             continue
         floor = _convert(deal.bidfloor, deal.bidfloorcur, campaigns.fx_micros)
         if floor is not None:
@@ -183,13 +202,17 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
     models, campaigns, now = inputs.models, inputs.campaigns, inputs.now
     cur = campaigns.currency
     versions = models.versions
-    seat = campaigns.seat
+    seat = campaigns.seat if inputs.seat is None else inputs.seat
+    refused = may_bid(request, inputs.gvl_vendor_id)
+    if refused is not None:
+        return Decision(request_id=request.id, no_bid=NoBidReason.PRIVACY, cur=cur, versions=versions, privacy=refused)
     if seat in request.bseat or (request.wseat and seat not in request.wseat):
         return no_bid(request.id, NoBidReason.BLOCKED, cur=cur, versions=versions)
     if request.cur and cur not in request.cur:
         return no_bid(request.id, NoBidReason.NO_ELIGIBLE_CAMPAIGN, cur=cur, versions=versions)
     # A user whose history may not be used is scored from the request alone.
-    scored = dataclasses.replace(request, user_keys=()) if request.user_keys and may_use_history(request) else request
+    hidden = may_use_history(request, inputs.gvl_vendor_id)
+    scored = dataclasses.replace(request, user_keys=()) if hidden is not None and request.user_keys else request
     capped: frozenset[str] | None = None  # read at the first capped candidate: a request no campaign fits reads none
     budgets = inputs.budgets
     taken: dict[str, int] = {}  # nanos reserved by this request's earlier imps, per campaign
@@ -199,10 +222,11 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
     blocks = bool(request.bcat or request.badv or request.bapp)
     bcat, badv = (frozenset(request.bcat), frozenset(request.badv)) if blocks else (frozenset(), frozenset())
     bapp = request.bapp
+    dsa = request.dsa_required >= 2  # a bid must then carry the campaign's DSA transparency
     bids: list[Bid] = []
     furthest = -1
     for imp in request.imps:
-        lanes = _lanes(imp, campaigns)
+        lanes = _lanes(imp, campaigns, seat)
         if not lanes:  # private auction with no deal open to our seat, or a floor in an unknown currency
             furthest = max(furthest, 1 if imp.deals else 0)
             continue
@@ -211,6 +235,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
         s = 0.0
         best: tuple[tuple[int, int, int], Campaign, Creative, _Lane, int] | None = None
         secure = imp.secure
+        battrs = bool(imp.banner_battr or (imp.video and imp.video.battr) or (imp.audio and imp.audio.battr))
         for rank, (campaign, creative, media_check, restricts, creative_secure, known_only, base, top) in enumerate(
             campaigns.candidates(imp)
         ):
@@ -227,19 +252,25 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
             ):
                 stage = stage or 1
                 continue
+            if battrs and creative.attr and not frozenset(creative.attr).isdisjoint(_battr(imp, creative.format)):
+                stage = stage or 1
+                continue
+            if dsa and campaign.dsa is None:
+                stage = max(stage, 2)
+                continue
             if campaign.frequency_cap is not None:
                 if capped is None:
                     capped = _capped(campaigns, inputs.impressions)
                 if campaign.id in capped:
-                    stage = max(stage, 2)
+                    stage = max(stage, 3)
                     continue
             if score is None:
                 score = models.score(scored, imp, now)
                 s = min(max(float(score.value), 0.0), 1.0)
             if known_only and not score.known_user:
-                stage = max(stage, 3)
+                stage = max(stage, 4)
                 continue
-            stage = max(stage, 4)
+            stage = max(stage, 5)
             value = min(int(base * s / pivot), top)
             left = budgets.get(campaign.id) if budgets is not None else None
             for lane in lanes:  # deals first, then the open auction
@@ -253,7 +284,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
                         continue
                     price = priced
                 if left is not None and price > left - taken.get(campaign.id, 0):
-                    stage = max(stage, 6 if campaign.id in inputs.exhausted else 5)
+                    stage = max(stage, 7 if campaign.id in inputs.exhausted else 6)
                     continue
                 key = (1 if deal_id else 0, value, -rank)
                 if best is None or key > best[0]:
@@ -280,11 +311,15 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
                 deal_id=lane[0],
                 cqs=s,
                 secure=secure,
+                cattax=campaign.cattax,
+                bundle=campaign.bundle,
+                dsa=campaign.dsa if dsa else None,
             )
         )
     if bids:
         return Decision(
             request_id=request.id, bids=tuple(bids), cur=cur, versions=versions, reservations=tuple(reservations),
+            privacy=hidden,
         )
     reason = next((r for r, s in _STAGE.items() if s == furthest), NoBidReason.NO_ELIGIBLE_CAMPAIGN)
-    return Decision(request_id=request.id, no_bid=reason, cur=cur, versions=versions)
+    return Decision(request_id=request.id, no_bid=reason, cur=cur, versions=versions, privacy=hidden)

@@ -75,6 +75,13 @@ def _bid(decision: Decision, bid: Bid, notice_base: str, token: str) -> dict[str
         out["adm"] = markup(creative, f"{base}/track/imp?t={token}", f"{base}/track/click?t={token}")
     if bid.cat:
         out["cat"] = list(bid.cat)
+        out["cattax"] = bid.cattax
+    if creative.attr:
+        out["attr"] = list(creative.attr)
+    if bid.bundle:
+        out["bundle"] = bid.bundle
+    if creative.language:
+        out["language"] = creative.language
     if creative.format is MediaType.BANNER:
         out["w"] = creative.w
         out["h"] = creative.h
@@ -82,6 +89,9 @@ def _bid(decision: Decision, bid: Bid, notice_base: str, token: str) -> dict[str
         out["dur"] = creative.duration
     if bid.deal_id:
         out["dealid"] = bid.deal_id
+    if bid.dsa is not None:
+        dsa = bid.dsa
+        out["ext"] = {"dsa": {"behalf": dsa.behalf, "paid": dsa.paid, "adrender": dsa.adrender}}
     return out
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from itertools import chain, islice
-from typing import Annotated, Any
+from typing import Annotated, Any, overload
 from urllib.parse import urlsplit
 
 import msgspec
@@ -54,6 +54,7 @@ MAX_DEALS = 100  # per imp: every deal is tried against every fitting campaign
 MAX_REQUEST_DEALS = 1000
 MAX_USER_KEYS = 8
 MAX_UIDS = 64  # eids uid entries looked at for those keys
+MAX_GPP_SIDS = 64  # section ids assigned so far: under 30
 MAX_ID_CHARS = 256  # request, imp and deal ids are echoed in the response and in three notice URLs per bid
 
 
@@ -96,6 +97,7 @@ class _WBanner(_W):
     format: tuple[_WFormat, ...] | None = None
     w: _Int = None
     h: _Int = None
+    battr: _Ints = None
 
 
 class _WVideo(_W):
@@ -108,6 +110,7 @@ class _WVideo(_W):
     protocols: _Ints = None
     plcmt: _Int = None
     placement: Any = None  # read (and type-checked) only without plcmt
+    battr: _Ints = None
     ext: Raw = _NO_EXT
 
 
@@ -115,6 +118,7 @@ class _WAudio(_W):
     mimes: _Strs = None
     minduration: _Int = None
     maxduration: _Int = None
+    battr: _Ints = None
 
 
 class _WNative(_W):
@@ -198,11 +202,17 @@ class _WUser(_W):
     ext: Raw = _NO_EXT
 
 
+class _WDsa(_W):
+    dsarequired: _Int = None
+
+
 class _WRegs(_W):
     coppa: _Flag = None
     gdpr: _Flag = None
     us_privacy: _Str = None
     gpp: _Str = None
+    gpp_sid: _Ints = None
+    dsa: _WDsa | None = None  # where some exchanges send it; the DSA extension says regs.ext.dsa
     ext: Raw = _NO_EXT
 
 
@@ -238,6 +248,8 @@ class _WExt(_W):
     gdpr: Any = None  # regs.ext (2.5)
     us_privacy: Any = None
     gpp: Any = None
+    gpp_sid: Any = None
+    dsa: Any = None  # regs.ext.dsa, the IAB DSA transparency extension
 
 
 _NO_EXT_KEYS = _WExt()
@@ -289,8 +301,20 @@ def _ext_str(v: Any) -> str:
     return v if type(v) is str else ""
 
 
+def _ext_ints(v: Any) -> tuple[int, ...]:
+    if type(v) is not list or len(v) > MAX_GPP_SIDS:
+        return ()
+    return tuple([i for i in v if type(i) is int])
+
+
+def _dsa_required(v: Any) -> int:
+    """``dsarequired`` of a DSA object: 0 (not wanted) unless it is 1, 2 or 3."""
+    required = v.get("dsarequired") if type(v) is dict else getattr(v, "dsarequired", None)
+    return required if type(required) is int and 0 <= required <= 3 else 0
+
+
 def _ext_flag(v: Any) -> bool:
-    return v == 1 or v == "1"
+    return bool(v == 1 or v == "1")
 
 
 def _has_native(raw: Raw) -> bool:
@@ -298,7 +322,7 @@ def _has_native(raw: Raw) -> bool:
     creative's business, never decoded here); any other JSON type is refused."""
     if not raw:
         return False
-    view = memoryview(raw)
+    view: Any = memoryview(raw)  # compared with bytes, which typeshed's memoryview does not declare
     first = view[:1]
     if first == b"n" and view == b"null":
         return False
@@ -307,8 +331,12 @@ def _has_native(raw: Raw) -> bool:
     return len(view) > 16 or bytes(view[1:-1]).strip(b" \t\r\n") != b""
 
 
+@overload
+def _int(v: int | float, path: str) -> int: ...
+@overload
+def _int(v: int | float | None, path: str) -> int | None: ...
 def _int(v: int | float | None, path: str) -> int | None:
-    if type(v) is float:
+    if isinstance(v, float):
         if not v.is_integer():
             raise _fail_type(path)
         return int(v)
@@ -361,6 +389,7 @@ def _video(v: _WVideo) -> Video:
         rqddurs=v.rqddurs or (),
         protocols=v.protocols or (),
         placement=placement,
+        battr=v.battr or (),
     )
 
 
@@ -369,6 +398,7 @@ def _audio(a: _WAudio) -> Audio:
         mimes=a.mimes or (),
         minduration=_int(a.minduration, "imp.audio.minduration"),
         maxduration=_int(a.maxduration, "imp.audio.maxduration"),
+        battr=a.battr or (),
     )
 
 
@@ -404,6 +434,7 @@ def _imp(i: _WImp) -> Imp:
         id=imp_id,
         banner_sizes=_sizes(banner) if banner is not None else (),
         has_banner=banner is not None,
+        banner_battr=banner.battr or () if banner is not None else (),
         video=_video(video) if video is not None else None,
         audio=_audio(audio) if audio is not None else None,
         native=native is not None and _has_native(native.request),
@@ -504,7 +535,8 @@ def parse(body: bytes) -> BidRequest:
         raise BadRequest("site_and_app")
     if dooh is not None and (site is not None or app is not None):
         raise BadRequest("dooh_with_site_or_app")
-    channel, domain, bundle, publisher_id, cats = "", "", "", "", ()
+    channel, domain, bundle, publisher_id = "", "", "", ""
+    cats: tuple[str, ...] = ()
     inventory = site if site is not None else app if app is not None else dooh
     if inventory is not None:
         channel = "site" if site is not None else "app" if app is not None else "dooh"
@@ -520,11 +552,11 @@ def parse(body: bytes) -> BidRequest:
         cats = (inventory.cat or ()) + (inventory.sectioncat or ()) + (inventory.pagecat or ())
 
     device = root.device
-    devicetype, os_name, country, region, ifa, lmt, dnt = None, "", "", "", "", False, False
+    devicetype: int | None = None
+    os_name, country, region, ifa, lmt, dnt = "", "", "", "", False, False
     if device is not None:
-        devicetype = device.devicetype
-        if type(devicetype) is float:
-            devicetype = _int(devicetype, "device.devicetype")
+        dt = device.devicetype
+        devicetype = _int(dt, "device.devicetype") if isinstance(dt, float) else dt
         os_name = (device.os or "").lower()
         ifa = device.ifa or ""
         lmt = device.lmt == 1
@@ -542,25 +574,33 @@ def parse(body: bytes) -> BidRequest:
     regs = root.regs
     coppa = gdpr = False
     us_privacy = gpp = ""
+    gpp_sid: tuple[int, ...] = ()
+    dsa_required = 0
     if regs is not None:
         coppa = regs.coppa == 1
-        us_privacy, gpp = regs.us_privacy or "", regs.gpp or ""
+        us_privacy, gpp, gpp_sid = regs.us_privacy or "", regs.gpp or "", regs.gpp_sid or ()
+        if len(gpp_sid) > MAX_GPP_SIDS:
+            raise BadRequest("too_many_gpp_sids")
         if regs.gdpr is not None:
             gdpr = regs.gdpr == 1
-        if regs.ext and (regs.gdpr is None or not us_privacy or not gpp):  # 2.5 keeps these in regs.ext
+        if regs.dsa is not None:
+            dsa_required = _dsa_required(regs.dsa)
+        if regs.ext:  # 2.5 keeps the privacy signals in regs.ext; the DSA extension is there too
             rext = _ext(regs.ext)
             if regs.gdpr is None:
                 gdpr = _ext_flag(rext.gdpr)
             us_privacy = us_privacy or _ext_str(rext.us_privacy)
             gpp = gpp or _ext_str(rext.gpp)
+            gpp_sid = gpp_sid or _ext_ints(rext.gpp_sid)
+            dsa_required = dsa_required or _dsa_required(rext.dsa)
 
     # Integral floats are rare: _int (a call) only for them.
     tmax, at = root.tmax, root.at
-    if type(tmax) is float:
+    if isinstance(tmax, float):
         tmax = _int(tmax, "tmax")
     if tmax is not None and tmax <= 0:
         tmax = None  # "unknown": the configured default applies
-    if type(at) is float:
+    if isinstance(at, float):
         at = _int(at, "at")
     return BidRequest(
         id=req_id,
@@ -592,4 +632,6 @@ def parse(body: bytes) -> BidRequest:
         consent=consent,
         us_privacy=us_privacy,
         gpp=gpp,
+        gpp_sid=gpp_sid,
+        dsa_required=dsa_required,
     )

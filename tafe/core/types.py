@@ -28,6 +28,8 @@ class NoBidReason(enum.Enum):
     FREQUENCY_CAP = ("frequency_cap", 0)  # the user saw the fitting campaigns often enough
     PACING = ("pacing", 0)  # budget left, but not yet: even pacing holds it for later
     BUDGET = ("budget", 0)  # the fitting campaigns' budgets are spent (or reserved) for the period
+    DSA = ("dsa", 0)  # DSA transparency required, and the fitting campaigns have no dsa fields
+    PRIVACY = ("privacy", 0)  # the privacy rules forbid bidding at all (``Decision.privacy`` says which)
 
     def __init__(self, label: str, nbr: int) -> None:
         self.label = label
@@ -62,6 +64,7 @@ class Video:
     rqddurs: tuple[int, ...] = ()
     protocols: tuple[int, ...] = ()
     placement: int | None = None  # 2.6 ``plcmt`` preferred, 2.5 ``placement`` otherwise
+    battr: tuple[int, ...] = ()  # blocked creative attributes (AdCOM list)
 
 
 @dataclass(slots=True)
@@ -69,6 +72,7 @@ class Audio:
     mimes: tuple[str, ...] = ()
     minduration: int | None = None
     maxduration: int | None = None
+    battr: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -76,6 +80,7 @@ class Imp:
     id: str
     banner_sizes: tuple[tuple[int, int], ...] = ()  # from banner.format[] or banner.w/h
     has_banner: bool = False
+    banner_battr: tuple[int, ...] = ()  # banner.battr: creative attributes the banner refuses
     video: Video | None = None
     audio: Audio | None = None
     native: bool = False  # a native object with a request (string or object) is present
@@ -125,6 +130,10 @@ class BidRequest:
     consent: str = ""
     us_privacy: str = ""
     gpp: str = ""
+    gpp_sid: tuple[int, ...] = ()  # GPP section ids that apply (regs.gpp_sid, 2.5 regs.ext.gpp_sid)
+    # DSA transparency (regs.ext.dsa, or regs.dsa): 0 not wanted, 1 supported, 2 required,
+    # 3 required and the publisher is an online platform. At 2 and up a bid must carry ext.dsa.
+    dsa_required: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +146,18 @@ class Creative:
     mimes: tuple[str, ...] = ()
     duration: int | None = None  # seconds, video and audio
     secure: bool = True  # markup is https-safe
+    attr: tuple[int, ...] = ()  # creative attributes (AdCOM list), matched against the imp's battr
+    language: str = ""  # ISO-639-1 language of the creative; "": not stated
+
+
+@dataclass(frozen=True, slots=True)
+class Dsa:
+    """A campaign's DSA transparency: who the ad is shown on behalf of, who paid, and
+    whether the creative renders the transparency notice itself (``adrender`` 1)."""
+
+    behalf: str
+    paid: str
+    adrender: int = 0
 
 
 @dataclass(slots=True)
@@ -152,6 +173,9 @@ class Bid:
     cqs: float = 0.0
     secure: bool = False  # the imp needs https markup: tracking URLs in the markup are https too
     price_micros: int = 0  # ``price`` exact: CPM micros (an impression at this price costs as many nanos)
+    cattax: int = 1  # taxonomy of ``cat`` (AdCOM: 1 is IAB Content Category Taxonomy 1.0)
+    bundle: str = ""  # the advertised app, for app advertisers (what bapp blocks)
+    dsa: Dsa | None = None  # set when the request requires DSA transparency
 
 
 @dataclass(slots=True)
@@ -164,3 +188,6 @@ class Decision:
     # The budget each bid of a budgeted campaign holds until it is billed, lost or times
     # out: (campaign id, bid id, nanos). The shell applies them to the worker's floats.
     reservations: tuple[tuple[str, str, int], ...] = ()
+    # Why the privacy rules forbade bidding (no_bid PRIVACY) or using the user's history;
+    # None: they allowed both (``tafe.core.privacy``).
+    privacy: str | None = None

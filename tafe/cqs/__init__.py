@@ -35,6 +35,7 @@ from tafe.cqs.state import UserState  # noqa: E402
 
 if TYPE_CHECKING:
     from tafe.core.types import BidRequest, Imp
+    from tafe.cqs.store import UserStore
 
 
 class Snapshot:
@@ -49,7 +50,7 @@ class Snapshot:
     MEMO_MAX = 4096
     __slots__ = ("model", "store", "versions", "_x", "_w", "_bias", "_w_unknown", "_as_of", "_last", "_ctx_memo", "_imp_memo")
 
-    def __init__(self, model: _model.Model, store: Any = None) -> None:
+    def __init__(self, model: _model.Model, store: UserStore | None = None) -> None:
         self.model = model
         self.store = store
         self.versions = {"model": model.version, "store": store.version if store is not None else ""}
@@ -61,9 +62,9 @@ class Snapshot:
         # (request, now, request-level sum, known, device code, inventory bytes) of the
         # last request scored: its other imps reuse them (one store lookup per request).
         # Replaced whole, never mutated, so interleaving greenlets or threads stay correct.
-        self._last: tuple = (None, None, 0.0, False, 0, b"")
-        self._ctx_memo: dict[tuple, tuple[float, int, bytes, int]] = {}
-        self._imp_memo: dict[tuple, float] = {}
+        self._last: tuple[BidRequest | None, float | None, float, bool, int, bytes] = (None, None, 0.0, False, 0, b"")
+        self._ctx_memo: dict[tuple[object, ...], tuple[float, int, bytes, int]] = {}
+        self._imp_memo: dict[tuple[object, ...], float] = {}
 
     def lookup(self, request: BidRequest) -> UserState | None:
         if self.store is None or not request.user_keys:
@@ -90,19 +91,19 @@ class Snapshot:
             z, dt, inv, chc = ctx
             state = self.lookup(request)
             known = state is not None
-            if known:
+            if state is not None:
                 z += sum([w[i] for i in self._x.user(state, dt, chc, hr, max(0, int((now - self._as_of) // 3600)))])
             else:
                 z += self._w_unknown
             self._last = (request, now, z, known, dt, inv)
-        key = (imp.banner_sizes, imp.has_banner, imp.video is None, imp.audio is None, imp.native, imp.instl,
-               imp.rewarded, imp.bidfloor, imp.tagid, dt, inv)
-        zi = self._imp_memo.get(key)
+        imp_key = (imp.banner_sizes, imp.has_banner, imp.video is None, imp.audio is None, imp.native, imp.instl,
+                   imp.rewarded, imp.bidfloor, imp.tagid, dt, inv)
+        zi = self._imp_memo.get(imp_key)
         if zi is None:
             zi = sum([w[i] for i in self._x.imp_part(imp, dt, inv)])
             if len(self._imp_memo) >= self.MEMO_MAX:
                 self._imp_memo.clear()
-            self._imp_memo[key] = zi
+            self._imp_memo[imp_key] = zi
         return _new_score(Score, (_model.sigmoid(self._bias + z + zi), known))  # Score(...) without its Python __new__
 
     def features(self, request: BidRequest, imp: Imp, now: float) -> tuple[list[str], UserState | None]:

@@ -26,7 +26,6 @@ import random
 
 import orjson
 
-from tafe.core.privacy import may_use_history
 from tafe.core.types import BidRequest, Decision
 from tafe.cqs import Snapshot
 from tafe.cqs.features import SPEC
@@ -52,7 +51,7 @@ class DecisionLog:
     def record(self, request: BidRequest, decision: Decision, snapshot: Snapshot, now: float) -> None:
         if not decision.bids or (self._fd < 0 and self.events is None) or self._random() >= self.sample:
             return
-        if may_use_history(request) is not None:
+        if decision.privacy is not None:  # the privacy rules forbade using this user's history
             return
         imps = {imp.id: imp for imp in request.imps}
         lines = []

@@ -64,7 +64,7 @@ _PREFIX = struct.Struct("<8sII")
 class Head:
     name: str
     bias: float
-    weights: array  # array('f') of dims float32
+    weights: array[float]  # array('f') of dims float32
 
 
 @dataclass(frozen=True)

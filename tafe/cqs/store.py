@@ -190,7 +190,7 @@ def write_store(keys, records, out_path: str, *, as_of: float, version: str | No
     bits = bucket_bits(n)
     starts = np.arange(1 << bits, dtype=np.uint64) << np.uint64(64 - bits) if bits else np.zeros(1, dtype=np.uint64)
     index = np.append(np.searchsorted(keys, starts), n).astype("<u8")
-    sections = [memoryview(a.reshape(-1).view(np.uint8)) for a in (index, keys, records)]
+    sections = [a.reshape(-1).view(np.uint8).data for a in (index, keys, records)]
     data_crc = 0
     for section in sections:
         for i in range(0, len(section), CHUNK):
@@ -279,7 +279,9 @@ class UserStore:
 
     def lookup(self, keys: Sequence[str]) -> UserState | None:
         """The state under the first key found (keys come in preference order), else None."""
-        index, hashes, shift = self._index, self._keys, self._shift
+        index, hashes, shift, mm = self._index, self._keys, self._shift, self._mm
+        if mm is None:  # closed
+            return None
         for key in keys:
             if not key:
                 continue
@@ -288,7 +290,7 @@ class UserStore:
             hi = index[bucket + 1]
             i = bisect_left(hashes, h, index[bucket], hi)
             if i < hi and hashes[i] == h:
-                return tuple.__new__(UserState, self._unpack(self._mm, self._records + i * RECORD.size))
+                return tuple.__new__(UserState, self._unpack(mm, self._records + i * RECORD.size))
         return None
 
     def verify(self) -> None:

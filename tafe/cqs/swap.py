@@ -33,14 +33,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import gevent
 import gevent.event
 
 from tafe.cqs import CqsError, Snapshot
 from tafe.cqs import model as model_mod
-from tafe.cqs.store import open_store
+from tafe.cqs.store import UserStore, open_store
 from tafe.settings import Settings
 
 SUFFIXES = {"model": ".cqsm", "store": ".cqss"}
@@ -85,8 +85,7 @@ def file_id(path: str) -> FileId | None:
 class Watcher:
     """Finds new model/store files and swaps them in; one per worker process."""
 
-    def __init__(self, holder: Holder, settings: Settings, log: logging.Logger | logging.LoggerAdapter,
-                 *, poll_s: float = 1.0, grace_s: float | None = None) -> None:
+    def __init__(self, holder: Holder, settings: Settings, log: logging.Logger, *, poll_s: float = 1.0, grace_s: float | None = None) -> None:
         self.holder = holder
         self.settings = settings
         self.log = log
@@ -126,7 +125,7 @@ class Watcher:
         """
         swapped = False
         while True:
-            changes = {}
+            changes: dict[str, FileId] = {}
             for kind in ("model", "store"):
                 fid = self.wanted(kind)
                 if fid is not None and fid != self.loaded[kind]:
@@ -139,10 +138,13 @@ class Watcher:
             interval = sys.getswitchinterval()
             sys.setswitchinterval(min(interval, 0.001))
             try:
-                new = _load(old, changes.get("model"), changes.get("store"))
+                new = _load(old, changes)
             except Refused as exc:
                 self.refused.add(exc.file)
-                self.log.error("cqs: refused %s %s, still serving %s: %s", exc.kind, exc.file.path, old.versions, exc.why())
+                self.log.error(
+                    "cqs: refused %s %s, keeping the served snapshot: %s", exc.kind, exc.file.path, exc.why(),
+                    extra={"fields": old.versions},  # model=..., store=...: what still serves
+                )
                 continue
             finally:
                 sys.setswitchinterval(interval)
@@ -150,7 +152,7 @@ class Watcher:
             self.loaded.update(changes)
             self.swaps += 1
             swapped = True
-            self.log.info("cqs: swapped in %s: now serving %s (was %s)", _names(changes), new.versions, old.versions)
+            self.log.info("cqs: swapped in %s", _names(changes), extra={"fields": _swap_fields(old, new)})
             if old.store is not None and old.store is not new.store:
                 gevent.spawn_later(self.grace_s, old.store.close)
 
@@ -183,6 +185,12 @@ def _names(changes: dict[str, FileId]) -> str:
     return ", ".join(f"{kind} {fid.path}" for kind, fid in changes.items())
 
 
+def _swap_fields(old: Snapshot, new: Snapshot) -> dict[str, str]:
+    """The log fields of a swap: what serves now (model=, store=, as "listening on" has
+    them) and what served before (was_model=, was_store=)."""
+    return {**new.versions, **{f"was_{kind}": version for kind, version in old.versions.items()}}
+
+
 class Refused(Exception):
     """One file could not be used; ``reason`` says why (CqsError, or anything unforeseen)."""
 
@@ -196,7 +204,7 @@ class Refused(Exception):
         return str(r) if isinstance(r, CqsError) else f"{self.kind} {self.file.path}: {type(r).__name__}: {r}"
 
 
-def _load(old: Snapshot, model_file: FileId | None, store_file: FileId | None) -> Snapshot:
+def _load(old: Snapshot, changes: dict[str, FileId]) -> Snapshot:
     """Read and validate what changed, reuse what did not; raises Refused naming the bad file.
 
     The whole-file work (copying and checking a store, parsing a model) runs in the
@@ -204,41 +212,46 @@ def _load(old: Snapshot, model_file: FileId | None, store_file: FileId | None) -
     is built here. Keeping Python out of the pool thread matters on a busy machine: a
     thread descheduled while it holds the GIL stalls the loop for as long as it is off-CPU.
     """
-    model, store, refused = gevent.get_hub().threadpool.apply(_read, (old, model_file, store_file))
-    if refused is not None:
-        raise refused
+    read: tuple[model_mod.Model, UserStore | None] | Refused = gevent.get_hub().threadpool.apply(_read, (old, changes))
+    if isinstance(read, Refused):
+        raise read
+    model, store = read
     try:
         return Snapshot(model, store)
     except Exception as exc:
-        if store is not old.store:
+        if store is not None and store is not old.store:
             store.close()
-        raise Refused("model" if model_file else "store", model_file or store_file, exc) from None  # type: ignore[arg-type]
+        kind = "model" if "model" in changes else "store"
+        raise Refused(kind, changes[kind], exc) from None
 
 
-def _read(old: Snapshot, model_file: FileId | None, store_file: FileId | None) -> tuple[Any, Any, Refused | None]:
-    """In a pool thread: (model, store, None), or why not as (.., .., Refused).
+def _read(old: Snapshot, changes: dict[str, FileId]) -> tuple[model_mod.Model, UserStore | None] | Refused:
+    """In a pool thread: (model, store), or why not as a Refused.
 
     Returned, never raised: gevent prints a traceback for an exception that leaves a
     pool function, and a refused file must make exactly one log line.
     """
-    store = old.store
+    model, store = old.model, old.store
+    store_file, model_file = changes.get("store"), changes.get("model")
     try:
         if store_file:
             try:
                 store = open_store(store_file.path)
             except Exception as exc:
                 raise Refused("store", store_file, exc) from None
-        try:
-            return (model_mod.load(model_file.path) if model_file else old.model), store, None
-        except Exception as exc:
-            raise Refused("model", model_file, exc) from None  # type: ignore[arg-type]
+        if model_file:
+            try:
+                model = model_mod.load(model_file.path)
+            except Exception as exc:
+                raise Refused("model", model_file, exc) from None
+        return model, store
     except Refused as refused:
-        if store is not old.store:
+        if store is not None and store is not old.store:
             store.close()
-        return None, None, refused
+        return refused
 
 
-def watch(holder: Holder, settings: Settings, log: logging.Logger | logging.LoggerAdapter, *, poll_s: float = 1.0) -> Watcher:
+def watch(holder: Holder, settings: Settings, log: logging.Logger, *, poll_s: float = 1.0) -> Watcher:
     """Start hot swap for this process: poll ``settings.watch_dir`` and reload on SIGHUP."""
     watcher = Watcher(holder, settings, log, poll_s=poll_s)
     try:

@@ -32,8 +32,9 @@ import math
 import os
 import random
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from tafe.core.types import BidRequest, Imp, Video
 from tafe.cqs.features import SPEC, names
@@ -183,7 +184,10 @@ def _poisson(rng: random.Random, lam: float) -> int:
         n += 1
 
 
-def _pick(rng: random.Random, pairs: list) -> object:
+T = TypeVar("T")
+
+
+def _pick(rng: random.Random, pairs: Sequence[tuple[T, float]]) -> T:
     return rng.choices([p[0] for p in pairs], weights=[p[1] for p in pairs])[0]
 
 
@@ -195,7 +199,7 @@ def _zipf(rng: random.Random, n: int) -> int:
     return bisect.bisect_left(_ZIPF[n], rng.uniform(0.0, _ZIPF[n][-1]))
 
 
-def _context(rng: random.Random, now: float, user_keys: tuple[str, ...], rid: str) -> tuple[BidRequest, dict]:
+def _context(rng: random.Random, now: float, user_keys: tuple[str, ...], rid: str) -> tuple[BidRequest, dict[str, Any]]:
     """One bid request (one imp) as TAFE's parsed view and as OpenRTB 2.6 JSON."""
     app = rng.random() < 0.38
     if app:
@@ -234,7 +238,7 @@ def _context(rng: random.Random, now: float, user_keys: tuple[str, ...], rid: st
     request = BidRequest(id=rid, imps=(imp,), channel=channel, domain=inv if not app else "", bundle=inv if app else "",
                          publisher_id=publisher, inventory_cats=cats, devicetype=dt, os=os_, country=country, region=region,
                          lmt=lmt, gdpr=gdpr, consent="CPc0nsent" if gdpr else "", user_keys=user_keys, tmax=100, cur=("USD",))
-    jimp: dict = {"id": "1", "bidfloor": floor, "bidfloorcur": "USD", "tagid": tag, "secure": 1}
+    jimp: dict[str, Any] = {"id": "1", "bidfloor": floor, "bidfloorcur": "USD", "tagid": tag, "secure": 1}
     if instl:
         jimp["instl"] = 1
     if rewarded:
@@ -245,9 +249,9 @@ def _context(rng: random.Random, now: float, user_keys: tuple[str, ...], rid: st
         jimp["video"] = {"mimes": ["video/mp4"], "w": 640, "h": 360, "minduration": 5, "maxduration": 30, "protocols": [2, 3, 5, 6], "plcmt": 1}
     else:
         jimp["native"] = {"ver": "1.2", "request": json.dumps({"ver": "1.2", "assets": [{"id": 1, "required": 1, "title": {"len": 90}}]})}
-    inv_obj = {"id": inv, "cat": list(cats), "publisher": {"id": publisher}}
+    inv_obj: dict[str, Any] = {"id": inv, "cat": list(cats), "publisher": {"id": publisher}}
     inv_obj.update({"bundle": inv} if app else {"domain": inv, "page": f"https://{inv}/article/{rng.randrange(10**6)}"})
-    body = {
+    body: dict[str, Any] = {
         "id": rid, "at": 1, "tmax": 100, "cur": ["USD"], "imp": [jimp], ("app" if app else "site"): inv_obj,
         "device": {"devicetype": dt, "os": _OS_JSON[os_], "lmt": int(lmt), "geo": {"country": country, "region": region},
                    "ip": "203.0.113.%d" % rng.randrange(1, 255), "ua": "Mozilla/5.0 (synthetic)"},
@@ -260,13 +264,13 @@ def _context(rng: random.Random, now: float, user_keys: tuple[str, ...], rid: st
     return request, body
 
 
-def simulate(users: int, requests: int, unknown: float, seed: int, as_of: float) -> tuple[list[User], Iterator[tuple[dict, dict]]]:
+def simulate(users: int, requests: int, unknown: float, seed: int, as_of: float) -> tuple[list[User], Iterator[tuple[dict[str, Any], dict[str, Any]]]]:
     """The population, and a generator of (decision record, OpenRTB request) pairs."""
     rng = random.Random(seed)
     population = [_user(rng, as_of) for _ in range(users)]
     truth = Truth(seed)
 
-    def stream() -> Iterator[tuple[dict, dict]]:
+    def stream() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         srng = random.Random(seed * 7919 + 1)
         known = [u for u in population if u.state is not None]
         cum = []
@@ -299,7 +303,7 @@ def simulate(users: int, requests: int, unknown: float, seed: int, as_of: float)
 
 
 def write(out: str, users: int = 20_000, requests: int = 100_000, unknown: float = 0.3, seed: int = 1,
-          as_of: float = 1_767_225_600.0) -> dict:
+          as_of: float = 1_767_225_600.0) -> dict[str, Any]:
     """Write the synthetic world into directory ``out``; returns a summary."""
     os.makedirs(out, exist_ok=True)
     population, stream = simulate(users, requests, unknown, seed, as_of)

@@ -15,27 +15,20 @@ numpy: deterministic for a seed, a few seconds per 100k records.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
+import orjson
 
 from tafe.cqs import CqsError
 from tafe.cqs.features import SPEC
 from tafe.cqs.model import Head, Model
-
-try:
-    import orjson
-
-    _loads = orjson.loads
-except ImportError:  # pragma: no cover
-    _loads = json.loads
 
 
 @dataclass
@@ -99,7 +92,7 @@ def read(paths: Sequence[str], dims: int, heads: Sequence[str], holdout: float) 
                 if not line.strip():
                     continue
                 try:
-                    rec = _loads(line)
+                    rec = orjson.loads(line)
                     feats = rec["features"]
                     outcomes = rec.get("outcomes")
                 except (ValueError, KeyError, TypeError):
@@ -143,7 +136,7 @@ def feature_names(paths: Sequence[str], dims: int, limit: int = 100_000) -> dict
                 if n >= limit:
                     return out
                 try:
-                    feats = _loads(line).get("features") or []
+                    feats = orjson.loads(line).get("features") or []
                 except (ValueError, AttributeError):
                     continue
                 n += 1
@@ -221,7 +214,7 @@ def log_loss(p: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
 
 
-def calibration(p: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict]:
+def calibration(p: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, Any]]:
     """Reliability table over equal-count bins of the prediction (rare heads stay readable)."""
     order = np.argsort(p, kind="mergesort")
     out = []
@@ -232,16 +225,16 @@ def calibration(p: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict]
     return out
 
 
-def metrics(p: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict:
+def metrics(p: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict[str, Any]:
     table = calibration(p, labels, bins)
     ece = sum(r["n"] * abs(r["predicted"] - r["observed"]) for r in table) / max(1, len(p))
     return {"auc": auc(p, labels), "log_loss": log_loss(p, labels), "mean_predicted": float(p.mean()),
             "observed_rate": float(labels.mean()), "ece": float(ece), "calibration": table}
 
 
-def evaluate(model: Model, data: Data, bins: int = 10) -> dict:
+def evaluate(model: Model, data: Data, bins: int = 10) -> dict[str, Any]:
     """Per head: the model's AUC, log loss, calibration; the hidden model's when known."""
-    report: dict = {"records": data.rows, "skipped": data.skipped, "model": model.version, "heads": {}}
+    report: dict[str, Any] = {"records": data.rows, "skipped": data.skipped, "model": model.version, "heads": {}}
     for h in model.heads:
         if h.name not in data.labels:
             continue
@@ -259,7 +252,7 @@ def evaluate(model: Model, data: Data, bins: int = 10) -> dict:
 
 
 def train_files(paths: Sequence[str], dims: int = 1 << 18, heads: Sequence[str] = ("visit", "click", "purchase"),
-                version: str = "", epochs: int = 3, l2: float = 1e-3, holdout: float = 0.2, seed: int = 1) -> tuple[Model, dict]:
+                version: str = "", epochs: int = 3, l2: float = 1e-3, holdout: float = 0.2, seed: int = 1) -> tuple[Model, dict[str, Any]]:
     """Read logs, fit on the training split, score the held-out split; (model, report)."""
     if dims <= 0 or dims & (dims - 1):
         raise CqsError(f"--dims must be a power of two, got {dims}")
@@ -273,20 +266,20 @@ def train_files(paths: Sequence[str], dims: int = 1 << 18, heads: Sequence[str] 
     meta = {"trained_on": train_part.rows, "heldout": int(data.heldout.sum()), "epochs": epochs, "l2": l2, "seed": seed,
             "base_rates": {h: round(float(data.labels[h].mean()), 6) for h in heads}}
     model = Model(version, dims, tuple(Head(h, float(b[k]), _f32(w[k])) for k, h in enumerate(heads)), SPEC, meta)
-    report = {"records": data.rows, "skipped": data.skipped, "seconds": round(time.monotonic() - t0, 2)}
+    report: dict[str, Any] = {"records": data.rows, "skipped": data.skipped, "seconds": round(time.monotonic() - t0, 2)}
     if holdout > 0 and data.heldout.any():
         ev = evaluate(model, data.subset(data.heldout))
         report["heldout"] = {h: {k: v for k, v in m.items() if k != "calibration"} for h, m in ev["heads"].items()}
     return model, report
 
 
-def _f32(x: np.ndarray) -> array:
+def _f32(x: np.ndarray) -> array[float]:
     out = array("f")
     out.frombytes(x.astype("<f4").tobytes())
     return out
 
 
-def evaluate_files(model: Model, paths: Sequence[str], holdout: float | None = 0.2, bins: int = 10) -> dict:
+def evaluate_files(model: Model, paths: Sequence[str], holdout: float | None = 0.2, bins: int = 10) -> dict[str, Any]:
     data = read(paths, model.dims, [h.name for h in model.heads], holdout or 0.0)
     if holdout is not None:
         data = data.subset(data.heldout)
@@ -295,7 +288,7 @@ def evaluate_files(model: Model, paths: Sequence[str], holdout: float | None = 0
     return evaluate(model, data, bins)
 
 
-def format_report(report: dict) -> str:
+def format_report(report: dict[str, Any]) -> str:
     lines = [f"model {report['model']}: {report['records']} records ({report['skipped']} without outcomes skipped)"]
     for name, m in report["heads"].items():
         truth = f"   hidden model: AUC {m['truth_auc']:.4f}, log loss {m['truth_log_loss']:.4f}" if "truth_auc" in m else ""

@@ -25,6 +25,7 @@ from tafe.cqs import open_snapshot
 from tafe.cqs.decision_log import DecisionLog
 from tafe.cqs.swap import Holder
 from tafe.events import EventSink, NullSink, RotatingFiles
+from tafe.exchanges import load as load_exchanges
 from tafe.handlers.bid import BidHandler
 from tafe.handlers.notices import KINDS, TRACKS, NoticeHandler, NoticeQueue
 from tafe.lifecycle import Lifecycle
@@ -36,13 +37,14 @@ from tafe.settings import Settings
 
 __all__ = ["Apps", "build", "make_admin_app", "make_public_app"]
 
-WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+Headers = list[tuple[str, str]]
 log = logging.getLogger("tafe")
 
 _BID_PREFIX = "/openrtb2/bid"
 _EXCHANGE = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 _MAX_EXCHANGES = 64  # bounds the exchange label's cardinality in /metrics
-_TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+_TEXT: Headers = [("Content-Type", "text/plain; charset=utf-8")]
 
 
 class Apps(NamedTuple):
@@ -106,7 +108,7 @@ class Money(NamedTuple):
         self.state.flush()
 
 
-def _ping(lifecycle: Lifecycle) -> tuple[str, list, bytes]:
+def _ping(lifecycle: Lifecycle) -> tuple[str, Headers, bytes]:
     if lifecycle.draining:
         return "503 Service Unavailable", _TEXT, b"draining\n"
     return "200 OK", _TEXT, b"pong\n"
@@ -117,27 +119,29 @@ def make_public_app(
     *,
     lifecycle: Lifecycle,
     metrics: Metrics,
-    holder: Any,
+    holder: Holder,
     campaigns: Campaigns,
     money: Money | None = None,
-    decision_log: Any = None,
+    decision_log: DecisionLog | None = None,
 ) -> WSGIApp:
     """Bids on ``POST /openrtb2/bid[/{exchange}]``, notices on ``/notice/{win,bill,loss}``, tracking on
-    ``/track/{imp,click}``, ``GET /ping``. Without ``money``, a fresh state of its own."""
+    ``/track/{imp,click}``, ``GET /ping``. Without ``money``, a fresh state of its own. Each exchange
+    of the ``exchanges`` file gets its profile (``tafe.exchanges``); ``ExchangesError`` if it is bad."""
     if money is None:
         settings = node_settings(settings)
         money = open_money(settings, campaigns)
         money.sync(metrics, time.time())
+    profiles = load_exchanges(settings)
     bid = BidHandler(
         settings, metrics=metrics, holder=holder, campaigns=campaigns, banker=money.banker, state=money.state,
-        keys=keys_of(settings), decision_log=decision_log,
+        keys=keys_of(settings), exchanges=profiles, decision_log=decision_log,
     )  # fmt: skip
     notice = NoticeHandler(
         metrics=metrics, campaigns=campaigns, state=money.state, keys=keys_of(settings), events=money.events,
         notice_ttl_s=settings.notice_ttl_s, reservation_ttl_s=settings.reservation_ttl_s,
-        period_s=settings.budget_period_s, queue=money.queue,
+        period_s=settings.budget_period_s, exchanges=profiles, queue=money.queue,
     )  # fmt: skip
-    exchanges: set[str] = set()
+    exchanges = set(profiles.by_name)  # labelled in /metrics whatever the cap
     updates = metrics.updates
     latency = {r: updates.histogram(metrics.latency.labels(r)) for r in ("bid", "notice", "ping", "other")}
     counters: dict[tuple[str, str], Any] = {}
@@ -152,7 +156,7 @@ def make_public_app(
             return name
         return "other"
 
-    def route(environ: dict[str, Any], method: str, path: str) -> tuple[str, str, list, bytes]:
+    def route(environ: dict[str, Any], method: str, path: str) -> tuple[str, str, Headers, bytes]:
         if path == _BID_PREFIX or path.startswith(_BID_PREFIX + "/"):
             if method != "POST":
                 return "bid", "405 Method Not Allowed", [*_TEXT, ("Allow", "POST")], b"POST only\n"
@@ -171,7 +175,7 @@ def make_public_app(
             return ("ping", *_ping(lifecycle))
         return "other", "404 Not Found", _TEXT, b"not found\n"
 
-    def app(environ: dict[str, Any], start_response: Callable) -> list[bytes]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         start = environ.get("tafe.arrival") or time.monotonic()
         in_flight.inc()
         try:
@@ -245,7 +249,7 @@ def make_admin_app(
     mounted = sorted((mounts or {}).items(), key=lambda kv: -len(kv[0]))  # longest prefix first
     registry = metrics.registry
 
-    def app(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         for prefix, sub in mounted:
             if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
@@ -298,7 +302,7 @@ def open_money(settings: Settings, campaigns: Campaigns) -> Money:
         reservation_ttl_s=settings.reservation_ttl_s,
     )  # fmt: skip
     events: EventSink = RotatingFiles(settings.event_log) if settings.event_log else NullSink()
-    return Money(banker, state, events, settings, NoticeQueue(spend_on=settings.spend_on))
+    return Money(banker, state, events, settings, NoticeQueue())
 
 
 def build(settings: Settings, *, lifecycle: Lifecycle | None = None, registry: CollectorRegistry | None = None) -> Apps:

@@ -22,6 +22,7 @@ from tafe.core.privacy import may_use_history
 from tafe.core.render import render
 from tafe.core.request import BadRequest, parse
 from tafe.core.types import BidRequest, Decision, NoBidReason
+from tafe.exchanges import Exchanges, Profile
 from tafe.metrics import Metrics
 from tafe.money.banker import Banker
 from tafe.money.state import State
@@ -55,8 +56,8 @@ def read_body(environ: dict[str, Any], max_bytes: int) -> bytes:
             raise BadRequest("bad_content_length")
         if n > max_bytes:
             raise TooLarge()
-        return stream.read(n) if n else b""
-    body = stream.read(max_bytes + 1)  # chunked or unknown length: the server terminated the stream
+        return bytes(stream.read(n)) if n else b""
+    body: bytes = stream.read(max_bytes + 1)  # chunked or unknown length: the server terminated the stream
     if len(body) > max_bytes:
         raise TooLarge()
     return body
@@ -151,6 +152,7 @@ class BidHandler:
         banker: Banker,
         state: State,
         keys: Keys,
+        exchanges: Exchanges,
         decision_log: Any = None,
     ) -> None:
         self.metrics = metrics
@@ -159,6 +161,7 @@ class BidHandler:
         self.banker = banker
         self.state = state
         self.keys = keys
+        self.exchanges = exchanges
         self.caps = {c.id: c.frequency_cap for c in campaigns.campaigns if c.frequency_cap is not None}
         self.decision_log = decision_log
         self.max_body = settings.max_body_bytes
@@ -166,11 +169,9 @@ class BidHandler:
         self.gzip_min = settings.gzip_min_bytes
         self.default_tmax = settings.default_tmax_ms
         self.max_tmax = settings.max_tmax_ms
-        self.margin = settings.network_margin_ms
         self.min_budget = settings.min_budget_ms / 1000
         self.nbr = settings.nbr_in_response
-        self.seat = settings.seat
-        self.notice_base = settings.notice_base_url.rstrip("/")  # empty: from each request's Host
+        self.gvl_vendor_id = settings.gvl_vendor_id
         self._bases: dict[tuple[str, str | None], str] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
         self._bids: dict[str, Any] = {}  # prometheus children per exchange, bound once
@@ -178,6 +179,7 @@ class BidHandler:
         self._bid_price = metrics.updates.histogram(metrics.bid_price)
         self._bad: dict[str, Any] = {}
         self._warned_at = -10.0  # monotonic time of the last "state unreadable" warning
+        self._privacy: dict[tuple[str, str], Any] = {}
 
     def _base_of(self, environ: dict[str, Any]) -> str:
         """``scheme://host[:port]`` the exchange reached us by (Nginx passes the Host through,
@@ -209,12 +211,19 @@ class BidHandler:
             log.debug("bad request: %s", reason)
         return "400 Bad Request", [_TEXT], reason.encode() + b"\n"
 
-    def _no_bid(self, request_id: str, reason: NoBidReason, exchange: str, headers: list) -> Response:
+    def _count_privacy(self, decision: Decision) -> None:
+        key = ("no_bid" if decision.no_bid is NoBidReason.PRIVACY else "no_history", decision.privacy or "")
+        counter = self._privacy.get(key)
+        if counter is None:  # reasons are a fixed set of labels from tafe.core.privacy
+            counter = self._privacy[key] = self.metrics.updates.counter(self.metrics.privacy.labels(*key))
+        counter.inc()
+
+    def _no_bid(self, request_id: str, reason: NoBidReason, exchange: str, headers: list[tuple[str, str]]) -> Response:
         self._no_bids[reason].inc()
         if self.debug:
             log.debug("no bid: %s", reason.label, extra={"fields": {"request": request_id, "exchange": exchange}})
         if self.nbr:
-            return "200 OK", [_JSON, *headers], render(no_bid(request_id, reason), seat=self.seat, notice_base="", nbr_in_response=True)
+            return "200 OK", [_JSON, *headers], render(no_bid(request_id, reason), seat="", notice_base="", nbr_in_response=True)
         return "204 No Content", headers, b""
 
     def _impressions(self, user: str, now: float) -> dict[str, int] | None:
@@ -237,15 +246,16 @@ class BidHandler:
                 out[cid] = sum(1 for t in seen if t > since)
         return out
 
-    def _tokens(self, request: BidRequest, decision: Decision, user: str, ts: int) -> list[str]:
+    def _tokens(self, request: BidRequest, decision: Decision, user: str, ts: int, exchange: str) -> list[str]:
         model, keys = decision.versions.get("model", ""), self.keys
         return [
             sign(
                 NoticeFields(
-                    request.id, b.imp_id, b.bid_id, b.campaign_id, b.creative.id, user, b.price_micros, ts, model, b.deal_id
+                    request.id, b.imp_id, b.bid_id, b.campaign_id, b.creative.id, user, b.price_micros, ts, model, b.deal_id,
+                    exchange,
                 ),
                 keys,
-            )
+            )  # fmt: skip
             for b in decision.bids
         ]
 
@@ -270,21 +280,26 @@ class BidHandler:
         except BadRequest as exc:
             return self._bad_request(exc.reason)
 
+        profile: Profile = self.exchanges.of(exchange)
         tmax = request.tmax or self.default_tmax
-        deadline = arrival + (min(tmax, self.max_tmax) - self.margin) / 1000
+        deadline = arrival + (min(tmax, self.max_tmax) - profile.network_margin_ms) / 1000
         if deadline - time.monotonic() < self.min_budget:
             self.metrics.over_deadline.inc()
             return self._no_bid(request.id, NoBidReason.DEADLINE, exchange, headers)
 
         snapshot = self.holder.current
         now = time.time()
-        user = xxh3_64_hexdigest(request.user_keys[0].encode()) if request.user_keys and may_use_history(request) is None else ""
+        vendor = self.gvl_vendor_id
+        user = xxh3_64_hexdigest(request.user_keys[0].encode()) if request.user_keys and may_use_history(request, vendor) is None else ""
         banker = self.banker
         inputs = Inputs(
             snapshot, self.campaigns, now, budgets=banker.floats_at(now), exhausted=banker.exhausted,
-            impressions=_Lazy(lambda: self._impressions(user, now)) if self.caps and user else None,
+            impressions=_Lazy(lambda: self._impressions(user, now)) if self.caps and user else None, seat=profile.seat,
+            gvl_vendor_id=vendor,
         )  # fmt: skip
         decision = decide(request, inputs)
+        if decision.privacy is not None:
+            self._count_privacy(decision)
         if self.decision_log is not None:
             self.decision_log.record(request, decision, snapshot, now)
         if not decision.bids:
@@ -296,8 +311,8 @@ class BidHandler:
             return self._no_bid(request.id, NoBidReason.DEADLINE, exchange, headers)
         banker.apply(decision, now)
         out = render(
-            decision, seat=self.seat, notice_base=self.notice_base or self._base_of(environ),
-            tokens=self._tokens(request, decision, user, int(now)),
+            decision, seat=profile.seat, notice_base=profile.notice_base_url or self._base_of(environ),
+            tokens=self._tokens(request, decision, user, int(now), profile.name),
         )  # fmt: skip
 
         counter = self._bids.get(exchange)
@@ -308,7 +323,7 @@ class BidHandler:
         for bid in decision.bids:
             observe(bid.price)
         headers.append(_JSON)
-        if len(out) >= self.gzip_min and accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING", "")):
+        if profile.gzip and len(out) >= self.gzip_min and accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING", "")):
             out = zlib.compress(out, 1, wbits=31)
             headers.append(("Content-Encoding", "gzip"))
             headers.append(("Vary", "Accept-Encoding"))

@@ -6,12 +6,16 @@ forged or altered one is refused before it can touch money. Rules, in order:
 
 1. The token must verify (``unsigned``, ``bad_token``: 403; ``expired``: 410).
 2. Win and bill need the clearing price ``p`` (``${AUCTION_PRICE}``): a plain number,
-   at least 0 and at most our own bid price, in our currency (``cur``, when filled in).
-   Anything else is ``bad_price`` (400), except a price the exchange encrypted, which is
-   logged and counted as ``encrypted_price`` and changes nothing yet (202).
+   or one the exchange encrypted (``tafe.money.price_crypto``) with the keys of its
+   profile (``tafe.exchanges``; the token names the exchange), at least 0 and at most our
+   own bid price, in our currency (``cur``, when filled in). Anything else is
+   ``bad_price`` (400); an encrypted price whose signature fails is ``bad_signature``
+   (400); one from an exchange without keys is logged and counted as ``encrypted_price``
+   and changes nothing (202).
 3. The money state applies it once per bid, whichever worker gets each retry:
-   bill (or win, with ``spend_on = win``) commits the price as spend and releases the
-   bid's reservation; win lowers the reservation to the clearing price; loss releases it.
+   bill (or win, when the exchange's ``spend_on`` is ``win``) commits the price as spend
+   and releases the bid's reservation; win lowers the reservation to the clearing price;
+   loss releases it.
    A second time is ``duplicate`` (still 204: the exchange must stop retrying).
 4. The first of win, bill and impression counts one impression of the campaign for the
    user (frequency caps). A click answers 302 to the campaign's declared ``landing_url``,
@@ -35,8 +39,10 @@ from urllib.parse import parse_qsl
 
 from tafe.core.campaigns import Campaigns
 from tafe.events import EventSink
+from tafe.exchanges import Exchanges
 from tafe.metrics import Metrics
 from tafe.money.banker import period_of
+from tafe.money.price_crypto import PriceError, PriceKeys, decrypt
 from tafe.money.state import BidRef, State
 from tafe.money.token import Keys, NoticeFields, verify
 
@@ -45,7 +51,8 @@ log = logging.getLogger("tafe.notice")
 KINDS = ("win", "bill", "loss")
 TRACKS = ("imp", "click")
 OUTCOMES = (
-    "accepted", "duplicate", "queued", "unsigned", "bad_token", "expired", "bad_price", "encrypted_price",
+    "accepted", "duplicate", "queued", "unsigned", "bad_token", "expired", "bad_price", "bad_signature",
+    "encrypted_price",
     "unknown_campaign", "state_error",
 )  # fmt: skip
 Response = tuple[str, list[tuple[str, str]], bytes]
@@ -55,7 +62,8 @@ _TEXT = ("Content-Type", "text/plain; charset=utf-8")
 _NO_STORE = ("Cache-Control", "no-store")
 _STATUS = {
     "unsigned": "403 Forbidden", "bad_token": "403 Forbidden", "expired": "410 Gone", "bad_price": "400 Bad Request",
-    "encrypted_price": "202 Accepted", "unknown_campaign": "404 Not Found", "state_error": "503 Service Unavailable",
+    "bad_signature": "400 Bad Request", "encrypted_price": "202 Accepted", "unknown_campaign": "404 Not Found",
+    "state_error": "503 Service Unavailable",
 }  # fmt: skip
 # A 1x1 transparent GIF: what an <img> impression pixel expects back.
 PIXEL = (
@@ -64,8 +72,9 @@ PIXEL = (
 )
 
 
-def clearing_nanos(text: str, bid_price_micros: int, currency: str, ours: str) -> int | str:
-    """The clearing price of one impression in nanos (CPM micros), or why it is refused."""
+def clearing_nanos(text: str, bid_price_micros: int, currency: str, ours: str, keys: PriceKeys | None = None) -> int | str:
+    """The clearing price of one impression in nanos (CPM micros), or why it is refused;
+    ``keys``: the exchange's, to decrypt an encrypted price."""
     if currency and not currency.startswith("${") and currency.upper() != ours:
         return "bad_price"
     if not text or text.startswith("${") or text.startswith("%24%7B"):
@@ -74,7 +83,15 @@ def clearing_nanos(text: str, bid_price_micros: int, currency: str, ours: str) -
         value = Decimal(text)
     except InvalidOperation:
         # Not a number: exchanges that encrypt send base64url ciphertext here.
-        return "encrypted_price" if len(text) >= 16 and text.replace("-", "").replace("_", "").isalnum() else "bad_price"
+        if len(text) < 16 or not text.rstrip("=").replace("-", "").replace("_", "").isalnum():
+            return "bad_price"
+        if keys is None:
+            return "encrypted_price"
+        try:
+            micros = decrypt(text, keys)
+        except PriceError as exc:
+            return exc.reason
+        return micros if micros <= bid_price_micros else "bad_price"
     if not value.is_finite() or value < 0:
         return "bad_price"
     micros = int((value * 1_000_000).to_integral_value(rounding="ROUND_HALF_UP"))
@@ -88,14 +105,15 @@ class NoticeQueue:
     queued while the state was gone is applied whole when it is back, in arrival order.
     """
 
-    def __init__(self, *, spend_on: str = "bill", limit: int = 50_000) -> None:
-        self.spend_on = spend_on
+    def __init__(self, *, limit: int = 50_000) -> None:
         self.limit = limit
-        self.items: deque[tuple[str, BidRef, int, float, int]] = deque()
+        self.items: deque[tuple[str, BidRef, int, float, int, str]] = deque()
 
-    def apply(self, state: State, kind: str, bid: BidRef, price: int, now: float, cap: int) -> bool:
-        """Apply one notice to ``state`` (``cap``: impressions kept per user, 0 for none); False if seen before."""
-        if kind == "bill" or (kind == "win" and self.spend_on == "win"):
+    @staticmethod
+    def apply(state: State, kind: str, bid: BidRef, price: int, now: float, cap: int, spend_on: str) -> bool:
+        """Apply one notice to ``state`` (``cap``: impressions kept per user, 0 for none; ``spend_on``: the
+        exchange's billing notice, bill or win); False if seen before."""
+        if kind == "bill" or (kind == "win" and spend_on == "win"):
             first = state.commit(bid, price, now)
         elif kind in ("win", "loss"):
             first = state.release(kind, bid, price, now)
@@ -105,11 +123,11 @@ class NoticeQueue:
             state.count_impression(bid, cap, now)
         return first
 
-    def put(self, kind: str, bid: BidRef, price: int, now: float, cap: int) -> bool:
+    def put(self, kind: str, bid: BidRef, price: int, now: float, cap: int, spend_on: str) -> bool:
         """Keep a notice for later; False when the queue is full."""
         if len(self.items) >= self.limit:
             return False
-        self.items.append((kind, bid, price, now, cap))
+        self.items.append((kind, bid, price, now, cap, spend_on))
         return True
 
     def drain(self, state: State) -> int:
@@ -136,6 +154,7 @@ class NoticeHandler:
         notice_ttl_s: int,
         reservation_ttl_s: int,
         period_s: int,
+        exchanges: Exchanges,
         queue: NoticeQueue | None = None,
     ) -> None:
         self.campaigns = campaigns
@@ -145,6 +164,7 @@ class NoticeHandler:
         self.ttl = notice_ttl_s
         self.reservation_ttl = reservation_ttl_s
         self.period_s = period_s
+        self.exchanges = exchanges
         self.queue = queue or NoticeQueue()
         self.metrics = metrics
         self._counters: dict[tuple[str, str], Any] = {}
@@ -171,17 +191,21 @@ class NoticeHandler:
             nanos=fields.price_micros, user=fields.user, expires=fields.ts + self.ttl,
             reserved_until=fields.ts + self.reservation_ttl,
         )
+        profile = self.exchanges.of(fields.exchange)
         price = 0
         if kind in ("win", "bill"):
-            cleared = clearing_nanos(query.get("p", ""), fields.price_micros, query.get("cur", ""), self.campaigns.currency)
+            cleared = clearing_nanos(
+                query.get("p", ""), fields.price_micros, query.get("cur", ""), self.campaigns.currency, profile.price_keys
+            )
             if isinstance(cleared, str):
                 return self._refuse(kind, cleared, query, fields)
             price = cleared
         cap = campaign.frequency_cap.impressions if campaign.frequency_cap is not None else 0
+        notice = (kind, bid, price, now, cap, profile.spend_on)
         try:
-            outcome = "accepted" if self.queue.apply(self.state, kind, bid, price, now, cap) else "duplicate"
+            outcome = "accepted" if self.queue.apply(self.state, *notice) else "duplicate"
         except Exception as exc:
-            if not self.queue.put(kind, bid, price, now, cap):
+            if not self.queue.put(*notice):
                 log.error("money state failed on a %s notice for bid %s and the queue is full: %s", kind, fields.bid_id, exc)
                 self._count(kind, "state_error")
                 return _STATUS["state_error"], [_TEXT], b"state_error\n"
@@ -220,6 +244,8 @@ def _event(kind: str, outcome: str, f: NoticeFields, now: float, query: dict[str
     }  # fmt: skip
     if f.deal:
         event["deal"] = f.deal
+    if f.exchange:
+        event["exchange"] = f.exchange
     if kind in ("win", "bill"):
         event["price"] = price / 1e6 if isinstance(price, int) else None
         if outcome == "encrypted_price":

@@ -170,7 +170,7 @@ class EmbeddedState:
         limit = _EXP.pack(int(now))
         for db in (self._res, self._seenx):
             with txn.cursor(db=db) as cur:
-                expired = []
+                expired: list[bytes] = []
                 for k in cur.iternext(values=False):
                     if k[:8] >= limit or len(expired) >= _SWEEP_MAX:
                         break

@@ -6,7 +6,8 @@ Every notice URL TAFE writes holds one token, ``<kid>.<payload>.<mac>``:
   already in flight (sign with the first key, verify with any key still listed);
 - ``payload``: base64url of the bid's fields joined by ``\\x1f`` (request id, imp id,
   bid id, campaign, creative, user hash, our price in CPM micros, unix time of the bid,
-  model version, deal id), in that order;
+  model version, deal id, exchange profile name), in that order (a token of ten fields,
+  from before the exchange was named, reads as the default exchange);
 - ``mac``: the first 16 bytes of HMAC-SHA256(key, ``kid.payload``), base64url.
 
 The token is the whole state of a bid: nothing is kept per bid to make sense of a notice,
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 __all__ = ["Keys", "NoticeFields", "sign", "verify"]
 
 _SEP = "\x1f"
-_N_FIELDS = 10
+_N_FIELDS = 11
 _MAC_BYTES = 16
 _FUTURE_SKEW_S = 300  # a token dated later than this ahead of our clock was not made by us
 
@@ -46,6 +47,7 @@ class NoticeFields:
     ts: int  # unix seconds when the bid was made
     model: str = ""
     deal: str = ""
+    exchange: str = ""  # the profile the bid was made under ("" for the defaults): its keys and spend_on apply
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +99,10 @@ def sign(fields: NoticeFields, keys: Keys) -> str:
     """The token for a bid's notice URLs (URL-safe: base64url and dots)."""
     f = fields
     raw = _SEP.join(
-        (f.request_id, f.imp_id, f.bid_id, f.campaign, f.creative, f.user, str(f.price_micros), str(f.ts), f.model, f.deal)
+        (
+            f.request_id, f.imp_id, f.bid_id, f.campaign, f.creative, f.user, str(f.price_micros), str(f.ts), f.model,
+            f.deal, f.exchange,
+        )  # fmt: skip
     )
     signed = f"{keys.current}.{_b64(raw.encode())}"
     return f"{signed}.{_mac(keys.secrets[keys.current], signed)}"
@@ -116,6 +121,8 @@ def verify(token: str, keys: Keys, now: float, ttl_s: int) -> NoticeFields | str
         return "bad_token"
     try:
         parts = _unb64(signed.partition(".")[2]).decode().split(_SEP)
+        if len(parts) == _N_FIELDS - 1:
+            parts.append("")
         if len(parts) != _N_FIELDS:
             return "bad_token"
         price, ts = int(parts[6]), int(parts[7])
@@ -123,4 +130,4 @@ def verify(token: str, keys: Keys, now: float, ttl_s: int) -> NoticeFields | str
         return "bad_token"  # signed by us but unreadable: a bug or an old format, never spend
     if now - ts > ttl_s or ts - now > _FUTURE_SKEW_S:
         return "expired"
-    return NoticeFields(parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], price, ts, parts[8], parts[9])
+    return NoticeFields(parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], price, ts, parts[8], parts[9], parts[10])

@@ -108,7 +108,13 @@ class Profiler:
             if not self._fork_hook:
                 # The watchdog thread does not survive fork(): restart it in the child.
                 ref = weakref.ref(self)
-                os.register_at_fork(after_in_child=lambda: (p := ref()) is not None and p._after_fork())
+
+                def after_in_child() -> None:
+                    profiler = ref()
+                    if profiler is not None:
+                        profiler._after_fork()
+
+                os.register_at_fork(after_in_child=after_in_child)
                 self._fork_hook = True
         return self
 

@@ -33,7 +33,8 @@ def _library_prefixes() -> tuple[str, ...]:
             module = __import__(name)
         except ImportError:  # pragma: no cover - gevent is a dependency
             continue
-        prefixes.add(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
+        if module.__file__ is not None:
+            prefixes.add(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
     return tuple(sorted(prefixes))
 
 
@@ -111,7 +112,7 @@ def _short(filename: str) -> str:
 
 def _shorten_prefixes() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
-    roots = {paths.get(k) for k in ("purelib", "platlib", "stdlib", "platstdlib")} - {None}
+    roots = {paths[k] for k in ("purelib", "platlib", "stdlib", "platstdlib") if k in paths}
     roots |= {os.path.realpath(r) for r in roots}
     roots.add(os.getcwd())
     # Longest first, so site-packages wins over the stdlib directory that contains it.

@@ -15,11 +15,14 @@ must not raise. Spans of the hub are not measured: the hub also waits for I/O th
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import greenlet
 
 from ._accel import Hook
+
+if TYPE_CHECKING:  # types that exist only in _accel.pyi
+    from ._accel import _TraceFunc
 
 OnBlock = Callable[[Any, float, float], None]
 
@@ -44,12 +47,12 @@ class Tracer:
         self.hook = Hook(hub, threshold_s, on_block, sampled)
         # current[0] = (start of the running span, greenlet running it): built from one
         # read of the hook under the GIL, so always a consistent pair.
-        self.current: Any = self.hook
-        self.previous: Any = None
+        self.current: Hook = self.hook
+        self.previous: _TraceFunc | None = None
         self._threshold = threshold_s
         self._installed = False
 
-    def _configure(self, threshold: float, previous: Any) -> None:
+    def _configure(self, threshold: float, previous: _TraceFunc | None) -> None:
         self.hook.threshold = threshold
         self.hook.previous = previous
         self.hook.restart(greenlet.getcurrent())

@@ -36,12 +36,15 @@ from __future__ import annotations
 import os
 import sys
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gevent.monkey import get_original
 
-from ._accel import Watch
+from ._accel import Hook, Watch
 from .stacks import Stack, extract, is_profiler
+
+if TYPE_CHECKING:  # a type that exists only in _accel.pyi
+    from ._accel import _WatchStats
 
 Samples = tuple[tuple[Stack, float], ...]
 MAX_SAMPLES = 16
@@ -51,7 +54,7 @@ _get_native_id = get_original("_thread", "get_native_id")
 
 
 class Watchdog:
-    def __init__(self, current: list[tuple[float, Any]], hub: Any, threshold_s: float) -> None:
+    def __init__(self, current: Hook, hub: Any, threshold_s: float) -> None:
         self.current = current
         self.hub = hub
         self.threshold = threshold_s
@@ -62,8 +65,10 @@ class Watchdog:
         self.capture: tuple[float, Samples, int | None, Any] | None = None
         self._schedstat = _open_schedstat()
         self._loop: Watch | None = None
-        self._stats: dict[str, Any] = {"wakeups": 0, "errors": 0, "realtime": False, "native_id": None}
-        self._span, self._interval, self._baseline, self._run = 0.0, self.period, None, None
+        self._stats: _WatchStats = {"wakeups": 0, "errors": 0, "realtime": False, "native_id": 0}
+        self._span, self._interval = 0.0, self.period
+        self._baseline: int | None = None
+        self._run: Any = None
         self._samples: Samples = ()
 
     def start(self) -> None:
@@ -82,25 +87,26 @@ class Watchdog:
             self._loop.stop()
             self._loop = None
 
-    def _stat(self, name: str) -> Any:
-        return (self._loop.stats() if self._loop is not None else self._stats)[name]
+    def _stat(self) -> _WatchStats:
+        """The running thread's counters, else the last one's."""
+        return self._loop.stats() if self._loop is not None else self._stats
 
     @property
     def wakeups(self) -> int:
-        return self._stat("wakeups")
+        return self._stat()["wakeups"]
 
     @property
     def errors(self) -> int:
-        return self._stat("errors")
+        return self._stat()["errors"]
 
     @property
     def realtime(self) -> bool:
-        return self._stat("realtime")
+        return self._stat()["realtime"]
 
     @property
     def native_id(self) -> int | None:
         """The watchdog thread's, for its CPU time."""
-        return self._stat("native_id")
+        return self._stat()["native_id"] or None  # 0: the thread has not run
 
     @property
     def reading(self) -> tuple[float, int | None]:

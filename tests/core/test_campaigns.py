@@ -81,7 +81,7 @@ def broken(path, value):
         (("campaigns", 0, "creatives", 0, "h"), 0, "campaigns[0].creatives[0].h: expected a positive integer"),
         (("campaigns", 0, "creatives", 0, "adm"), "", "campaigns[0].creatives[0].adm: expected the markup (macros allowed), a non-empty string"),
         (("campaigns", 0, "creatives", 0, "secure"), "yes", "campaigns[0].creatives[0].secure: expected true or false"),
-        (("campaigns", 0, "creatives", 0, "size"), 3, "campaigns[0].creatives[0].size: unknown field (expected one of adm, duration, format, h, id, mimes, secure, w)"),
+        (("campaigns", 0, "creatives", 0, "size"), 3, "campaigns[0].creatives[0].size: unknown field (expected one of adm, attr, duration, format, h, id, language, mimes, secure, w)"),
         (("campaigns", 1, "creatives", 0, "duration"), KeyError, "campaigns[1].creatives[0].duration: expected a positive integer (seconds)"),
         (("campaigns", 1, "creatives", 0, "mimes"), [], "campaigns[1].creatives[0].mimes: expected a non-empty list of the markup's media types"),
         (("campaigns", 0, "adomain"), "shop.example", "campaigns[0].adomain: expected a list of strings"),

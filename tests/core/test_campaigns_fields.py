@@ -10,6 +10,7 @@ import pytest
 
 from tafe.core import campaigns
 from tafe.core.campaigns import CampaignsError, FrequencyCap, from_dict, validate
+from tafe.core.types import Dsa
 from tafe.settings import Settings
 
 from .stub import HERE
@@ -51,6 +52,10 @@ BUDGET = "expected a positive number (at least 0.000001)"
 CAP_N = "expected a positive integer"
 CAP_S = "expected a positive integer (seconds)"
 URL = "expected an absolute http or https URL"
+CATTAX = "expected a positive integer (AdCOM category taxonomy)"
+LANGUAGE = "expected an ISO-639-1 code (two lower-case letters)"
+DSA_TEXT = "expected 1-100 characters, no surrounding spaces"
+ADRENDER = "expected 0 (the publisher renders the notice) or 1 (the creative does)"
 
 
 @pytest.mark.parametrize(
@@ -64,8 +69,22 @@ URL = "expected an absolute http or https URL"
         ({"daily_budget": None}, [f"campaigns[1].daily_budget: {BUDGET}"]),
         ({"daily_budget": float("nan")}, [f"campaigns[1].daily_budget: {BUDGET}"]),
         ({"daily_budgte": 100}, ["campaigns[1].daily_budgte: unknown field (expected one of adomain, advertiser, base_cpm, "
-                                 "bundle, cat, creatives, daily_budget, deals, frequency_cap, id, landing_url, max_cpm, "
-                                 "pacing, targeting)"]),
+                                 "bundle, cat, cattax, creatives, daily_budget, deals, dsa, frequency_cap, id, landing_url, "
+                                 "language, max_cpm, pacing, targeting)"]),
+        ({"cattax": 0}, [f"campaigns[1].cattax: {CATTAX}"]),
+        ({"cattax": "1"}, [f"campaigns[1].cattax: {CATTAX}"]),
+        ({"language": "EN"}, [f"campaigns[1].language: {LANGUAGE}"]),
+        ({"language": "eng"}, [f"campaigns[1].language: {LANGUAGE}"]),
+        ({"dsa": "Acme"}, ["campaigns[1].dsa: expected an object"]),
+        ({"dsa": {}}, [f"campaigns[1].dsa.behalf: {DSA_TEXT}", f"campaigns[1].dsa.paid: {DSA_TEXT}"]),
+        ({"dsa": {"behalf": "A", "paid": "x" * 101}}, [f"campaigns[1].dsa.paid: {DSA_TEXT}"]),
+        ({"dsa": {"behalf": " A", "paid": "B"}}, [f"campaigns[1].dsa.behalf: {DSA_TEXT}"]),
+        ({"dsa": {"behalf": "A", "paid": "B", "adrender": 2}}, [f"campaigns[1].dsa.adrender: {ADRENDER}"]),
+        ({"dsa": {"behalf": "A", "paid": "B", "adrender": True}}, [f"campaigns[1].dsa.adrender: {ADRENDER}"]),
+        (
+            {"dsa": {"behalf": "A", "paid": "B", "transparency": []}},
+            ["campaigns[1].dsa.transparency: unknown field (expected one of adrender, behalf, paid)"],
+        ),
         ({"pacing": "fast"}, ['campaigns[1].pacing: expected "even" or "asap"']),
         ({"pacing": "EVEN"}, ['campaigns[1].pacing: expected "even" or "asap"']),
         ({"pacing": ["even"]}, ['campaigns[1].pacing: expected "even" or "asap"']),
@@ -94,6 +113,31 @@ URL = "expected an absolute http or https URL"
 )
 def test_bad_values_name_their_exact_path(fields, errors):
     assert validate(with_fields(1, **fields)) == (None, errors)
+
+
+@pytest.mark.parametrize(
+    "fields, errors",
+    [
+        ({"attr": [1, 0]}, ["campaigns[1].creatives[0].attr: expected a list of positive integers"]),
+        ({"attr": "1"}, ["campaigns[1].creatives[0].attr: expected a list of positive integers"]),
+        ({"language": "fr-FR"}, [f"campaigns[1].creatives[0].language: {LANGUAGE}"]),
+    ],
+)
+def test_bad_creative_response_fields_name_their_path(fields, errors):
+    doc = copy.deepcopy(DOC)
+    doc["campaigns"][1]["creatives"][0].update(fields)
+    assert validate(doc) == (None, errors)
+
+
+def test_response_fields_load_with_their_defaults():
+    doc = copy.deepcopy(DOC)
+    doc["campaigns"][0].update(cattax=2, language="de", dsa={"behalf": "Shop", "paid": "Shop AG"})
+    doc["campaigns"][0]["creatives"][0].update(attr=[6, 1], language="fr")
+    loaded = from_dict(doc).campaigns[0]
+    assert (loaded.cattax, loaded.dsa) == (2, Dsa("Shop", "Shop AG", 0))
+    assert [(c.attr, c.language) for c in loaded.creatives] == [((6, 1), "fr"), ((), "de")]
+    plain = from_dict(DOC).campaigns[2]
+    assert (plain.cattax, plain.dsa, plain.creatives[0].attr, plain.creatives[0].language) == (1, None, (), "")
 
 
 def test_landing_url_is_required_by_the_click_macro_only():

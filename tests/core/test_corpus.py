@@ -1,7 +1,10 @@
 """Data-driven: every request in tests/data/requests/{valid,invalid} meets its ``.expect``.
 
-valid: ``{"bids": [imp ids]}`` or ``{"bids": {imp id: {"campaign", "creative", "price", "deal"}}}``
-or ``{"nbr": "<NoBidReason label>"}``; optional ``"score"`` for the stand-in scorer.
+valid: ``{"bids": [imp ids]}`` or ``{"bids": {imp id: {"campaign", "creative", "price", "deal", "rendered"}}}``
+(``rendered``: fields of the bid as sent, null for "absent")
+or ``{"nbr": "<NoBidReason label>"}``; optional ``"score"`` for the stand-in scorer and
+``"gvl_vendor_id"`` for TAFE's vendor id (default 0); optional ``"privacy"``: the reason the
+privacy rules gave (``Decision.privacy``, null for none).
 invalid: ``{"status": 400, "reason": "<BadRequest reason>"}``.
 """
 
@@ -37,8 +40,10 @@ def test_corpus_is_there():
 def test_valid(path):
     want = expect(path)
     request = parse(path.read_bytes())
-    decision = decide(request, Inputs(FixedScorer(want.get("score", 0.5)), CAMPAIGNS, NOW))
+    decision = decide(request, Inputs(FixedScorer(want.get("score", 0.5)), CAMPAIGNS, NOW, gvl_vendor_id=want.get("gvl_vendor_id", 0)))
     body = render(decision, seat="tafe", notice_base="http://tafe.test")
+    if "privacy" in want:
+        assert decision.privacy == want["privacy"]
     if "nbr" in want:
         assert decision.bids == ()
         assert decision.no_bid is not None and decision.no_bid.label == want["nbr"]
@@ -58,6 +63,10 @@ def test_valid(path):
     response = json.loads(body)
     assert response["id"] == request.id
     assert [b["impid"] for b in response["seatbid"][0]["bid"]] == [b.imp_id for b in decision.bids]
+    sent = {b["impid"]: b for b in response["seatbid"][0]["bid"]}
+    for imp_id, fields in (want["bids"].items() if isinstance(want["bids"], dict) else ()):
+        for key, value in fields.get("rendered", {}).items():
+            assert sent[imp_id].get(key) == value, (imp_id, key)
 
 
 @pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)

@@ -89,18 +89,39 @@ def test_scored_once_per_imp_and_not_at_all_without_candidates():
     assert scorer.calls == 1
 
 
-def test_contextual_only_under_coppa_or_gdpr_without_consent():
+FULL_2_6_8 = "COzTVhaOzTVhaGvAAAENAiCIAP_AAH_AAAAAAEEUACCKAAA"  # tests/core/test_privacy.py: vendors 2, 6, 8
+USNAT_OPT_OUT = "DBABL~BVVVkkkkkpFY.YA"  # tests/core/test_privacy.py: usnat sale/sharing/targeted opt-out
+
+
+@pytest.mark.parametrize(
+    "fields, vendor, keys, privacy",
+    [
+        ({}, 0, ("u",), None),
+        ({"regs": {"coppa": 1}}, 0, (), "coppa"),
+        ({"device": {"lmt": 1}}, 0, (), "lmt"),
+        ({"regs": {"us_privacy": "1YYN"}}, 0, (), "us_privacy_opt_out"),
+        ({"regs": {"gpp": USNAT_OPT_OUT, "gpp_sid": [7]}}, 0, (), "gpp_opt_out"),
+        ({"regs": {"gdpr": 1}, "user": {"buyeruid": "u", "consent": FULL_2_6_8}}, 2, ("u",), None),
+        ({"regs": {"gdpr": 1}, "user": {"buyeruid": "u", "consent": FULL_2_6_8}}, 3, (), "gdpr_no_vendor"),
+        ({"regs": {"gdpr": 1}, "user": {"buyeruid": "u", "consent": FULL_2_6_8}}, 0, (), "gdpr_no_vendor_id"),
+    ],
+)
+def test_history_only_where_the_privacy_rules_allow_it(fields, vendor, keys, privacy):
     class Spy(FixedScorer):
         def score(self, request, imp, now):
             self.keys = request.user_keys
             return super().score(request, imp, now)
 
-    c = camps()
-    for fields, keys in (({}, ("u",)), ({"regs": {"coppa": 1}}, ()), ({"regs": {"gdpr": 1}}, ()),
-                         ({"regs": {"gdpr": 1}, "user": {"buyeruid": "u", "consent": "C"}}, ("u",))):
-        spy = Spy()
-        decide(req([BANNER], **fields), Inputs(spy, c, NOW))
-        assert spy.keys == keys, fields
+    spy = Spy()
+    d = decide(req([BANNER], **fields), Inputs(spy, camps(), NOW, gvl_vendor_id=vendor))
+    assert d.bids and spy.keys == keys and d.privacy == privacy
+
+
+@pytest.mark.parametrize("consent, reason", [("", "gdpr_no_consent"), ("BON", "gdpr_bad_consent")])
+def test_no_bid_where_gdpr_applies_without_a_usable_consent_string(consent, reason):
+    scorer = FixedScorer()
+    d = decide(req([BANNER], regs={"gdpr": 1}, user={"buyeruid": "u", "consent": consent}), Inputs(scorer, camps(), NOW, gvl_vendor_id=2))
+    assert d.no_bid is NoBidReason.PRIVACY and d.privacy == reason and not d.bids and scorer.calls == 0
 
 
 def test_deterministic_and_bid_ids_unique():

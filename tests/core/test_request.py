@@ -220,3 +220,35 @@ def test_native_request_types():
         assert parse(body.encode()).imps[0].native is has, request_
     with pytest.raises(BadRequest, match="wrong_type:imp.native.request"):
         parse(b'{"id":"r","imp":[{"id":"1","native":{"request":[1]}}]}')
+
+
+@pytest.mark.parametrize(
+    "regs, want",
+    [
+        ({}, 0),
+        ({"ext": {"dsa": {"dsarequired": 2, "pubrender": 0}}}, 2),  # the DSA extension's place
+        ({"dsa": {"dsarequired": 3}}, 3),  # where some exchanges put it
+        ({"dsa": {"dsarequired": 1}, "ext": {"dsa": {"dsarequired": 3}}}, 1),
+        ({"ext": {"dsa": {"dsarequired": 9}}}, 0),  # not a value the extension defines
+        ({"ext": {"dsa": {"dsarequired": "2"}}}, 0),  # ext garbage is ignored, not refused
+        ({"ext": {"dsa": "required"}}, 0),
+    ],
+)
+def test_dsa_required(regs, want):
+    assert p(regs=regs).dsa_required == want
+
+
+def test_dsa_wrong_type_in_regs_is_refused():
+    with pytest.raises(BadRequest) as info:
+        p(regs={"dsa": {"dsarequired": "2"}})
+    assert info.value.reason == "wrong_type:regs.dsa.dsarequired"
+
+
+def test_battr_per_media_object():
+    r = p(imp=[{"id": "1", "banner": {"w": 1, "h": 1, "battr": [1, 2]}, "video": {"battr": [16]}, "audio": {"battr": [3]}}])
+    imp = r.imps[0]
+    assert (imp.banner_battr, imp.video.battr, imp.audio.battr) == ((1, 2), (16,), (3,))
+    assert p().imps[0].banner_battr == ()
+    with pytest.raises(BadRequest) as info:
+        p(imp=[{"id": "1", "banner": {"battr": ["1"]}}])
+    assert info.value.reason == "wrong_type:imp.banner.battr"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 
 import gevent
 import pytest
@@ -14,6 +16,7 @@ from tafe.cqs import model as model_mod
 from tafe.cqs.state import UserState
 from tafe.cqs.store import key_hash, write_store
 from tafe.cqs.swap import Holder, Watcher
+from tafe.logs import JsonFormatter, TextFormatter
 from tafe.settings import Settings
 
 AS_OF = 1_750_000_000.0
@@ -48,7 +51,11 @@ def drop(directory, name: str, data: bytes) -> str:
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path, monkeypatch):
+    # Sealed copies are shared by every process of the user holding the same header
+    # (tafe.cqs.sealed): a test run elsewhere holding a good "s1" would hand the corrupt
+    # one below its good copy. The copies of this test are its own.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     watch_dir = tmp_path / "watch"
     watch_dir.mkdir()
     model = make_model(str(tmp_path / "m0.cqsm"), "m0")
@@ -132,7 +139,12 @@ def test_bad_files_are_refused_and_the_old_snapshot_keeps_serving(setup, caplog)
     assert watcher.check() is False
     assert holder.current is before
     (message,) = errors(caplog)
-    assert "refused store" in message and bad in message and "truncated" in message and "'s0'" in message
+    assert "refused store" in message and bad in message and "truncated" in message and "{" not in message
+    # What still serves, as log fields (JSON keys / key=value), not a dict inside the message.
+    refused = caplog.records[-1]
+    assert refused.fields == {"model": "m0", "store": "s0"}
+    assert json.loads(JsonFormatter().format(refused))["store"] == "s0"
+    assert TextFormatter().format(refused).endswith(" model=m0 store=s0")
 
     assert watcher.check() is False  # refused once, not retried (or re-logged) every poll
     assert len(errors(caplog)) == 1
@@ -155,7 +167,11 @@ def test_bad_files_are_refused_and_the_old_snapshot_keeps_serving(setup, caplog)
     drop(watch_dir, "s1.cqss", good)
     assert watcher.check() is True
     assert holder.current.versions == {"model": "m0", "store": "s1"}
-    assert "swapped in store" in caplog.records[-1].getMessage()
+    swapped = caplog.records[-1]
+    assert swapped.getMessage() == f"cqs: swapped in store {watch_dir / 's1.cqss'}"
+    assert swapped.fields == {"model": "m0", "store": "s1", "was_model": "m0", "was_store": "s0"}
+    line = json.loads(JsonFormatter().format(swapped))
+    assert (line["store"], line["was_store"]) == ("s1", "s0")
     assert watcher.check() is False  # nothing new
     assert len(errors(caplog)) == 4
 

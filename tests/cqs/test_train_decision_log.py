@@ -22,9 +22,9 @@ REQUEST = BidRequest(
 CREATIVE = Creative(id="cr-1", format=MediaType.BANNER, w=300, h=250)
 
 
-def _decision(request: BidRequest, imps: tuple[str, ...] = ("1", "2")) -> Decision:
+def _decision(request: BidRequest, imps: tuple[str, ...] = ("1", "2"), privacy: str | None = None) -> Decision:
     bids = tuple(Bid(f"b-{request.id}-{i}", i, 1.5, "camp-1", CREATIVE, ("shop.example",), (), cqs=0.42) for i in imps)
-    return Decision(request.id, bids=bids)
+    return Decision(request.id, bids=bids, privacy=privacy)
 
 
 @pytest.fixture
@@ -73,8 +73,8 @@ def test_sampling_rate_and_seed(tmp_path: Path, snapshot: Snapshot) -> None:
 def test_unprofilable_users_not_logged(tmp_path: Path, snapshot: Snapshot) -> None:
     path = tmp_path / "decisions.jsonl"
     log = DecisionLog(str(path), sample=1.0)
-    for request in (dataclasses.replace(REQUEST, coppa=True), dataclasses.replace(REQUEST, consent="")):
-        log.record(request, _decision(request), snapshot, NOW)
+    for reason in ("coppa", "gdpr_no_vendor"):  # decide says why the privacy rules hid the user
+        log.record(REQUEST, _decision(REQUEST, privacy=reason), snapshot, NOW)
     log.close()
     assert path.read_text() == ""
 
