@@ -152,8 +152,9 @@ SHORT_SYNC_S = 0.05  # at most this often when a float ran short
 
 
 def _keep_money(apps: object) -> None:
-    """The worker's money loop: sync floats every second (sooner when one ran short),
-    write the buffered events and sync the state to disk off the event loop."""
+    """The worker's money loop: sync floats every second (sooner when one ran short), apply
+    the notices kept while the state was gone, write the buffered events and sync the state
+    to disk off the event loop."""
     import gevent
 
     money, metrics = apps.money, apps.metrics  # type: ignore[attr-defined]
@@ -173,6 +174,7 @@ def _keep_money(apps: object) -> None:
                     money.sync(metrics, time.time())
                 if due:
                     last = time.monotonic()
+                    money.drain(metrics)  # notices kept while the state was gone
                     pool.spawn(persist, money.events.take()).get()
             except Exception:  # a bug or a full disk: say so, keep the loop (floats depend on it)
                 metrics.money_errors.labels("loop").inc()

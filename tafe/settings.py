@@ -119,8 +119,9 @@ class Settings:
         "", "file of notice signing keys ('kid:secret' pairs, one per line or comma-separated)", commands=("serve", "up")
     )
     state: str = _opt(
-        "", "directory of the embedded money state (spend, reservations, frequency counts) shared by the node's workers;"
-        " empty: one under the run directory (a temporary one unless run_dir is set)", commands=("serve", "up"),
+        "", "where the money state (spend, reservations, frequency counts) lives: a directory for the embedded state shared"
+        " by one node's workers, or redis://HOST:PORT/DB for a Redis shared by a fleet; empty: a directory under the run"
+        " directory (a temporary one unless run_dir is set)", commands=("serve", "up"),
     )  # fmt: skip
     event_log: str = _opt(
         "", "directory for event files (win, bill, loss, impression, click: JSON lines, rotated hourly, one file per"

@@ -213,7 +213,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
     # A user whose history may not be used is scored from the request alone.
     hidden = may_use_history(request, inputs.gvl_vendor_id)
     scored = dataclasses.replace(request, user_keys=()) if hidden is not None and request.user_keys else request
-    capped = _capped(campaigns, inputs.impressions)
+    capped: frozenset[str] | None = None  # read at the first capped candidate: a request no campaign fits reads none
     budgets = inputs.budgets
     taken: dict[str, int] = {}  # nanos reserved by this request's earlier imps, per campaign
     reservations: list[tuple[str, str, int]] = []
@@ -258,9 +258,12 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
             if dsa and campaign.dsa is None:
                 stage = max(stage, 2)
                 continue
-            if capped and campaign.id in capped:
-                stage = max(stage, 3)
-                continue
+            if campaign.frequency_cap is not None:
+                if capped is None:
+                    capped = _capped(campaigns, inputs.impressions)
+                if campaign.id in capped:
+                    stage = max(stage, 3)
+                    continue
             if score is None:
                 score = models.score(scored, imp, now)
                 s = min(max(float(score.value), 0.0), 1.0)

@@ -27,12 +27,11 @@ from tafe.cqs.swap import Holder
 from tafe.events import EventSink, NullSink, RotatingFiles
 from tafe.exchanges import load as load_exchanges
 from tafe.handlers.bid import BidHandler
-from tafe.handlers.notices import KINDS, TRACKS, NoticeHandler
+from tafe.handlers.notices import KINDS, TRACKS, NoticeHandler, NoticeQueue
 from tafe.lifecycle import Lifecycle
 from tafe.metrics import Metrics, cooperative, exposition
-from tafe.money import keys_of, node_settings
-from tafe.money.banker import Banker, period_of
-from tafe.money.embedded import EmbeddedState
+from tafe.money import keys_of, node_settings, open_state
+from tafe.money.banker import FLOAT_TRUST_S, Banker, period_of
 from tafe.money.state import State
 from tafe.settings import Settings
 
@@ -58,21 +57,29 @@ class Apps(NamedTuple):
 
 
 class Money(NamedTuple):
-    """A worker's side of the money loop: what the shell syncs, flushes and closes."""
+    """A worker's side of the money loop: what the shell syncs, drains, flushes and closes."""
 
     banker: Banker
     state: State
     events: EventSink
     settings: Settings
+    queue: NoticeQueue  # notices the state could not take (Redis gone), applied by ``drain``
 
     def sync(self, metrics: Metrics, now: float, *, final: bool = False) -> None:
         """Report reservations and take new floats; publish the accounts as gauges."""
+        failing = self.banker.failures > 0
         try:
             self.banker.sync(self.state, now, final=final)
         except Exception:
             metrics.money_errors.labels("reserve").inc()
-            log.warning("money state sync failed; budgeted campaigns bid only from the floats they hold", exc_info=True)
+            if not failing:  # said once per outage, not at every retry
+                log.warning(
+                    "money state sync failed; budgeted campaigns bid only from the floats they hold, for %.0f s",
+                    FLOAT_TRUST_S, exc_info=True,
+                )  # fmt: skip
             return
+        if failing:
+            log.info("money state reachable again")
         for cid, account in self.banker.accounts.items():
             metrics.campaign_budget.labels(cid).set(account.budget / 1e9)
             metrics.campaign_spend.labels(cid).set(account.spent / 1e9)
@@ -80,8 +87,22 @@ class Money(NamedTuple):
             metrics.campaign_left.labels(cid).set(account.left / 1e9)
             metrics.campaign_pacing.labels(cid).set(account.rate / 1e9)
 
+    def drain(self, metrics: Metrics) -> None:
+        """Apply the notices kept while the state was gone, once it answers again."""
+        if not self.queue.items:
+            return
+        try:
+            n = self.queue.drain(self.state)
+        except Exception:  # still gone: counted, said once already (NoticeHandler)
+            metrics.money_errors.labels("notice_queue").inc()
+            return
+        log.info("money state back: %d kept notices applied", n)
+
     def close(self, metrics: Metrics) -> None:
         """Report what is queued and give the floats back, so other workers can use them at once."""
+        self.drain(metrics)
+        if self.queue.items:
+            log.error("money state unreachable at exit: %d notices lost", len(self.queue.items))
         self.sync(metrics, time.time(), final=True)
         self.events.close()
         self.state.flush()
@@ -118,7 +139,7 @@ def make_public_app(
     notice = NoticeHandler(
         metrics=metrics, campaigns=campaigns, state=money.state, keys=keys_of(settings), events=money.events,
         notice_ttl_s=settings.notice_ttl_s, reservation_ttl_s=settings.reservation_ttl_s,
-        period_s=settings.budget_period_s, exchanges=profiles,
+        period_s=settings.budget_period_s, exchanges=profiles, queue=money.queue,
     )  # fmt: skip
     exchanges = set(profiles.by_name)  # labelled in /metrics whatever the cap
     updates = metrics.updates
@@ -275,13 +296,13 @@ def _decision_log(settings: Settings, money: Money) -> DecisionLog | None:
 
 def open_money(settings: Settings, campaigns: Campaigns) -> Money:
     """The worker's banker on the node's money state, synced once so that it bids at once."""
-    state = EmbeddedState(settings.state)
+    state = open_state(settings)
     banker = Banker(
         campaigns.campaigns, worker=f"{socket.gethostname()}:{os.getpid()}", period_s=settings.budget_period_s,
         reservation_ttl_s=settings.reservation_ttl_s,
     )  # fmt: skip
     events: EventSink = RotatingFiles(settings.event_log) if settings.event_log else NullSink()
-    return Money(banker, state, events, settings)
+    return Money(banker, state, events, settings, NoticeQueue())
 
 
 def build(settings: Settings, *, lifecycle: Lifecycle | None = None, registry: CollectorRegistry | None = None) -> Apps:

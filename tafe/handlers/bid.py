@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import zlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from xxhash import xxh3_64_hexdigest
@@ -115,6 +116,29 @@ def accepts_gzip(accept_encoding: str) -> bool:
     return star
 
 
+class _Lazy(Mapping[str, int]):
+    """The user's impressions, read from the money state on first use: ``decide`` looks only
+    when a capped campaign is a candidate, so a request no campaign fits costs no round trip."""
+
+    def __init__(self, read: Callable[[], Mapping[str, int] | None]) -> None:
+        self._read = read
+        self._value: Mapping[str, int] | None = None
+
+    def _get(self) -> Mapping[str, int]:
+        if self._value is None:
+            self._value = self._read() or {}
+        return self._value
+
+    def __getitem__(self, key: str) -> int:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 class BidHandler:
     """``POST /openrtb2/bid[/{exchange}]`` -> (status, headers, body)."""
 
@@ -154,6 +178,7 @@ class BidHandler:
         self._no_bids = {r: metrics.updates.counter(metrics.no_bids.labels(r.label)) for r in NoBidReason}
         self._bid_price = metrics.updates.histogram(metrics.bid_price)
         self._bad: dict[str, Any] = {}
+        self._warned_at = -10.0  # monotonic time of the last "state unreadable" warning
         self._privacy: dict[tuple[str, str], Any] = {}
 
     def _base_of(self, environ: dict[str, Any]) -> str:
@@ -207,9 +232,11 @@ class BidHandler:
             return None
         try:
             times = self.state.frequency(user)
-        except Exception:  # state unreadable: count every capped campaign as at its cap
+        except Exception as exc:  # state unreadable: count every capped campaign as at its cap
             self.metrics.money_errors.labels("frequency").inc()
-            log.warning("money state unreadable: capped campaigns do not bid", exc_info=True)
+            if time.monotonic() - self._warned_at >= 10:  # not per request: counted in /metrics
+                self._warned_at = time.monotonic()
+                log.warning("money state unreadable: capped campaigns do not bid until it is back (%s)", exc)
             return {cid: cap.impressions for cid, cap in self.caps.items()}
         out = {}
         for cid, seen in times.items():
@@ -267,7 +294,8 @@ class BidHandler:
         banker = self.banker
         inputs = Inputs(
             snapshot, self.campaigns, now, budgets=banker.floats_at(now), exhausted=banker.exhausted,
-            impressions=self._impressions(user, now) if self.caps else None, seat=profile.seat, gvl_vendor_id=vendor,
+            impressions=_Lazy(lambda: self._impressions(user, now)) if self.caps and user else None, seat=profile.seat,
+            gvl_vendor_id=vendor,
         )  # fmt: skip
         decision = decide(request, inputs)
         if decision.privacy is not None:

@@ -22,7 +22,9 @@ forged or altered one is refused before it can touch money. Rules, in order:
    never to a URL taken from the request.
 
 Every outcome is counted in ``tafe_notices_total{kind,outcome}`` and every accepted or
-duplicate notice goes to the event sink. If the money state fails, the answer is 503
+duplicate notice goes to the event sink. If the money state fails (Redis gone), the notice
+is kept in the worker's ``NoticeQueue`` and applied by its money loop when the state is
+back (``queued``: answered as if accepted); with the queue full, the answer is 503
 (``state_error``) so the exchange retries later.
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qsl
@@ -48,7 +51,8 @@ log = logging.getLogger("tafe.notice")
 KINDS = ("win", "bill", "loss")
 TRACKS = ("imp", "click")
 OUTCOMES = (
-    "accepted", "duplicate", "unsigned", "bad_token", "expired", "bad_price", "bad_signature", "encrypted_price",
+    "accepted", "duplicate", "queued", "unsigned", "bad_token", "expired", "bad_price", "bad_signature",
+    "encrypted_price",
     "unknown_campaign", "state_error",
 )  # fmt: skip
 Response = tuple[str, list[tuple[str, str]], bytes]
@@ -94,6 +98,48 @@ def clearing_nanos(text: str, bid_price_micros: int, currency: str, ours: str, k
     return micros if micros <= bid_price_micros else "bad_price"
 
 
+class NoticeQueue:
+    """How a notice moves money, and the notices the state could not take yet (a worker's own, bounded).
+
+    Applying a notice again is harmless (the state counts each bid once), so a notice
+    queued while the state was gone is applied whole when it is back, in arrival order.
+    """
+
+    def __init__(self, *, limit: int = 50_000) -> None:
+        self.limit = limit
+        self.items: deque[tuple[str, BidRef, int, float, int, str]] = deque()
+
+    @staticmethod
+    def apply(state: State, kind: str, bid: BidRef, price: int, now: float, cap: int, spend_on: str) -> bool:
+        """Apply one notice to ``state`` (``cap``: impressions kept per user, 0 for none; ``spend_on``: the
+        exchange's billing notice, bill or win); False if seen before."""
+        if kind == "bill" or (kind == "win" and spend_on == "win"):
+            first = state.commit(bid, price, now)
+        elif kind in ("win", "loss"):
+            first = state.release(kind, bid, price, now)
+        else:
+            first = state.first_seen(kind, bid)
+        if kind != "loss" and kind != "click" and cap and bid.user:
+            state.count_impression(bid, cap, now)
+        return first
+
+    def put(self, kind: str, bid: BidRef, price: int, now: float, cap: int, spend_on: str) -> bool:
+        """Keep a notice for later; False when the queue is full."""
+        if len(self.items) >= self.limit:
+            return False
+        self.items.append((kind, bid, price, now, cap, spend_on))
+        return True
+
+    def drain(self, state: State) -> int:
+        """Apply the kept notices in order until one fails (it stays first); how many were applied."""
+        n = 0
+        while self.items:
+            self.apply(state, *self.items[0])
+            self.items.popleft()
+            n += 1
+        return n
+
+
 class NoticeHandler:
     """``(environ, kind) -> (status, headers, body)`` for notice kinds and tracking kinds."""
 
@@ -109,6 +155,7 @@ class NoticeHandler:
         reservation_ttl_s: int,
         period_s: int,
         exchanges: Exchanges,
+        queue: NoticeQueue | None = None,
     ) -> None:
         self.campaigns = campaigns
         self.state = state
@@ -118,6 +165,7 @@ class NoticeHandler:
         self.reservation_ttl = reservation_ttl_s
         self.period_s = period_s
         self.exchanges = exchanges
+        self.queue = queue or NoticeQueue()
         self.metrics = metrics
         self._counters: dict[tuple[str, str], Any] = {}
         self._log_budget = _LogBudget()
@@ -152,21 +200,18 @@ class NoticeHandler:
             if isinstance(cleared, str):
                 return self._refuse(kind, cleared, query, fields)
             price = cleared
-        cap = campaign.frequency_cap
+        cap = campaign.frequency_cap.impressions if campaign.frequency_cap is not None else 0
+        notice = (kind, bid, price, now, cap, profile.spend_on)
         try:
-            if kind == "bill" or (kind == "win" and profile.spend_on == "win"):
-                first = self.state.commit(bid, price, now)
-            elif kind in ("win", "loss"):
-                first = self.state.release(kind, bid, price, now)
-            else:
-                first = self.state.first_seen(kind, bid)
-            if kind != "loss" and kind != "click" and cap is not None and fields.user:
-                self.state.count_impression(bid, cap.impressions, now)
-        except Exception:
-            log.exception("money state failed on a %s notice for bid %s", kind, fields.bid_id)
-            self._count(kind, "state_error")
-            return _STATUS["state_error"], [_TEXT], b"state_error\n"
-        outcome = "accepted" if first else "duplicate"
+            outcome = "accepted" if self.queue.apply(self.state, *notice) else "duplicate"
+        except Exception as exc:
+            if not self.queue.put(*notice):
+                log.error("money state failed on a %s notice for bid %s and the queue is full: %s", kind, fields.bid_id, exc)
+                self._count(kind, "state_error")
+                return _STATUS["state_error"], [_TEXT], b"state_error\n"
+            if len(self.queue.items) == 1:  # the first one kept: once per outage
+                log.warning("money state failed on a %s notice: notices are kept to apply when it is back (%s)", kind, exc)
+            outcome = "queued"
         self._count(kind, outcome)
         event = _event(kind, outcome, fields, now, query, price)
         self.events.emit(event)

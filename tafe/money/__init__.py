@@ -2,11 +2,12 @@
 
 - ``token``: what every notice URL carries (signed, self-contained bids);
 - ``state``: the interface to the shared money state; ``embedded``: it on LMDB for one node;
+  ``redis_state``: it on Redis for a fleet (``open_state`` picks one from the setting);
 - ``pacing``: how much budget a worker may float now; ``banker``: a worker's floats and
   the reservations it owes the state.
 
 ``node_settings`` fills in what every worker of a node must share before they start: the
-state's directory and the notice keys (from the file, or one random key per node, which
+state's directory (or a Redis it can reach) and the notice keys (from the file, or one random key per node, which
 a fleet must replace with a shared one).
 """
 
@@ -17,10 +18,11 @@ import secrets
 import tempfile
 from pathlib import Path
 
+from tafe.money.state import State
 from tafe.money.token import Keys
 from tafe.settings import Settings, SettingsError
 
-__all__ = ["keys_of", "node_settings", "warn_if_random_key"]
+__all__ = ["keys_of", "node_settings", "open_state", "warn_if_random_key"]
 
 log = logging.getLogger("tafe.money")
 
@@ -44,7 +46,33 @@ def node_settings(settings: Settings, run_dir: str | Path | None = None, previou
             changes["notice_keys"] = f"{_RANDOM}{secrets.token_hex(3)}:{secrets.token_urlsafe(32)}"
     settings = settings.with_overrides(**changes) if changes else settings
     keys_of(settings)  # refuse bad keys here, with one line
+    if _is_redis(settings.state):  # an unreachable Redis is one line at start, not a warning per worker
+        state = open_state(settings)
+        try:
+            state.ping()  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise SettingsError(f"state {settings.state}: cannot reach Redis: {exc}") from None
+        finally:
+            state.close()
     return settings
+
+
+def _is_redis(state: str) -> bool:
+    return state.startswith("redis://")
+
+
+def open_state(settings: Settings) -> State:
+    """The money state the setting names: ``redis://HOST:PORT/DB`` for a fleet, else an LMDB directory."""
+    if _is_redis(settings.state):
+        from tafe.money.redis_state import RedisState
+
+        try:
+            return RedisState(settings.state)
+        except ValueError as exc:
+            raise SettingsError(f"state {settings.state}: {exc}") from None
+    from tafe.money.embedded import EmbeddedState
+
+    return EmbeddedState(settings.state)
 
 
 _RANDOM = "rnd"  # the key id prefix of a key made at start

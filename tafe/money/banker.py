@@ -6,7 +6,8 @@ returns the bids it reserved, ``apply`` takes them off the floats and queues the
 the shared state and takes new floats in one ``State.reserve`` call. A float is the
 most this worker may reserve for a campaign until its next sync; the state sizes it by
 pacing and by what is left, so the workers of a node together never hold more than the
-budget. Not thread-safe: one per worker process, used from its event loop.
+budget. A float lasts as long as its lease in the state: a worker that cannot sync (the
+state gone) stops bidding from it before the state hands it to others. Not thread-safe: one per worker process, used from its event loop.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ class Banker:
         self.short = False  # a bid was refused for want of float: sync soon
         self.period = -1  # the budget period the floats were granted for
         self.synced_at = 0.0  # unix time of the last successful sync
+        self.failures = 0  # syncs failed in a row since then
         self._queue: list[Reservation] = []
         self._used: dict[str, int] = {}
 
     def floats_at(self, now: float) -> dict[str, int] | None:
-        """The floats ``decide`` may bid against now: none left once their period is over."""
+        """The floats ``decide`` may bid against now: none left once their period or their lease is over
+        (a second short of it: the state may sweep a lease by another node's clock)."""
         floats = self.floats
         if floats is not None and (now // self.period_s != self.period or now - self.synced_at > FLOAT_TRUST_S):
             # A new period, or the state unreachable for so long that our lease may have
@@ -90,7 +93,9 @@ class Banker:
             grants = state.reserve(self.worker, queue, wants, now)
         except Exception:
             self._queue = queue + self._queue  # keep them for the next try; floats stay as they are
+            self.failures += 1
             raise
+        self.failures = 0
         self._used = {}
         self.period = period
         self.synced_at = now

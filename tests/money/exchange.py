@@ -7,7 +7,9 @@ the clearing price, then its impression pixel (the ``/track/imp`` URL in its mar
 sometimes its click URL, and its ``burl`` (retried ``bill_retries`` more times, as
 exchanges retry billing); a loser gets its ``lurl`` with loss code 102 and the price it
 had to beat. What the exchange billed is summed from the billing notices TAFE answered
-2xx: the exchange's own ledger, to compare with the budgets.
+2xx: the exchange's own ledger, to compare with the budgets. Given several node URLs (a
+fleet), each bid request and each notice goes to a node picked at random, so a bid's
+notices and retries mostly reach other nodes than the one that bid.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Ledger:
 class Exchange:
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         *,
         imps: list[dict],
         users: int = 200,
@@ -55,8 +57,7 @@ class Exchange:
         click_rate: float = 0.05,
         seed: int = 1,
     ) -> None:
-        parts = urlsplit(url)
-        self.host, self.port = parts.hostname, parts.port
+        self.nodes = [(p.hostname, p.port) for p in map(urlsplit, [url] if isinstance(url, str) else url)]
         self.imps = imps
         self.users = [f"user-{i}" for i in range(users)]
         self.competitor = competitor_cpm
@@ -68,27 +69,32 @@ class Exchange:
 
     # --- HTTP ------------------------------------------------------------------------
 
-    def _call(self, conn: list, method: str, target: str, body: bytes | None = None, retries: int = 5) -> tuple[int, dict, bytes]:
-        """One request on a kept-alive connection, reconnecting (and retrying) after a failure."""
+    def _call(
+        self, conn: list, method: str, target: str, body: bytes | None = None, retries: int = 5, node: int = 0
+    ) -> tuple[int, dict, bytes]:
+        """One request to ``node`` on a kept-alive connection, reconnecting (and retrying) after a failure."""
         last = ""
         for _ in range(retries):
-            if conn[0] is None:
-                conn[0] = http.client.HTTPConnection(self.host, self.port, timeout=10)
+            if conn[node] is None:
+                conn[node] = http.client.HTTPConnection(*self.nodes[node], timeout=10)
             try:
                 headers = {"Content-Type": "application/json"} if body is not None else {}
-                conn[0].request(method, target, body=body, headers=headers)
-                resp = conn[0].getresponse()
+                conn[node].request(method, target, body=body, headers=headers)
+                resp = conn[node].getresponse()
                 data = resp.read()
                 if resp.getheader("Connection", "").lower() == "close":
-                    conn[0].close()
-                    conn[0] = None
+                    conn[node].close()
+                    conn[node] = None
                 return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
             except (OSError, http.client.HTTPException) as exc:
                 last = repr(exc)
-                conn[0].close()
-                conn[0] = None
+                conn[node].close()
+                conn[node] = None
                 time.sleep(0.05)
         raise ConnectionError(last)
+
+    def _pick(self, rng: random.Random) -> int:
+        return rng.randrange(len(self.nodes)) if len(self.nodes) > 1 else 0  # one node: the same draws as before
 
     @staticmethod
     def _path(url: str) -> str:
@@ -106,7 +112,8 @@ class Exchange:
             "device": {"ua": "Mozilla/5.0", "ip": "192.0.2.1", "devicetype": 2, "geo": {"country": "USA"}},
             "user": {"id": user, "buyeruid": user}, "cur": ["USD"],
         }  # fmt: skip
-        status, _, body = self._call(conn, "POST", "/openrtb2/bid", json.dumps(request).encode())
+        node = self._pick(rng)
+        status, _, body = self._call(conn, "POST", "/openrtb2/bid", json.dumps(request).encode(), node=node)
         if status == 204:
             return
         if status != 200:
@@ -119,20 +126,20 @@ class Exchange:
         theirs = Decimal(str(round(rng.lognormvariate(0, self.competitor[1]) * self.competitor[0], 4)))
         floor = Decimal(str(imp.get("bidfloor", 0)))
         if theirs >= ours:
-            self._notice(conn, bid["lurl"], {"${AUCTION_LOSS}": "102", "${AUCTION_MIN_TO_WIN}": str(theirs)})
+            self._notice(conn, rng, bid["lurl"], {"${AUCTION_LOSS}": "102", "${AUCTION_MIN_TO_WIN}": str(theirs)})
             return
         clearing = max(theirs, floor)
         self.ledger.add(self.ledger.wins, campaign)
         macros = {"${AUCTION_PRICE}": str(clearing), "${AUCTION_CURRENCY}": "USD"}
-        self._notice(conn, bid["nurl"], macros)
+        self._notice(conn, rng, bid["nurl"], macros)
         if m := _IMP_URL.search(bid.get("adm", "")):
-            self._notice(conn, m.group(1), {})
+            self._notice(conn, rng, m.group(1), {})
             self.ledger.add(self.ledger.impressions, (user, campaign))
         if rng.random() < self.click_rate and (m := _CLICK_URL.search(bid.get("adm", ""))):
-            self._notice(conn, m.group(1), {})
+            self._notice(conn, rng, m.group(1), {})
         billed = False
         for _ in range(1 + self.bill_retries):
-            if 200 <= self._notice(conn, bid["burl"], macros) < 300:
+            if 200 <= self._notice(conn, rng, bid["burl"], macros) < 300:
                 billed = True
         if billed:
             nanos = int(clearing * 1_000_000)
@@ -140,10 +147,10 @@ class Exchange:
             with self.ledger.lock:
                 self.ledger.billed_at.append((time.time(), campaign, nanos))
 
-    def _notice(self, conn: list, url: str, macros: dict[str, str]) -> int:
+    def _notice(self, conn: list, rng: random.Random, url: str, macros: dict[str, str]) -> int:
         for macro, value in macros.items():
             url = url.replace(macro, value)
-        status = self._call(conn, "GET", self._path(url))[0]
+        status = self._call(conn, "GET", self._path(url), node=self._pick(rng))[0]
         if status >= 400:
             self.ledger.errors.append(f"{status} for {urlsplit(url).path}")
         return status
@@ -157,7 +164,7 @@ class Exchange:
 
         def client(i: int) -> None:
             rng = random.Random(self.seed * 1000 + i)
-            conn: list = [None]
+            conn: list = [None] * len(self.nodes)
             mine = self.users[i::threads]
             try:
                 while time.monotonic() < end and not stop.is_set():
@@ -165,8 +172,9 @@ class Exchange:
             except Exception as exc:  # recorded: the test decides whether it matters
                 self.ledger.errors.append(repr(exc))
             finally:
-                if conn[0] is not None:
-                    conn[0].close()
+                for c in conn:
+                    if c is not None:
+                        c.close()
 
         workers = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(threads)]
         for t in workers:
