@@ -16,12 +16,14 @@
    (the latest ``--holdback`` of the records by time), by Adagrad over chunks.
 5. **Evaluate** it against the model now serving (the newest ``*.cqsm`` in ``--out``,
    else the bundled demo model) on the held-back slice: the primary head's AUC of the
-   click (the serving model's scored with the new user features too). Bids are
+   click. New model and new store are judged together against the serving model on the
+   features the node logged (its store as it was); the report also gives the serving
+   model with the new store. Bids are
    ``base_cpm * score / score_pivot``, so the new model's bias is shifted until its mean
    score on that slice equals the mean score the node served there (the decisions'
    ``cqs``): a new model moves money between users, not the campaigns' price level.
 6. **Publish** store, then model, into ``--out`` (each under a dot-name, then renamed)
-   only when the new AUC is higher, or with ``--force``. Nodes watching that directory
+   only when the new AUC is higher (by ``MIN_GAIN``), or with ``--force``. Nodes watching that directory
    swap them in.
 
 Memory does not grow with the number of events: SQLite sorts and joins on disk (its page
@@ -49,8 +51,8 @@ import orjson
 from tafe.core.types import BidRequest, Imp
 from tafe.cqs import CqsError
 from tafe.cqs import model as model_mod
-from tafe.cqs.features import COUNT_FIELDS, RECENCY_FIELDS, SPEC, names
-from tafe.cqs.model import Head, Model
+from tafe.cqs.features import COUNT_FIELDS, RECENCY_FIELDS, SPEC, hash_names, names
+from tafe.cqs.model import Head, Model, sigmoid
 from tafe.cqs.state import UserState
 from tafe.cqs.store import RECORD, write_store
 from tafe.cqs.synth import aggregate
@@ -64,6 +66,9 @@ YEAR = 365 * 86400.0
 # Features that depend on the user's history: recomputed from the joined events.
 USER_FEATURES = frozenset((*COUNT_FIELDS, *RECENCY_FIELDS, "known", "cartab", "ctr", "rv*dt", "rc*dt", "rk*ch", "v30d*ch", "s1d*q"))
 _AUC_BINS = 1 << 16
+# AUC a new pair must gain over the serving one to be published: histogram binning and
+# float32 weights are not a reason to swap.
+MIN_GAIN = 0.001
 
 
 def event_files(events_dir: str) -> list[str]:
@@ -129,7 +134,7 @@ def load(db: sqlite3.Connection, paths: list[str]) -> dict[str, int]:
             min(CASE WHEN kind != 'click' THEN ts END) AS shown_ts, min(CASE WHEN kind = 'click' THEN ts END) AS click_ts
             FROM notice GROUP BY bid_id;
         DROP TABLE notice;
-        CREATE TABLE record (ord INTEGER, ts REAL, label INTEGER, cqs REAL, features TEXT);
+        CREATE TABLE record (ord INTEGER, ts REAL, label INTEGER, cqs REAL, served REAL, features TEXT);
     """)
     return counts
 
@@ -167,10 +172,14 @@ def _user_key(user: str) -> int | None:
     return int(user, 16) if len(user) == 16 and _HEX.issuperset(user) else None
 
 
-def walk(db: sqlite3.Connection, keys_path: str, records_path: str, as_of: float) -> dict[str, int]:
-    """Write training records into ``record`` and the store's sorted keys and records to files."""
+def walk(db: sqlite3.Connection, keys_path: str, records_path: str, as_of: float, serving: Model) -> dict[str, int]:
+    """Write training records into ``record`` and the store's sorted keys and records to files.
+
+    A record keeps ``served``: the serving model's score on the features the node logged
+    (computed with the store it served with), the incumbent the new pair must beat.
+    """
     out = db.cursor()
-    rows: list[tuple[int, float, int, float, str]] = []
+    rows: list[tuple[int, float, int, float, float, str]] = []
     users = records = 0
     with open(keys_path, "wb") as keys_f, open(records_path, "wb") as recs_f:
         current: str | None = None
@@ -196,14 +205,16 @@ def walk(db: sqlite3.Connection, keys_path: str, records_path: str, as_of: float
             else:
                 history = [h for h in history if ts - h[0] < YEAR]
                 state = aggregate(history, ts) if _user_key(user) is not None else None
-                feats = user_features(orjson.loads(features), state)
-                rows.append((zlib.crc32(features.encode() + str(ts).encode()), ts, int(label), cqs, orjson.dumps(feats).decode()))
+                logged = orjson.loads(features)
+                served = sigmoid(serving.logit(hash_names(logged, serving.dims)))
+                feats = user_features(logged, state)
+                rows.append((zlib.crc32(features.encode() + str(ts).encode()), ts, int(label), cqs, served, orjson.dumps(feats).decode()))
                 records += 1
                 if len(rows) >= CHUNK:
-                    out.executemany("INSERT INTO record VALUES (?, ?, ?, ?, ?)", rows)
+                    out.executemany("INSERT INTO record VALUES (?, ?, ?, ?, ?, ?)", rows)
                     rows.clear()
         close_user()
-    out.executemany("INSERT INTO record VALUES (?, ?, ?, ?, ?)", rows)
+    out.executemany("INSERT INTO record VALUES (?, ?, ?, ?, ?, ?)", rows)
     db.execute("CREATE INDEX record_ts ON record (ts)")
     db.execute("CREATE INDEX record_ord ON record (ord)")  # training reads in this order: no sort in memory
     return {"users": users, "records": records}
@@ -215,11 +226,11 @@ def walk(db: sqlite3.Connection, keys_path: str, records_path: str, as_of: float
 class Chunk:
     """CSR rows of unmasked CRC-32 feature hashes (mask per model: dims differ) and labels."""
 
-    def __init__(self, rows: list[tuple[int, str]], cache: dict[str, int]) -> None:
+    def __init__(self, rows: list[tuple[int, str, float]], cache: dict[str, int]) -> None:
         crcs = array("q")  # 8 bytes a feature, not a list's 36
         indptr = array("q", [0])
-        for _, features in rows:
-            for name in orjson.loads(features):
+        for row in rows:
+            for name in orjson.loads(row[1]):
                 h = cache.get(name)
                 if h is None:
                     if len(cache) > 1_000_000:
@@ -230,6 +241,7 @@ class Chunk:
         self.crcs = np.frombuffer(crcs, dtype=np.int64)
         self.indptr = np.frombuffer(indptr, dtype=np.int64)
         self.labels = np.array([r[0] for r in rows], dtype=np.float64)
+        self.served = np.array([r[2] for r in rows], dtype=np.float64)  # the serving model's score, as served
 
     def logits(self, weights: np.ndarray, bias: float) -> np.ndarray:
         n = len(self.labels)
@@ -239,7 +251,7 @@ class Chunk:
 
 def _chunks(db: sqlite3.Connection, where: str, order: str, args: tuple[float]) -> Iterator[Chunk]:
     cache: dict[str, int] = {}
-    cursor = db.execute(f"SELECT label, features FROM record WHERE {where} ORDER BY {order}", args)
+    cursor = db.execute(f"SELECT label, features, served FROM record WHERE {where} ORDER BY {order}", args)
     while rows := cursor.fetchmany(CHUNK):
         yield Chunk(rows, cache)
 
@@ -320,10 +332,12 @@ def level(logit_hist: np.ndarray, edges: np.ndarray, target: float) -> float:
     return (lo + hi) / 2
 
 
-def evaluate(db: sqlite3.Connection, cutoff: float, w: np.ndarray, b: float, serving: Model) -> tuple[Judge, Judge, float, float]:
-    """Both models' judges on the held-back slice, the mean score served there (decisions' ``cqs``),
-    and the bias shift that gives the new model that mean."""
-    new, old = Judge(), Judge()
+def evaluate(db: sqlite3.Connection, cutoff: float, w: np.ndarray, b: float,
+             serving: Model) -> tuple[Judge, Judge, Judge, float, float]:
+    """Judges on the held-back slice of the new pair, of the serving pair (its model on the
+    features it served) and of the serving model with the new store; the mean score served
+    there (the decisions' ``cqs``) and the bias shift that gives the new model that mean."""
+    new, old, old_new_store = Judge(), Judge(), Judge()
     head = serving.heads[0]
     old_w = np.frombuffer(head.weights, dtype=np.float32).astype(np.float64)
     edges = np.linspace(-20, 20, 8001)
@@ -332,10 +346,11 @@ def evaluate(db: sqlite3.Connection, cutoff: float, w: np.ndarray, b: float, ser
         z = chunk.logits(w, b)
         logit_hist += np.histogram(np.clip(z, -19.999, 19.999), bins=edges)[0]
         new.add(_sigmoid(z), chunk.labels)
-        old.add(_sigmoid(chunk.logits(old_w, head.bias)), chunk.labels)
+        old.add(chunk.served, chunk.labels)
+        old_new_store.add(_sigmoid(chunk.logits(old_w, head.bias)), chunk.labels)
     served = db.execute("SELECT avg(cqs) FROM record WHERE ts >= ? AND cqs > 0", (cutoff,)).fetchone()[0]
     served = served or old.total / max(1, old.n)  # decisions logged without their score: the serving model's mean
-    return new, old, served, level(logit_hist, edges, served)
+    return new, old, old_new_store, served, level(logit_hist, edges, served)
 
 
 # --- the whole round --------------------------------------------------------------------------
@@ -363,20 +378,21 @@ def run(events_dir: str, out_dir: str, *, serving_default: str, force: bool = Fa
             if not as_of:
                 raise CqsError(f"--events {events_dir}: no win, impression or click notices in {len(paths)} files")
             keys_path, recs_path = os.path.join(tmp, "keys.bin"), os.path.join(tmp, "records.bin")
-            report.update(walk(db, keys_path, recs_path, as_of))
+            report.update(walk(db, keys_path, recs_path, as_of, serving))
             n = report["records"]
             if n < 2:
                 raise CqsError(f"--events {events_dir}: {n} shown bids with a logged decision; too few to train on")
             cutoff = db.execute("SELECT ts FROM record ORDER BY ts LIMIT 1 OFFSET ?", (int(n * (1 - holdback)),)).fetchone()[0]
             w, b = fit(db, cutoff, dims, epochs, seed=seed)
-            new, old, served, shift = evaluate(db, cutoff, w, b, serving)
+            new, old, old_new_store, served, shift = evaluate(db, cutoff, w, b, serving)
             report["join_bytes"] = os.path.getsize(db_path)
         finally:
             db.close()
-        better = new.auc() > old.auc()
+        better = new.auc() > old.auc() + MIN_GAIN
         version = "cqs-%s-%08x" % (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(as_of)), zlib.crc32(w.tobytes()))
         report.update({
-            "as_of": as_of, "heldback_from": cutoff, "serving": {"path": serving_path, "version": serving.version, **old.report(), "served_mean": round(served, 5)},
+            "as_of": as_of, "heldback_from": cutoff, "serving": {"path": serving_path, "version": serving.version, **old.report(), "served_mean": round(served, 5),
+                        "with_new_store": old_new_store.report()},
             "new": {"version": version, **new.report(), "level_shift": round(shift, 4)}, "better": better,
             "seconds": round(time.monotonic() - t0, 2), "published": [],
         })  # fmt: skip
