@@ -39,8 +39,9 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 from xxhash import xxh3_64_hexdigest  # noqa: E402
 
 from tafe.core import campaigns as campaigns_mod  # noqa: E402
-from tafe.cqs import open_snapshot, pipeline  # noqa: E402
+from tafe.cqs import open_snapshot  # noqa: E402
 from tafe.cqs.decision_log import DecisionLog  # noqa: E402
+from tafe.cqs.offline import pipeline  # noqa: E402
 from tafe.cqs.swap import Holder  # noqa: E402
 from tafe.handlers import make_public_app, open_money  # noqa: E402
 from tafe.lifecycle import Lifecycle  # noqa: E402

@@ -89,13 +89,13 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     cmd = args.cqs_command
     if cmd == "synth":
-        from tafe.cqs import synth
+        from tafe.cqs.offline import synth
 
         summary = synth.write(args.out, users=args.users, requests=args.requests, unknown=args.unknown, seed=args.seed, as_of=args.as_of)
         print(json.dumps(summary, indent=2))
         return 0
     if cmd == "train":
-        from tafe.cqs import train
+        from tafe.cqs.offline import train
 
         heads = [h for h in args.heads.split(",") if h]
         model, report = train.train_files(
@@ -107,21 +107,21 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if cmd == "evaluate":
         from tafe.cqs import model as model_mod
-        from tafe.cqs import train
+        from tafe.cqs.offline import train
 
         report = train.evaluate_files(model_mod.load(args.model), args.logs, holdout=None if args.all else args.holdout, bins=args.bins)
         print(json.dumps(report, indent=2) if args.json else train.format_report(report))
         return 0
     if cmd == "inspect":
         from tafe.cqs import model as model_mod
-        from tafe.cqs import train
+        from tafe.cqs.offline import train
 
         model = model_mod.load(args.model)
         names = train.feature_names([args.names], model.dims) if args.names else None
         print(model_mod.describe(model, top=args.top, names=names))
         return 0
     if cmd == "pipeline":
-        from tafe.cqs import pipeline
+        from tafe.cqs.offline import pipeline
         from tafe.settings import DATA_DIR
 
         report = pipeline.run(args.events, args.out, serving_default=str(DATA_DIR / "model.cqsm"), force=args.force, holdback=args.holdback,

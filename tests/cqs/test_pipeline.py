@@ -16,13 +16,11 @@ pytest.importorskip("numpy")
 
 from tafe.core.types import BidRequest, Imp  # noqa: E402
 from tafe.cqs import model as model_mod  # noqa: E402
-from tafe.cqs import (
-    open_snapshot,  # noqa: E402
-    pipeline,  # noqa: E402
-)
+from tafe.cqs import open_snapshot  # noqa: E402
 from tafe.cqs.features import names  # noqa: E402
+from tafe.cqs.offline import pipeline  # noqa: E402
+from tafe.cqs.offline.synth import aggregate  # noqa: E402
 from tafe.cqs.store import open_store  # noqa: E402
-from tafe.cqs.synth import aggregate  # noqa: E402
 from tafe.settings import DATA_DIR  # noqa: E402
 
 DEMO = str(DATA_DIR / "model.cqsm")

@@ -53,10 +53,10 @@ from tafe.cqs import CqsError
 from tafe.cqs import model as model_mod
 from tafe.cqs.features import COUNT_FIELDS, RECENCY_FIELDS, SPEC, hash_names, names
 from tafe.cqs.model import Head, Model, sigmoid
+from tafe.cqs.offline.synth import aggregate
+from tafe.cqs.offline.train import _f32, _gather, _sigmoid
 from tafe.cqs.state import UserState
 from tafe.cqs.store import RECORD, write_store
-from tafe.cqs.synth import aggregate
-from tafe.cqs.train import _f32, _gather, _sigmoid
 
 CHUNK = 20_000  # records per training or evaluation step
 HEAD = "click"
