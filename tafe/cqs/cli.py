@@ -84,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
     except CqsError as exc:
         print(f"tafe cqs: {exc}", file=sys.stderr)
         return 1
+    except ImportError as exc:
+        if exc.name != "numpy":
+            raise
+        print(f"tafe cqs {args.cqs_command}: needs numpy, which the bid path does not: pip install 'tafe[train]'", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
