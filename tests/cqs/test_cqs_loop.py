@@ -83,6 +83,10 @@ def test_the_pipeline_on_a_nodes_own_log_buys_more_clicks_per_dollar(tmp_path: P
         before = one_round(node.url)
         assert set(before["models"]) == {"demo-1"}
         settle(events)
+        logged = [json.loads(line) for path in events.glob("*.jsonl") for line in path.read_text().splitlines()]
+        losses = [e for e in logged if e["event"] == "loss"]
+        assert losses and all(e["loss"] == "102" and float(e["min_to_win"]) > 0 for e in losses)  # the exchange's macros
+        assert {e["event"] for e in logged} >= {"decision", "win", "imp", "click", "bill", "loss"}
         proc = subprocess.run([sys.executable, "-m", "tafe", "cqs", "pipeline", "--events", str(events), "--out", str(watch),
                                "--dims", "16384"], capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
         assert proc.returncode == 0, proc.stderr

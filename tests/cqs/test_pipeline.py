@@ -154,6 +154,7 @@ def test_a_record_never_sees_its_own_click(tmp_path: Path) -> None:
         (["--events", "/nonexistent/events"], "--events /nonexistent/events: not a directory"),
         (["--events", "{tmp}", "--holdback", "1.5"], "--holdback must be within 0..1"),
         (["--events", "{tmp}"], "no win, impression or click notices in 0 files"),
+        (["--events", "{tmp}", "--tmp", "/nonexistent/tmp"], "--tmp /nonexistent/tmp: not a directory"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -162,3 +163,9 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) ->
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_an_unreadable_events_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "events" / "bad.jsonl").mkdir(parents=True)  # matches *.jsonl, cannot be read
+    with pytest.raises(pipeline.CqsError, match=r"events file .*bad.jsonl: cannot read \(Is a directory\)"):
+        pipeline.run(str(tmp_path / "events"), str(tmp_path), serving_default=DEMO)

@@ -109,7 +109,11 @@ def load(db: sqlite3.Connection, paths: list[str]) -> dict[str, int]:
         notices.clear()
 
     for path in paths:
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")
+        except OSError as exc:
+            raise CqsError(f"events file {path}: cannot read ({exc.strerror or exc})") from None
+        with f:
             for line in f:
                 try:
                     e = orjson.loads(line)
@@ -365,6 +369,8 @@ def run(events_dir: str, out_dir: str, *, serving_default: str, force: bool = Fa
         raise CqsError(f"--holdback must be within 0..1 (exclusive), got {holdback}")
     if not os.path.isdir(out_dir):
         raise CqsError(f"--out {out_dir}: not a directory")
+    if tmp_dir is not None and not os.path.isdir(tmp_dir):
+        raise CqsError(f"--tmp {tmp_dir}: not a directory")
     paths = event_files(events_dir)
     serving_path = current_model(out_dir, serving_default)
     serving = model_mod.load(serving_path)
@@ -386,6 +392,8 @@ def run(events_dir: str, out_dir: str, *, serving_default: str, force: bool = Fa
             w, b = fit(db, cutoff, dims, epochs, seed=seed)
             new, old, old_new_store, served, shift = evaluate(db, cutoff, w, b, serving)
             report["join_bytes"] = os.path.getsize(db_path)
+        except sqlite3.Error as exc:  # e.g. the temp directory's disk is full
+            raise CqsError(f"the on-disk join in {tmp} failed ({exc}); --tmp DIR puts it elsewhere") from None
         finally:
             db.close()
         better = new.auc() > old.auc() + MIN_GAIN
