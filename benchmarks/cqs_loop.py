@@ -231,7 +231,11 @@ def main() -> int:
         f"{report['serving']['auc']:.3f}; mean score held at the served {report['serving']['served_mean']:.3f} "
         f"(bias shift {report['new']['level_shift']:+.2f}).",
         "",
-        "Pipeline memory (peak RSS of `tafe cqs pipeline` as a child process, `wait4`):",
+        "The spend is not held equal: the new model's mean score is matched to the served one on round one's latest "
+        "slice, but in round two every user has a history, so it bids differently (compare the spent column). The "
+        "demo model's features include the UTC hour, so the before round, and the ratio, depend on when this runs.",
+        "",
+        "Pipeline memory (peak RSS of `tafe cqs pipeline` as a child process, `wait4`) and the size of its on-disk join:",
         "",
         table(["event log", "MB", "decisions", "users in store", "peak RSS MB", "join on disk MB", "seconds"], mem),
     ])  # fmt: skip
