@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/cqs_score.py [--requests 2000] [--repeat 9] [--record]
 
-Builds a small synthetic world (``tafe.cqs.synth``), a real memory-mapped user store
+Builds a small synthetic world (``tafe.cqs.offline.synth``), a real memory-mapped user store
 from its events, parses its OpenRTB requests with TAFE's parser and scores each imp
 with the bundled demo model. Rows:
 
@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_machine, machine_info, record  # noqa: E402
 
 from tafe.core.request import parse  # noqa: E402
-from tafe.cqs import Snapshot, synth  # noqa: E402
+from tafe.cqs import Snapshot  # noqa: E402
 from tafe.cqs import model as model_mod
 from tafe.cqs.features import names  # noqa: E402
+from tafe.cqs.offline import synth  # noqa: E402
 from tafe.cqs.store import build_store, open_store  # noqa: E402
 from tafe.settings import Settings  # noqa: E402
 

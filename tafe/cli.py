@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "worker": ("tafe.worker", None),  # internal: one pre-forked worker, started by the master
     "up": ("tafe.up", "run the whole node: Nginx in front of the master and its workers, plus the admin listener"),
     "nginx": ("tafe.nginx", "render the shipped Nginx config, or run a real Nginx with it"),
-    "cqs": ("tafe.cqs.cli", "CQS models and user stores: synth, build-store, train, evaluate, inspect"),
+    "cqs": ("tafe.cqs.cli", "CQS models and user stores: synth, build-store, train, evaluate, inspect, pipeline"),
     "campaigns": ("tafe.campaigns_cli", "campaigns files: validate (every error, with its place in the file)"),
     "exchanges": ("tafe.exchanges", "exchange profiles files: validate (every error, with its place in the file)"),
 }

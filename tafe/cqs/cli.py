@@ -7,6 +7,10 @@ A worked example (also how the bundled demo model is made, see ``tafe.cqs.model`
     tafe cqs train /tmp/cqs/decisions.jsonl --out /tmp/cqs/model.cqsm
     tafe cqs evaluate /tmp/cqs/model.cqsm /tmp/cqs/decisions.jsonl
     tafe cqs inspect /tmp/cqs/model.cqsm
+
+The daily round on a node's own ``--event-log`` (join, store, train, evaluate, publish)::
+
+    tafe cqs pipeline --events /var/log/tafe/events --out /var/lib/tafe/cqs
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 
 from tafe.cqs import CqsError
 
-SUBCOMMANDS = ("synth", "train", "evaluate", "inspect", "build-store")
+SUBCOMMANDS = ("synth", "train", "evaluate", "inspect", "build-store", "pipeline")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -55,6 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--top", type=int, default=10, help="largest weights to list per head (default 10)")
     p.add_argument("--names", metavar="LOG", help="decision log whose feature strings name the listed weights")
 
+    p = subs.add_parser("pipeline", help="the daily round: join the event log, build a store, train, evaluate, publish if better")
+    p.add_argument("--events", required=True, metavar="DIR", help="a node's --event-log directory (every *.jsonl under it)")
+    p.add_argument("--out", required=True, metavar="WATCH_DIR", help="the nodes' --watch-dir: the serving model is its newest *.cqsm")
+    p.add_argument("--force", action="store_true", help="publish even when the new model is not better")
+    p.add_argument("--holdback", type=float, default=0.2, help="latest fraction of the records (by time) held back to compare the models (default 0.2)")
+    p.add_argument("--dims", type=int, default=1 << 18, help="hash space size, a power of two (default 262144)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training records (default 3)")
+    p.add_argument("--seed", type=int, default=1, help="shuffle seed (default 1)")
+    p.add_argument("--tmp", default=None, metavar="DIR", help="where the on-disk join goes (default: the system temp directory)")
+
     p = subs.add_parser("build-store", help="build the memory-mapped user-state store from event files")
     try:
         from tafe.cqs import store
@@ -70,18 +84,23 @@ def run(args: argparse.Namespace) -> int:
     except CqsError as exc:
         print(f"tafe cqs: {exc}", file=sys.stderr)
         return 1
+    except ImportError as exc:
+        if exc.name != "numpy":
+            raise
+        print(f"tafe cqs {args.cqs_command}: needs numpy, which the bid path does not: pip install 'tafe[train]'", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
     cmd = args.cqs_command
     if cmd == "synth":
-        from tafe.cqs import synth
+        from tafe.cqs.offline import synth
 
         summary = synth.write(args.out, users=args.users, requests=args.requests, unknown=args.unknown, seed=args.seed, as_of=args.as_of)
         print(json.dumps(summary, indent=2))
         return 0
     if cmd == "train":
-        from tafe.cqs import train
+        from tafe.cqs.offline import train
 
         heads = [h for h in args.heads.split(",") if h]
         model, report = train.train_files(
@@ -93,18 +112,26 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if cmd == "evaluate":
         from tafe.cqs import model as model_mod
-        from tafe.cqs import train
+        from tafe.cqs.offline import train
 
         report = train.evaluate_files(model_mod.load(args.model), args.logs, holdout=None if args.all else args.holdout, bins=args.bins)
         print(json.dumps(report, indent=2) if args.json else train.format_report(report))
         return 0
     if cmd == "inspect":
         from tafe.cqs import model as model_mod
-        from tafe.cqs import train
+        from tafe.cqs.offline import train
 
         model = model_mod.load(args.model)
         names = train.feature_names([args.names], model.dims) if args.names else None
         print(model_mod.describe(model, top=args.top, names=names))
+        return 0
+    if cmd == "pipeline":
+        from tafe.cqs.offline import pipeline
+        from tafe.settings import DATA_DIR
+
+        report = pipeline.run(args.events, args.out, serving_default=str(DATA_DIR / "model.cqsm"), force=args.force, holdback=args.holdback,
+                              dims=args.dims, epochs=args.epochs, seed=args.seed, tmp_dir=args.tmp)  # fmt: skip
+        print(json.dumps(report, indent=2))
         return 0
     if cmd == "build-store":
         if getattr(args, "_store_missing", False):

@@ -109,7 +109,7 @@ class _DictStore:
 
 
 def test_memoized_scores_equal_reference_on_a_synthetic_stream(tmp_path: Path) -> None:
-    from tafe.cqs import synth
+    from tafe.cqs.offline import synth
 
     population, _ = synth.simulate(users=400, requests=0, unknown=0.3, seed=9, as_of=AS_OF)
     synth.write(str(tmp_path), users=400, requests=600, unknown=0.3, seed=9, as_of=AS_OF)

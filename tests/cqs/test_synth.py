@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tafe.cqs import synth
+from tafe.cqs.offline import synth
 from tafe.cqs.state import EVENT_TYPES, NEVER, UserState
 
 AS_OF = 1_767_225_600.0

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from tafe.cli import main
-from tafe.cqs import CqsError, train
+from tafe.cqs import CqsError
 from tafe.cqs import model as model_mod
+from tafe.cqs.offline import train
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from tafe.core.types import Bid, BidRequest, Creative, Decision, Imp, MediaType
-from tafe.cqs import Snapshot, train
+from tafe.cqs import Snapshot
 from tafe.cqs import model as model_mod
 from tafe.cqs.decision_log import DecisionLog
+from tafe.cqs.offline import train
 
 NOW = 1_767_225_600.0
 REQUEST = BidRequest(

@@ -4,7 +4,8 @@ Users view pages one after another (a user's next request waits for the notices 
 last one). Each bid meets one competing bid; the highest wins, at the second price
 (at least the floor), as in a second-price auction. The winner's ``nurl`` is called with
 the clearing price, then its impression pixel (the ``/track/imp`` URL in its markup),
-sometimes its click URL, and its ``burl`` (retried ``bill_retries`` more times, as
+sometimes its click URL (with ``click_rate``, or what ``click_rule(user, imp)`` says: a
+hidden rule for the CQS loop to learn), and its ``burl`` (retried ``bill_retries`` more times, as
 exchanges retry billing); a loser gets its ``lurl`` with loss code 102 and the price it
 had to beat. What the exchange billed is summed from the billing notices TAFE answered
 2xx: the exchange's own ledger, to compare with the budgets. Given several node URLs (a
@@ -20,6 +21,7 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from urllib.parse import urlsplit
@@ -38,6 +40,8 @@ class Ledger:
     billed: dict[str, int] = field(default_factory=dict)  # nanos, once per bid
     billed_at: list[tuple[float, str, int]] = field(default_factory=list)  # (time, campaign, nanos)
     impressions: dict[tuple[str, str], int] = field(default_factory=dict)  # (user, campaign) -> count
+    clicks: dict[str, int] = field(default_factory=dict)
+    models: dict[str, int] = field(default_factory=dict)  # bid responses by their ext.cqs model version
     errors: list[str] = field(default_factory=list)
 
     def add(self, table: dict, key: object, n: int = 1) -> None:
@@ -55,6 +59,7 @@ class Exchange:
         competitor_cpm: tuple[float, float] = (1.0, 0.4),  # lognormal median and sigma
         bill_retries: int = 2,
         click_rate: float = 0.05,
+        click_rule: Callable[[str, dict], float] | None = None,
         seed: int = 1,
     ) -> None:
         self.nodes = [(p.hostname, p.port) for p in map(urlsplit, [url] if isinstance(url, str) else url)]
@@ -63,6 +68,7 @@ class Exchange:
         self.competitor = competitor_cpm
         self.bill_retries = bill_retries
         self.click_rate = click_rate
+        self.click_rule = click_rule
         self.seed = seed
         self.ledger = Ledger()
         self._n = 0
@@ -119,7 +125,9 @@ class Exchange:
         if status != 200:
             self.ledger.errors.append(f"bid answered {status}")
             return
-        bid = json.loads(body)["seatbid"][0]["bid"][0]
+        answer = json.loads(body)
+        bid = answer["seatbid"][0]["bid"][0]
+        self.ledger.add(self.ledger.models, answer.get("ext", {}).get("cqs", {}).get("model", ""))
         campaign = bid["cid"]
         ours = Decimal(str(bid["price"]))
         self.ledger.add(self.ledger.bids, campaign)
@@ -135,8 +143,10 @@ class Exchange:
         if m := _IMP_URL.search(bid.get("adm", "")):
             self._notice(conn, rng, m.group(1), {})
             self.ledger.add(self.ledger.impressions, (user, campaign))
-        if rng.random() < self.click_rate and (m := _CLICK_URL.search(bid.get("adm", ""))):
+        click_rate = self.click_rule(user, imp) if self.click_rule is not None else self.click_rate
+        if rng.random() < click_rate and (m := _CLICK_URL.search(bid.get("adm", ""))):
             self._notice(conn, rng, m.group(1), {})
+            self.ledger.add(self.ledger.clicks, campaign)
         billed = False
         for _ in range(1 + self.bill_retries):
             if 200 <= self._notice(conn, rng, bid["burl"], macros) < 300:
@@ -157,8 +167,9 @@ class Exchange:
 
     # --- a run -----------------------------------------------------------------------------
 
-    def run(self, seconds: float, threads: int = 8, stop: threading.Event | None = None) -> Ledger:
-        """``threads`` clients, each walking its share of the users, until ``seconds`` pass."""
+    def run(self, seconds: float, threads: int = 8, stop: threading.Event | None = None, views: int = 0) -> Ledger:
+        """``threads`` clients, each walking its share of the users, until ``seconds`` pass
+        (or, with ``views``, each client has made that many page views)."""
         stop = stop or threading.Event()
         end = time.monotonic() + seconds
 
@@ -166,9 +177,11 @@ class Exchange:
             rng = random.Random(self.seed * 1000 + i)
             conn: list = [None] * len(self.nodes)
             mine = self.users[i::threads]
+            n = 0
             try:
-                while time.monotonic() < end and not stop.is_set():
+                while time.monotonic() < end and not stop.is_set() and (not views or n < views):
                     self.view(conn, rng, rng.choice(mine))
+                    n += 1
             except Exception as exc:  # recorded: the test decides whether it matters
                 self.ledger.errors.append(repr(exc))
             finally:
