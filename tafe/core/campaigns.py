@@ -128,6 +128,7 @@ class Candidate(NamedTuple):
     known_users_only: bool
     base_cpm_micros: int
     max_cpm_micros: int
+    money: bool  # the campaign has a budget or a frequency cap: decide checks them
 
 
 def _candidate(campaign: Campaign, creative: Creative) -> Candidate:
@@ -135,6 +136,7 @@ def _candidate(campaign: Campaign, creative: Creative) -> Candidate:
     return Candidate(
         campaign, creative, creative.format in (MediaType.VIDEO, MediaType.AUDIO), t.restricts, creative.secure,
         t.known_users_only, campaign.base_cpm_micros, campaign.max_cpm_micros,
+        campaign.budget_micros > 0 or campaign.frequency_cap is not None,
     )
 
 

@@ -30,7 +30,7 @@ candidate of every imp.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,9 +78,11 @@ class Inputs:
     budgets: Mapping[str, int] | None = None
     exhausted: frozenset[str] = frozenset()  # budgeted campaigns with nothing left this period
     # The user's impressions per campaign within that campaign's cap window (only
-    # campaigns with a frequency cap need be present). None: the user is not known or
-    # may not be looked up, so nothing can be counted against a cap.
-    impressions: Mapping[str, int] | None = None
+    # campaigns with a frequency cap need be present), or a function that reads them:
+    # called at the first capped candidate, so a request no capped campaign fits reads
+    # nothing. None: the user is not known or may not be looked up, so nothing can be
+    # counted against a cap.
+    impressions: Mapping[str, int] | Callable[[], Mapping[str, int] | None] | None = None
     # The seat the request's exchange knows us by (its profile); None: the campaigns' seat.
     seat: str | None = None
     # TAFE's IAB Global Vendor List id (setting gvl_vendor_id), read in TCF consent
@@ -185,7 +187,9 @@ def _bid_id(request_id: str, imp_id: str, now_us: int) -> str:
     return xxh3_64_hexdigest(f"{request_id}\x00{imp_id}\x00{now_us}".encode())
 
 
-def _capped(campaigns: Campaigns, impressions: Mapping[str, int] | None) -> frozenset[str]:
+def _capped(campaigns: Campaigns, impressions: Mapping[str, int] | Callable[[], Mapping[str, int] | None] | None) -> frozenset[str]:
+    if callable(impressions):
+        impressions = impressions()
     if not impressions:
         return frozenset()
     out = []
@@ -215,7 +219,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
     scored = dataclasses.replace(request, user_keys=()) if hidden is not None and request.user_keys else request
     capped: frozenset[str] | None = None  # read at the first capped candidate: a request no campaign fits reads none
     budgets = inputs.budgets
-    taken: dict[str, int] = {}  # nanos reserved by this request's earlier imps, per campaign
+    room: dict[str, int] | None = None  # budgets less what this request's earlier imps reserved (copied on first use)
     reservations: list[tuple[str, str, int]] = []
     shade = campaigns.first_price_shade if request.at == 1 else 1.0
     pivot = campaigns.score_pivot
@@ -236,7 +240,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
         best: tuple[tuple[int, int, int], Campaign, Creative, _Lane, int] | None = None
         secure = imp.secure
         battrs = bool(imp.banner_battr or (imp.video and imp.video.battr) or (imp.audio and imp.audio.battr))
-        for rank, (campaign, creative, media_check, restricts, creative_secure, known_only, base, top) in enumerate(
+        for rank, (campaign, creative, media_check, restricts, creative_secure, known_only, base, top, money) in enumerate(
             campaigns.candidates(imp)
         ):
             if media_check and not _fits(imp, creative):
@@ -258,12 +262,17 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
             if dsa and campaign.dsa is None:
                 stage = max(stage, 2)
                 continue
-            if campaign.frequency_cap is not None:
-                if capped is None:
-                    capped = _capped(campaigns, inputs.impressions)
-                if campaign.id in capped:
-                    stage = max(stage, 3)
-                    continue
+            left = None  # nanos this campaign may still reserve; None: no budget
+            if money:  # a budget or a frequency cap: only these campaigns pay for the checks
+                cid = campaign.id
+                if campaign.frequency_cap is not None:
+                    if capped is None:
+                        capped = _capped(campaigns, inputs.impressions)
+                    if cid in capped:
+                        stage = max(stage, 3)
+                        continue
+                if budgets is not None:
+                    left = (budgets if room is None else room).get(cid)
             if score is None:
                 score = models.score(scored, imp, now)
                 s = min(max(float(score.value), 0.0), 1.0)
@@ -272,7 +281,6 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
                 continue
             stage = max(stage, 5)
             value = min(int(base * s / pivot), top)
-            left = budgets.get(campaign.id) if budgets is not None else None
             for lane in lanes:  # deals first, then the open auction
                 deal_id, floor, wadomain = lane
                 if deal_id and (deal_id not in campaign.deals or (wadomain and not any(d in wadomain for d in campaign.adomain))):
@@ -283,7 +291,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
                     if priced is None:
                         continue
                     price = priced
-                if left is not None and price > left - taken.get(campaign.id, 0):
+                if left is not None and price > left:
                     stage = max(stage, 7 if campaign.id in inputs.exhausted else 6)
                     continue
                 key = (1 if deal_id else 0, value, -rank)
@@ -296,7 +304,9 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
         _, campaign, creative, lane, price = best
         bid_id = _bid_id(request.id, imp.id, round(now * 1_000_000))
         if budgets is not None and campaign.id in budgets:
-            taken[campaign.id] = taken.get(campaign.id, 0) + price
+            if room is None:
+                room = dict(budgets)
+            room[campaign.id] -= price
             reservations.append((campaign.id, bid_id, price))
         bids.append(
             Bid(

@@ -11,7 +11,6 @@ import logging
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from xxhash import xxh3_64_hexdigest
@@ -114,29 +113,6 @@ def accepts_gzip(accept_encoding: str) -> bool:
         if coding == "*":
             star = q > 0
     return star
-
-
-class _Lazy(Mapping[str, int]):
-    """The user's impressions, read from the money state on first use: ``decide`` looks only
-    when a capped campaign is a candidate, so a request no campaign fits costs no round trip."""
-
-    def __init__(self, read: Callable[[], Mapping[str, int] | None]) -> None:
-        self._read = read
-        self._value: Mapping[str, int] | None = None
-
-    def _get(self) -> Mapping[str, int]:
-        if self._value is None:
-            self._value = self._read() or {}
-        return self._value
-
-    def __getitem__(self, key: str) -> int:
-        return self._get()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._get())
-
-    def __len__(self) -> int:
-        return len(self._get())
 
 
 class BidHandler:
@@ -294,7 +270,7 @@ class BidHandler:
         banker = self.banker
         inputs = Inputs(
             snapshot, self.campaigns, now, budgets=banker.floats_at(now), exhausted=banker.exhausted,
-            impressions=_Lazy(lambda: self._impressions(user, now)) if self.caps and user else None, seat=profile.seat,
+            impressions=(lambda: self._impressions(user, now)) if self.caps and user else None, seat=profile.seat,
             gvl_vendor_id=vendor,
         )  # fmt: skip
         decision = decide(request, inputs)
