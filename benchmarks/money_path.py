@@ -119,7 +119,7 @@ def main() -> int:
         "",
         table(["app", "CPU us per bid request (best)", "per round", "vs off"], rows),
         "",
-        f"Bids made (both apps bid on every request): off {bids['off']:.0f}, on {bids['on']:.0f}. "
+        f"Bids made (the budgeted app passes some requests by when an even-paced float runs short between syncs): off {bids['off']:.0f}, on {bids['on']:.0f}. "
         f"Goal: at most {GOAL:.2f}x: **{'met' if on / off <= GOAL else 'not met'}** ({on / off:.2f}x).",
     ])  # fmt: skip
     print(text)
