@@ -14,7 +14,6 @@ the cost of one call of each kind on each state, wall time, median of many.
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import socket
 import statistics
@@ -27,19 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import format_machine, machine_info, record, table  # noqa: E402
-from money_path import _campaigns, _requests  # noqa: E402
-from prometheus_client import CollectorRegistry  # noqa: E402
+from money_path import _app as money_app  # noqa: E402
+from money_path import _requests, _run  # noqa: E402
 
-from tafe.core import campaigns as campaigns_mod  # noqa: E402
-from tafe.cqs import open_snapshot  # noqa: E402
-from tafe.cqs.swap import Holder  # noqa: E402
-from tafe.handlers import make_public_app, open_money  # noqa: E402
-from tafe.lifecycle import Lifecycle  # noqa: E402
-from tafe.metrics import Metrics  # noqa: E402
-from tafe.money import node_settings  # noqa: E402
 from tafe.money.redis_state import FAST_TIMEOUT_S  # noqa: E402
 from tafe.money.state import BidRef, Want  # noqa: E402
-from tafe.settings import Settings  # noqa: E402
 
 
 def _redis(tmp: Path) -> tuple[subprocess.Popen, str]:
@@ -63,30 +54,7 @@ def _redis(tmp: Path) -> tuple[subprocess.Popen, str]:
 
 
 def _app(state: str, tmp: Path):
-    settings = node_settings(Settings(campaigns=_campaigns(True, tmp), notice_base_url="https://bid.test", state=state))
-    camps = campaigns_mod.load(settings.campaigns)
-    metrics = Metrics(CollectorRegistry(), deferred=True)
-    money = open_money(settings, camps)
-    money.sync(metrics, time.time())
-    app = make_public_app(settings, lifecycle=Lifecycle(), metrics=metrics, holder=Holder(open_snapshot(settings.model)),
-                          campaigns=camps, money=money)  # fmt: skip
-    return app, money, metrics
-
-
-def _run(app, money, metrics, bodies: list[bytes], n: int) -> tuple[float, float]:
-    """(CPU us, wall us) per bid request."""
-
-    def start_response(status, headers, exc_info=None):
-        return None
-
-    c0, w0 = time.process_time(), time.perf_counter()
-    for i in range(n):
-        body = bodies[i % len(bodies)]
-        app({"REQUEST_METHOD": "POST", "PATH_INFO": "/openrtb2/bid", "CONTENT_LENGTH": str(len(body)),
-             "wsgi.input": io.BytesIO(body), "HTTP_HOST": "bid.test"}, start_response)  # fmt: skip
-        if i % 1000 == 999:
-            money.sync(metrics, time.time())
-    return (time.process_time() - c0) / n * 1e6, (time.perf_counter() - w0) / n * 1e6
+    return money_app(True, tmp, state)
 
 
 def _call_costs(state, n: int = 2000) -> dict[str, float]:
