@@ -217,9 +217,13 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
     # A user whose history may not be used is scored from the request alone.
     hidden = may_use_history(request, inputs.gvl_vendor_id)
     scored = dataclasses.replace(request, user_keys=()) if hidden is not None and request.user_keys else request
-    capped: frozenset[str] | None = None  # read at the first capped candidate: a request no campaign fits reads none
     budgets = inputs.budgets
-    room: dict[str, int] | None = None  # budgets less what this request's earlier imps reserved (copied on first use)
+    # Per campaign with a budget or a cap: nanos it may still reserve (its float, less what
+    # this request's earlier imps took), -1 at its frequency cap. Made at the first such
+    # candidate; the user's impressions are read at the first capped one (a request no
+    # capped campaign fits reads nothing).
+    gate: dict[str, int] | None = None
+    caps_read = False
     reservations: list[tuple[str, str, int]] = []
     shade = campaigns.first_price_shade if request.at == 1 else 1.0
     pivot = campaigns.score_pivot
@@ -264,15 +268,16 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
                 continue
             left = None  # nanos this campaign may still reserve; None: no budget
             if money:  # a budget or a frequency cap: only these campaigns pay for the checks
-                cid = campaign.id
-                if campaign.frequency_cap is not None:
-                    if capped is None:
-                        capped = _capped(campaigns, inputs.impressions)
-                    if cid in capped:
-                        stage = max(stage, 3)
-                        continue
-                if budgets is not None:
-                    left = (budgets if room is None else room).get(cid)
+                if gate is None:
+                    gate = dict(budgets) if budgets is not None else {}
+                if not caps_read and campaign.frequency_cap is not None:  # the first capped candidate
+                    caps_read = True
+                    for cid in _capped(campaigns, inputs.impressions):
+                        gate[cid] = -1
+                left = gate.get(campaign.id)
+                if left is not None and left < 0:  # at its frequency cap for this user
+                    stage = max(stage, 3)
+                    continue
             if score is None:
                 score = models.score(scored, imp, now)
                 s = min(max(float(score.value), 0.0), 1.0)
@@ -304,9 +309,8 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
         _, campaign, creative, lane, price = best
         bid_id = _bid_id(request.id, imp.id, round(now * 1_000_000))
         if budgets is not None and campaign.id in budgets:
-            if room is None:
-                room = dict(budgets)
-            room[campaign.id] -= price
+            assert gate is not None  # made when this budgeted campaign was a candidate
+            gate[campaign.id] -= price
             reservations.append((campaign.id, bid_id, price))
         bids.append(
             Bid(

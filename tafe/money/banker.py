@@ -41,6 +41,7 @@ class Banker:
         self.short = False  # a bid was refused for want of float: sync soon
         self.period = -1  # the budget period the floats were granted for
         self.synced_at = 0.0  # unix time of the last successful sync
+        self._fresh_from = self._stale_at = 0.0  # when the floats may be bid on (see ``sync``)
         self.failures = 0  # syncs failed in a row since then
         self._queue: list[Reservation] = []
         self._used: dict[str, int] = {}
@@ -49,7 +50,7 @@ class Banker:
         """The floats ``decide`` may bid against now: none left once their period or their lease is over
         (a second short of it: the state may sweep a lease by another node's clock)."""
         floats = self.floats
-        if floats is not None and (now // self.period_s != self.period or now - self.synced_at > FLOAT_TRUST_S):
+        if floats is not None and not self._fresh_from <= now < self._stale_at:
             # A new period, or the state unreachable for so long that our lease may have
             # expired there and the float been handed to another worker: bid on nothing.
             self.floats = floats = dict.fromkeys(floats, 0)
@@ -61,12 +62,13 @@ class Banker:
         floats = self.floats
         if floats is None or not decision.reservations:
             return
-        period = period_of(now, self.period_s)
+        period = self.period  # floats_at has just checked that the floats are this period's
         expires = int(now) + self.reservation_ttl_s
+        used, queue, make = self._used, self._queue, tuple.__new__  # a NamedTuple's own __new__ costs 3x
         for campaign, bid_id, nanos in decision.reservations:
             floats[campaign] -= nanos
-            self._used[campaign] = self._used.get(campaign, 0) + nanos
-            self._queue.append(Reservation(bid_id, campaign, period, nanos, expires))
+            used[campaign] = used.get(campaign, 0) + nanos
+            queue.append(make(Reservation, (bid_id, campaign, period, nanos, expires)))
 
     def sync(self, state: State, now: float, *, final: bool = False) -> None:
         """Report the queued reservations, take new floats (one ``State.reserve`` call).
@@ -99,6 +101,10 @@ class Banker:
         self._used = {}
         self.period = period
         self.synced_at = now
+        # The floats hold from the start of their period until it ends or their lease may
+        # have expired, whichever is first: one comparison per bid request.
+        self._fresh_from = period * self.period_s
+        self._stale_at = min((period + 1) * self.period_s, now + FLOAT_TRUST_S)
         self.floats = {cid: g.nanos for cid, g in grants.items()}
         self.accounts = {cid: g.account for cid, g in grants.items()}
         # Less left than one impression at the campaign's top price, floats aside: a bid
