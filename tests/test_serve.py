@@ -120,6 +120,8 @@ def _broken_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "malformed campaigns": (["--campaigns", str(tmp / "bad.json")], str(tmp / "bad.json")),
         "corrupt model": (["--model", str(tmp / "model.cqsm")], str(tmp / "model.cqsm")),
         "corrupt store": (["--store", str(tmp / "store.bin")], str(tmp / "store.bin")),
+        "money state not a directory": (["--state", str(tmp / "store.bin")], str(tmp / "store.bin")),
+        "missing notice keys file": (["--notice-keys-file", str(tmp / "keys")], str(tmp / "keys")),
     }
 
 
@@ -133,7 +135,11 @@ def _needs_nginx(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", ["missing campaigns", "malformed campaigns", "corrupt model", "corrupt store"])
+@pytest.mark.parametrize(
+    "case",
+    ["missing campaigns", "malformed campaigns", "corrupt model", "corrupt store", "money state not a directory",
+     "missing notice keys file"],
+)  # fmt: skip
 def test_a_bad_file_is_one_line_naming_it(tmp_path, mode, case):
     _needs_nginx(mode)
     args, needle = _broken_files(tmp_path)[case]

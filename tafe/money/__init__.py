@@ -70,9 +70,14 @@ def open_state(settings: Settings) -> State:
             return RedisState(settings.state)
         except ValueError as exc:
             raise SettingsError(f"state {settings.state}: {exc}") from None
+    import lmdb
+
     from tafe.money.embedded import EmbeddedState
 
-    return EmbeddedState(settings.state)
+    try:
+        return EmbeddedState(settings.state)
+    except (OSError, lmdb.Error) as exc:  # a directory that cannot be made, read or locked
+        raise SettingsError(f"state {settings.state}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 _RANDOM = "rnd"  # the key id prefix of a key made at start
