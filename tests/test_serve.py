@@ -122,6 +122,8 @@ def _broken_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "corrupt store": (["--store", str(tmp / "store.bin")], str(tmp / "store.bin")),
         "money state not a directory": (["--state", str(tmp / "store.bin")], str(tmp / "store.bin")),
         "missing notice keys file": (["--notice-keys-file", str(tmp / "keys")], str(tmp / "keys")),
+        "event log not a directory": (["--event-log", str(tmp / "store.bin")], str(tmp / "store.bin")),
+        "decision log in a missing directory": (["--decision-log", str(tmp / "no" / "d.jsonl")], str(tmp / "no" / "d.jsonl")),
     }
 
 
@@ -138,7 +140,7 @@ def _needs_nginx(mode: str) -> None:
 @pytest.mark.parametrize(
     "case",
     ["missing campaigns", "malformed campaigns", "corrupt model", "corrupt store", "money state not a directory",
-     "missing notice keys file"],
+     "missing notice keys file", "event log not a directory", "decision log in a missing directory"],
 )  # fmt: skip
 def test_a_bad_file_is_one_line_naming_it(tmp_path, mode, case):
     _needs_nginx(mode)

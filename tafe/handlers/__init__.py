@@ -33,7 +33,7 @@ from tafe.metrics import Metrics, cooperative, exposition
 from tafe.money import keys_of, node_settings, open_state
 from tafe.money.banker import FLOAT_TRUST_S, Banker, period_of
 from tafe.money.state import State
-from tafe.settings import Settings
+from tafe.settings import Settings, SettingsError
 
 __all__ = ["Apps", "build", "make_admin_app", "make_public_app"]
 
@@ -291,7 +291,10 @@ def _decision_log(settings: Settings, money: Money) -> DecisionLog | None:
     events = money.events if settings.event_log else None
     if not settings.decision_log and events is None:
         return None
-    return DecisionLog(settings.decision_log or None, settings.decision_log_sample, events=events)
+    try:
+        return DecisionLog(settings.decision_log or None, settings.decision_log_sample, events=events)
+    except OSError as exc:
+        raise SettingsError(f"decision_log {settings.decision_log}: {exc.strerror or exc}") from None
 
 
 def open_money(settings: Settings, campaigns: Campaigns) -> Money:
@@ -301,7 +304,10 @@ def open_money(settings: Settings, campaigns: Campaigns) -> Money:
         campaigns.campaigns, worker=f"{socket.gethostname()}:{os.getpid()}", period_s=settings.budget_period_s,
         reservation_ttl_s=settings.reservation_ttl_s,
     )  # fmt: skip
-    events: EventSink = RotatingFiles(settings.event_log) if settings.event_log else NullSink()
+    try:
+        events: EventSink = RotatingFiles(settings.event_log) if settings.event_log else NullSink()
+    except OSError as exc:
+        raise SettingsError(f"event_log {settings.event_log}: {exc.strerror or exc}") from None
     return Money(banker, state, events, settings, NoticeQueue())
 
 
