@@ -30,10 +30,9 @@ log = logging.getLogger("tafe.money")
 def node_settings(settings: Settings, run_dir: str | Path | None = None, previous: Settings | None = None) -> Settings:
     """``settings`` with ``state`` and ``notice_keys`` set; a random key survives reloads (``previous``)."""
     changes: dict[str, str] = {}
-    if not settings.state:
-        run_dir = run_dir or settings.run_dir
-        changes["state"] = str(Path(run_dir) / "state") if run_dir else tempfile.mkdtemp(prefix="tafe-state-")
-        log.debug("money state in %s (--state DIR keeps budgets and spend where you choose)", changes["state"])
+    run_dir = run_dir or settings.run_dir
+    if not settings.state and run_dir:  # shared by the node's workers; otherwise open_state makes one for this process
+        changes["state"] = str(Path(run_dir) / "state")
     if settings.notice_keys_file:
         try:
             changes["notice_keys"] = Path(settings.notice_keys_file).read_text().strip()
@@ -74,6 +73,8 @@ def open_state(settings: Settings) -> State:
 
     from tafe.money.embedded import EmbeddedState
 
+    if not settings.state:  # one process, no run directory: a state of its own, removed with it
+        return EmbeddedState(tempfile.mkdtemp(prefix="tafe-state-"), temporary=True)
     try:
         return EmbeddedState(settings.state)
     except (OSError, lmdb.Error) as exc:  # a directory that cannot be made, read or locked

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
 import struct
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,7 +59,8 @@ def _acct_key(campaign: str, period: int) -> bytes:
 class EmbeddedState:
     """``tafe.money.state.State`` on an LMDB environment in directory ``path``."""
 
-    def __init__(self, path: str, *, map_size: int = 1 << 36) -> None:
+    def __init__(self, path: str, *, map_size: int = 1 << 36, temporary: bool = False) -> None:
+        """``temporary``: the directory is this object's, removed when it is closed or collected."""
         os.makedirs(path, exist_ok=True)
         # map_size is address space, not memory or disk: pages are used as written.
         self.env = lmdb.open(
@@ -70,6 +73,7 @@ class EmbeddedState:
         self._seenx = self.env.open_db(b"seenx")
         self._freq = self.env.open_db(b"freq")
         self.path = path
+        self._removal = weakref.finalize(self, shutil.rmtree, path, True) if temporary else None
         self._read: Any = None  # the bid path's read snapshot (``frequency``)
         self._read_at = 0.0
         self._read_gen = -1
@@ -307,3 +311,5 @@ class EmbeddedState:
         self._gen.release()
         self._gen_map.close()
         self.env.close()
+        if self._removal is not None:
+            self._removal()

@@ -242,3 +242,20 @@ def test_redis_reserve_reported_twice_reserves_once(redis_server):
     assert (acct.reserved, acct.floated) == (2000, 5000)
     assert s.commit(ref("b1", 2000), 1500, NOW + 3)
     assert s.accounts(PERIOD)["c1"].reserved == 0
+
+
+def test_a_process_without_a_state_directory_leaves_none_behind(tmp_path, monkeypatch):
+    import gc
+    import tempfile
+
+    from tafe.money import open_state
+    from tafe.settings import Settings
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    closed = open_state(Settings())
+    opened = open_state(Settings())
+    assert len(list(tmp_path.iterdir())) == 2
+    closed.close()  # a worker stopping
+    del opened  # an app dropped (tests build many)
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
