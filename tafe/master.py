@@ -193,7 +193,11 @@ class Master:
         self._own_run_dir = not (run_dir or settings.run_dir)
         self.run_dir = run_directory(run_dir or settings.run_dir, prefix="tafe-")
         # Made once for every worker: the money state's directory and the notice keys.
-        self.settings = settings = node_settings(settings, self.run_dir)
+        try:
+            self.settings = settings = node_settings(settings, self.run_dir)
+        except BaseException:  # e.g. a notice keys file that cannot be read: leave nothing behind
+            self.remove_run_dir()
+            raise
         self.metrics_dir = self.run_dir / "metrics"
         self.listener: socket.socket | None = None
         self.admin_listener: socket.socket | None = None
@@ -210,6 +214,11 @@ class Master:
         self.stopping = False
         self._stop_deadline = 0.0
         self.exit_code = 0
+
+    def remove_run_dir(self) -> None:
+        """Remove the run directory if this master made it (a temporary one)."""
+        if self._own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -260,8 +269,7 @@ class Master:
         if self.signals is not None:
             self.signals.close()
             self.signals = None
-        if self._own_run_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.remove_run_dir()
 
     def serve(self) -> int:
         """``tafe serve --workers N``: run until every worker has drained.

@@ -111,9 +111,13 @@ class Node:
         self.run_dir = run_directory(settings.run_dir, prefix="tafe-up-")
         if os.geteuid() == 0:
             os.chmod(self.run_dir, 0o755)  # Nginx's workers run as "nobody" under root
-        self.master = Master(
-            settings, reload=reload, listen=("127.0.0.1", 0), worker_overrides=self._overrides(settings), run_dir=self.run_dir
-        )
+        try:
+            self.master = Master(
+                settings, reload=reload, listen=("127.0.0.1", 0), worker_overrides=self._overrides(settings), run_dir=self.run_dir
+            )
+        except BaseException:  # a start-up mistake leaves no run directory behind
+            self._remove_run_dir()
+            raise
         self.nginx = nginx.Nginx(binary, self.run_dir / "nginx")
         self.stopping = False
         self._quit_sent = False
@@ -146,8 +150,11 @@ class Node:
                 proc.kill()
                 proc.wait()
             self.master.close()
-            if self._own_run_dir:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+            self._remove_run_dir()
+
+    def _remove_run_dir(self) -> None:
+        if self._own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _start_nginx(self) -> None:
         s = self.settings

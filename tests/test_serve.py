@@ -145,8 +145,11 @@ def _needs_nginx(mode: str) -> None:
 def test_a_bad_file_is_one_line_naming_it(tmp_path, mode, case):
     _needs_nginx(mode)
     args, needle = _broken_files(tmp_path)[case]
-    result = run_tafe(*MODES[mode], "--port", "0", "--admin-port", "0", *args)
+    scratch = tmp_path / "tmp"  # the process's temporary directory: a refusal leaves nothing in it
+    scratch.mkdir()
+    result = run_tafe(*MODES[mode], "--port", "0", "--admin-port", "0", *args, env={"TMPDIR": str(scratch)})
     assert_one_line(result, "tafe: ", needle)
+    assert not list(scratch.iterdir())
 
 
 @pytest.mark.parametrize("mode", MODES)
