@@ -89,6 +89,7 @@ def share(src: BinaryIO, key: str, accept: Callable[[Copy], T], *, name: str = "
     directory = _directory()
     if directory is None:
         return _accept(_copy(src, name), accept)
+    _sweep(directory, key)
     key_dir = os.path.join(directory, key)
     try:
         os.makedirs(key_dir, mode=0o700, exist_ok=True)
@@ -157,6 +158,29 @@ def _sealed(fd: int) -> bool:
         return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
     except OSError:  # not a memfd
         return False
+
+
+def _sweep(directory: str, keep: str) -> None:
+    """Remove links whose holder died without closing (killed) under every other key, and
+    keys left empty, so the directory does not grow with every content ever served. A
+    link is removed only when it dangles (its process is gone); rmdir only succeeds
+    on an empty directory, and ``publish`` retries if one goes away under it. Cost: a
+    listing and a stat per link, once per store opened (off the event loop)."""
+    try:
+        keys = os.listdir(directory)
+    except OSError:
+        return
+    for key in keys:
+        if key == keep:
+            continue
+        key_dir = os.path.join(directory, key)
+        for link in _links(key_dir):
+            if not os.path.exists(link):
+                _remove(link)
+        try:
+            os.rmdir(key_dir)
+        except OSError:
+            pass
 
 
 def _links(key_dir: str) -> list[str]:

@@ -10,6 +10,7 @@ import random
 import pytest
 
 from tafe.cqs import CqsError
+from tafe.cqs.sealed import _directory
 from tafe.cqs.state import EVENT_TYPES, NEVER, UserState
 from tafe.cqs.store import HEADER_SIZE, StoreError, build_store, key_hash, open_store, write_store
 
@@ -309,3 +310,28 @@ def test_an_inconsistent_index_is_refused_even_with_valid_checksums(built, tmp_p
     path.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="corrupt bucket index"):
         open_store(str(path))
+
+
+def test_a_dead_holders_link_under_another_key_is_swept(built, tmp_path):
+    """Links left by killed processes do not pile up under contents no one opens again."""
+    _, out, _ = built
+    directory = _directory()
+    assert directory is not None
+    link = os.path.join(directory, "0000dead-1", "1-5")
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink("/proc/0/fd/5", link)  # pid 0 has no /proc entry: dangling, as a killed holder's
+    alive = os.path.join(directory, "0000live-1", "1-0")
+    os.makedirs(os.path.dirname(alive), exist_ok=True)
+    os.symlink(f"/proc/{os.getpid()}/fd/0", alive)  # a live holder's link stays
+    try:
+        with open_store(out):
+            pass
+        assert not os.path.lexists(os.path.dirname(link))
+        assert os.path.lexists(alive)
+    finally:
+        for path in (link, alive):
+            if os.path.lexists(path):
+                os.unlink(path)
+            if os.path.isdir(os.path.dirname(path)):
+                os.rmdir(os.path.dirname(path))
+
