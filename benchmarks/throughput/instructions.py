@@ -115,7 +115,9 @@ def _wait_for(client: Client, count: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def count(cmd: list[str], port: int, body: bytes, log: Path, *, requests: int, connections: int, warmup: int) -> dict:
+def count(
+    cmd: list[str], port: int, body: bytes, log: Path, *, requests: int, connections: int, warmup: int, keep: Path | None = None
+) -> dict:
     """Instructions per request of the server ``cmd`` (listening on ``port``) under callgrind."""
     with tempfile.TemporaryDirectory(prefix="tafe-cg-") as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -140,6 +142,8 @@ def count(cmd: list[str], port: int, body: bytes, log: Path, *, requests: int, c
         dumps = sorted(Path(tmp).glob("callgrind.out.*.1"))
         if not dumps:
             raise RuntimeError(f"no callgrind dump (see {log})")
+        if keep is not None:  # for callgrind_annotate
+            keep.write_bytes(dumps[0].read_bytes())
         totals = re.search(r"^(?:totals|summary): *(\d+)", dumps[0].read_text(errors="replace"), re.M)
         if totals is None:
             raise RuntimeError(f"no totals in {dumps[0]}")
@@ -162,6 +166,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--only", action="append", help="only servers whose name contains this (repeatable)")
+    parser.add_argument("--keep", action="store_true", help="keep each dump beside its log, for callgrind_annotate")
     args = parser.parse_args()
     body = traffic.sample_body()
     port = common.free_port()
@@ -171,7 +176,8 @@ def main() -> int:
             continue
         log = logs / ("callgrind-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".log")
         try:
-            r = count(cmd, port, body, log, requests=args.requests, connections=args.connections, warmup=args.warmup)
+            keep = logs / (log.stem + ".out") if args.keep else None
+            r = count(cmd, port, body, log, requests=args.requests, connections=args.connections, warmup=args.warmup, keep=keep)
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             print(f"{name}: FAILED: {exc}", flush=True)
             continue
