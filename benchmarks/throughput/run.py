@@ -87,7 +87,7 @@ http {{
 """
 
 
-def setup(nginx: bool, bjoern: bool) -> dict[str, bool]:
+def setup(nginx: bool, bjoern: bool, others: list[str]) -> dict[str, bool]:
     """Install what the chosen rows need; say what is there."""
     needs = {"wrk": "wrk"}
     if nginx:
@@ -104,6 +104,8 @@ def setup(nginx: bool, bjoern: bool) -> dict[str, bool]:
         has_bjoern = subprocess.run(check, capture_output=True).returncode == 0
     has = {"wrk": "wrk" not in missing, "nginx": nginx and "nginx" not in missing, "bjoern": has_bjoern}
     for name, extra in (("granian", []), ("meinheld", ["--no-deps"])):
+        if name not in others:
+            continue
         check = [sys.executable, "-c", f"import {name}"]
         if subprocess.run(check, capture_output=True).returncode != 0:
             print(f"setup: pip install {' '.join(extra)} {name}", flush=True)
@@ -147,11 +149,8 @@ def configs(args: argparse.Namespace, port: int, tmp: Path, have: dict[str, bool
     gunicorn += ["--backlog", "2048", "--log-level", "warning", "-k", "gevent", "--worker-connections", "10000", app]
     tafe = [py, "-m", "tafe"]
     admin = str(common.free_port())
-    rows = [
-        {"name": "TAFE, 1 worker direct", "cmd": [*tafe, "serve", "--port", str(port), "--admin-port", "-1", "--workers", "1"], "pin": True},
-        {"name": "gunicorn -k gevent, 1 worker", "cmd": gunicorn, "pin": True, "baseline": True},
-        {"name": "gevent.pywsgi, 1 worker", "cmd": [*serve, "pywsgi", app, "--port", str(port)], "pin": True},
-    ]
+    # TAFE and the servers it is held against run back to back: their ratios within a round are the fair ones.
+    rows = [{"name": "TAFE, 1 worker direct", "cmd": [*tafe, "serve", "--port", str(port), "--admin-port", "-1", "--workers", "1"], "pin": True}]
     if have["bjoern"]:
         rows.append({"name": "bjoern (C), 1 worker", "cmd": [*serve, "bjoern", app, "--port", str(port)], "pin": True})
     if have.get("meinheld"):
@@ -160,6 +159,10 @@ def configs(args: argparse.Namespace, port: int, tmp: Path, have: dict[str, bool
         granian = [str(common.VENV_BIN / "granian"), "--interface", "wsgi", "--workers", "1", "--host", "127.0.0.1"]
         granian += ["--port", str(port), "--backlog", "2048", "--no-ws", "--log-level", "warning", app]
         rows.append({"name": "granian (Rust), 1 worker", "cmd": granian, "pin": True})
+    rows += [
+        {"name": "gunicorn -k gevent, 1 worker", "cmd": gunicorn, "pin": True, "baseline": True},
+        {"name": "gevent.pywsgi, 1 worker", "cmd": [*serve, "pywsgi", app, "--port", str(port)], "pin": True},
+    ]
     if have["nginx"]:
         up = [*tafe, "up", "--port", str(port), "--admin-port", admin]
         rows += [
@@ -188,7 +191,9 @@ def measure(row: dict, port: int, script: Path, body: bytes, args: argparse.Name
         time.sleep(0.5)
         status, answer = probe(port, body)
         wrk(port, script, args.warmup, args.connections, load_cpus if row["pin"] else None)
+        cpu = common.group_cpu_seconds(proc.pid)
         r = wrk(port, script, args.duration, args.connections, load_cpus if row["pin"] else None)
+        r["cpu_us"] = (common.group_cpu_seconds(proc.pid) - cpu) / max(r["requests"], 1) * 1e6
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         print(f"  {row['name']}: FAILED: {exc} (see {log})", flush=True)
         return None
@@ -215,7 +220,8 @@ def main() -> int:
 
     chosen = lambda name: not args.only or any(o.lower() in name.lower() for o in args.only)  # noqa: E731
     nginx_rows = ("TAFE via Nginx, 1 worker", "TAFE via Nginx, all cores", "Nginx fixed body (ceiling), 1 worker, all cores")
-    have = setup(nginx=any(map(chosen, nginx_rows)), bjoern=chosen("bjoern (C), 1 worker"))
+    others = [name for name in ("granian", "meinheld") if chosen(name)]
+    have = setup(nginx=any(map(chosen, nginx_rows)), bjoern=chosen("bjoern (C), 1 worker"), others=others)
     if not have["wrk"]:
         print("throughput: wrk is missing and could not be installed", file=sys.stderr)
         return 1
@@ -289,18 +295,21 @@ def render(
             r["name"], f"{r['rps']:,.0f}", common.ratio(r["rps"], base["rps"]) if base else "n/a",
             f"{r['p50_us'] / 1000:.2f}", f"{r['p99_us'] / 1000:.2f}", f"{r['p99_us'] / max(r['p50_us'], 1):.1f}x",
             f"{r['answer_status']} ({r['answer_bytes']} B)", errors, "yes" if r["pinned"] else "no (all cores)", r["loadavg"],
+            f"{r['cpu_us']:.1f}",
         ] + ([f"{r['instructions'] / 1000:,.0f}k" if "instructions" in r else ""] if counted else []))
     lines = [
         f"wrk, 1 thread, {args.connections} keep-alive connections, {args.duration:g} s per row and round after a {args.warmup:g} s "
         f"warm-up, best of {args.rounds} interleaved rounds per row, POSTing a {body_len}-byte OpenRTB 2.5 request (single 300x250 imp, floor 0.05) to {BID_PATH}; "
         f"non-TAFE servers serve `{args.app}`. {pinning.capitalize()}, except rows marked otherwise.",
         "",
-        common.table(["server", "req/s", "vs gunicorn gevent", "p50 ms", "p99 ms", "p99/p50", "answer", "errors", "pinned", "load avg"]
-                     + (["instructions/req (callgrind)"] if counted else []), rows),
+        common.table(["server", "req/s", "vs gunicorn gevent", "p50 ms", "p99 ms", "p99/p50", "answer", "errors", "pinned", "load avg",
+                      "CPU us/req"] + (["instructions/req (callgrind)"] if counted else []), rows),
     ]
     lines += ["", "The Nginx rows answer a fixed body without any backend: the most this machine passes through Nginx "
                   "to one wrk thread (wrk's own core bounds them too). Closed loop: p99 here is a queue of 64 connections, "
-                  "not a tail at a fixed rate (see the threads-vs-greenlets section for that)."]
+                  "not a tail at a fixed rate (see the threads-vs-greenlets section for that). CPU us/req: user + system CPU "
+                  "of the server's process group over the measured run (kernel TCP work included; Nginx and its workers "
+                  "too in the Nginx rows) divided by the requests answered: it moves less with the machine's load than req/s."]
     tafe = next((r for r in results if r["name"].startswith("TAFE, 1 worker")), None)
     if tafe and base:
         x = tafe["rps"] / base["rps"]
@@ -338,12 +347,13 @@ def _against_c_and_rust(tafe: dict, results: list[dict], per_round: dict[str, li
     for prefix, goal in (("bjoern", 1.0), ("granian", 1.15), ("meinheld", None)):
         other = next((r for r in results if r["name"].startswith(prefix)), None)
         if other is None:
-            out.append(f"{prefix}: no row (not installed here).")
+            out.append(f"{prefix}: no row (not chosen, or not installed here).")
             continue
         paired = [t / o for t, o in zip(per_round.get(tafe["name"], []), per_round.get(other["name"], []))]
         verdict = "" if goal is None else f" Goal >= {goal:.2f}x in every round: {'met' if min(paired, default=0) >= goal else 'NOT met'}."
         out.append(f"TAFE / {prefix} per round: {' '.join(f'{p:.2f}x' for p in paired)} (best rows "
-                   f"{tafe['rps'] / other['rps']:.2f}x).{verdict}")
+                   f"{tafe['rps'] / other['rps']:.2f}x; CPU per request, TAFE / {prefix}: {tafe['cpu_us'] / other['cpu_us']:.2f}x)."
+                   f"{verdict}")
     out.append(f"TAFE p99 = {tail:.1f}x p50 at 64 connections (goal <= 3x: {'met' if tail <= 3.0 else 'NOT met'}).")
     if "instructions" in tafe:
         bjoern = next((r for r in results if r["name"].startswith("bjoern") and "instructions" in r), None)
