@@ -3,7 +3,8 @@
 ``make_public_app`` serves exchanges (bids, notices, ``/ping``); ``make_admin_app``
 serves operators (``/metrics``, ``/ping``, mounted debug apps) on another listener;
 ``build`` wires both from the settings. Any WSGI server can host the public app
-(``tafe.wsgi:application``); TAFE's own gevent server passes ``tafe.arrival``.
+(``tafe.wsgi:application``); TAFE's own gevent server passes ``tafe.arrival``, and calls
+the bid route through ``PublicApp.handle``, without WSGI (``tafe.server``).
 """
 
 from __future__ import annotations
