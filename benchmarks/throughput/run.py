@@ -308,7 +308,7 @@ def render(
     lines += ["", "The Nginx rows answer a fixed body without any backend: the most this machine passes through Nginx "
                   "to one wrk thread (wrk's own core bounds them too). Closed loop: p99 here is a queue of 64 connections, "
                   "not a tail at a fixed rate (see the threads-vs-greenlets section for that). CPU us/req: user + system CPU "
-                  "of the server's process group over the measured run (kernel TCP work included; Nginx and its workers "
+                  "of the server's session (it and all its children) over the measured run (kernel TCP work included; Nginx and its workers "
                   "too in the Nginx rows) divided by the requests answered: it moves less with the machine's load than req/s."]
     tafe = next((r for r in results if r["name"].startswith("TAFE, 1 worker")), None)
     if tafe and base:
