@@ -140,7 +140,9 @@ def pinned(cmd: Sequence[str], cpus: Sequence[int] | None) -> list[str]:
 
 
 def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU time of every live process in a process group (a server and its children)."""
+    """User + system CPU time of every live process in the session a server started by ``start``
+    leads (its pid is the session's and group's id): the server and its children, also those in
+    process groups of their own (``tafe up``'s workers and Nginx)."""
     total = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -149,7 +151,7 @@ def group_cpu_seconds(pgid: int) -> float:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:
+        if int(fields[3]) == pgid:
             total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
 

@@ -49,6 +49,8 @@ Rules, on the way out (``response_head``):
   and hop-by-hop headers are the server's);
   ``Connection: close`` from the app closes the connection after the answer.
 - ``Date`` is formatted once per second.
+- An app's fast path (``direct_head``) follows the same rules for a whole answer whose
+  framing it leaves to the server (it may not send the headers above).
 """
 
 from __future__ import annotations
@@ -69,9 +71,13 @@ __all__ = [
     "HttpError",
     "Request",
     "RequestReader",
+    "add_headers",
     "chunk",
+    "direct_environ",
+    "direct_head",
     "error_response",
     "response_head",
+    "split_target",
     "wsgi_environ",
     "CHUNKED",
     "UNTIL_CLOSE",
@@ -361,12 +367,8 @@ def _env_key(name: bytes) -> str | None:
     return key
 
 
-def wsgi_environ(request: Request, base: dict[str, Any]) -> dict[str, Any]:
-    """The PEP 3333 environ of ``request``: a copy of ``base`` (server and client keys)
-    plus the request's own keys, ``wsgi.input`` over the body already read, and
-    ``tafe.arrival``. Repeated headers are joined with ","."""
-    env = base.copy()
-    target = request.target
+def split_target(target: bytes) -> tuple[bytes, str, str]:
+    """``(target without any #fragment, PATH_INFO, QUERY_STRING)`` as PEP 3333 reads them."""
     if b"#" in target:  # a fragment is the client's business; llhttp lets it through
         target = target.partition(b"#")[0]
     if target[:1] == b"/":
@@ -380,13 +382,14 @@ def wsgi_environ(request: Request, base: dict[str, Any]) -> dict[str, Any]:
             path, query = target, b""
         else:
             path, query = url.path or b"/", url.query or b""
-    env["REQUEST_METHOD"] = request.method
-    env["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
-    env["QUERY_STRING"] = query.decode("latin-1")
-    env["RAW_URI"] = target.decode("latin-1")
-    env["SERVER_PROTOCOL"] = "HTTP/1.1" if request.http11 else "HTTP/1.0"
+    return target, (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1"), query.decode("latin-1")
+
+
+def add_headers(env: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
+    """The request's headers as CGI keys (``HTTP_*``, ``CONTENT_TYPE``, ``CONTENT_LENGTH``),
+    repeated ones joined with ","."""
     keys = _ENV_KEYS
-    for name, value in request.headers:
+    for name, value in headers:
         key = keys.get(name, "")
         if key == "":
             key = _env_key(name)
@@ -396,6 +399,32 @@ def wsgi_environ(request: Request, base: dict[str, Any]) -> dict[str, Any]:
         if key in env:
             text = env[key] + "," + text
         env[key] = text
+
+
+def direct_environ(request: Request, base: dict[str, Any], path: str) -> dict[str, Any]:
+    """What an app's ``handle`` gets (the server's fast path, ``tafe.server``): a copy of
+    ``base`` (the server's name, port and URL scheme), ``REQUEST_METHOD``, ``PATH_INFO``,
+    the headers as in ``wsgi_environ``, the body as ``tafe.body`` (whole, already read
+    and capped) and ``tafe.arrival``: no query, no ``wsgi.*`` streams."""
+    env = base.copy()
+    env["REQUEST_METHOD"] = request.method
+    env["PATH_INFO"] = path
+    add_headers(env, request.headers)
+    env["tafe.body"] = request.body
+    env["tafe.arrival"] = request.arrival
+    return env
+
+
+def wsgi_environ(request: Request, base: dict[str, Any]) -> dict[str, Any]:
+    """The PEP 3333 environ of ``request``: a copy of ``base`` (server and client keys)
+    plus the request's own keys, ``wsgi.input`` over the body already read, and
+    ``tafe.arrival``. Repeated headers are joined with ","."""
+    env = base.copy()
+    target, env["PATH_INFO"], env["QUERY_STRING"] = split_target(request.target)
+    env["REQUEST_METHOD"] = request.method
+    env["RAW_URI"] = target.decode("latin-1")
+    env["SERVER_PROTOCOL"] = "HTTP/1.1" if request.http11 else "HTTP/1.0"
+    add_headers(env, request.headers)
     body = request.body
     if body or "CONTENT_LENGTH" in env:
         env["CONTENT_LENGTH"] = str(len(body))  # the length read, chunked or not
@@ -494,6 +523,58 @@ def response_head(
     else:
         append("\r\n")
     return "".join(parts).encode("latin-1"), framing, keep_alive
+
+
+# The fast path's head (direct_head): status lines, header lines and Date as bytes.
+_STATUS_BYTES: dict[str, tuple[bytes, int]] = {}
+_HEADER_LINES: dict[tuple[str, str], bytes] = {}
+_SERVER_FRAMED = ("connection", "content-length", "transfer-encoding")
+_date_bytes_second = -1
+_date_bytes = b""
+
+
+def direct_head(
+    status: str, headers: list[tuple[str, str]], body_length: int, keep_alive: bool, http11: bool, now: float
+) -> tuple[bytes, bool]:
+    """The head of a whole answer from an app's ``handle`` (no WSGI): ``(head, has_body)``.
+
+    ``response_head``'s rules for an app that leaves the framing to the server: it may
+    not send ``Connection``, ``Content-Length`` or ``Transfer-Encoding`` (ValueError);
+    the length is ``body_length`` (none on 1xx, 204, 304). Status and header lines come
+    from caches of their bytes, so a usual answer is one join.
+    """
+    cached = _STATUS_BYTES.get(status)
+    if cached is None:
+        text, code = _status(status)
+        cached = (text.encode("latin-1"), code)
+        if len(_STATUS_BYTES) < 256:
+            _STATUS_BYTES[status] = cached
+    line, code = cached
+    global _date_bytes_second, _date_bytes
+    if int(now) != _date_bytes_second:
+        _date_bytes = _date(now).encode("latin-1")
+        _date_bytes_second = int(now)
+    parts: list[bytes] = [line, _date_bytes]
+    lines = _HEADER_LINES
+    for header in headers:
+        encoded = lines.get(header)
+        if encoded is None:
+            if header[0].lower() in _SERVER_FRAMED:
+                raise ValueError(f"the app's handle may not frame its answer: {header[0]}")
+            encoded = f"{header[0]}: {header[1]}\r\n".encode("latin-1")
+            if len(lines) < 1024:
+                lines[header] = encoded
+        parts.append(encoded)
+    has_body = not (code < 200 or code == 204 or code == 304)
+    if has_body:
+        parts.append(b"Content-Length: %d\r\n" % body_length)
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n\r\n")
+    elif not http11:
+        parts.append(b"Connection: keep-alive\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    return b"".join(parts), has_body
 
 
 def chunk(data: bytes) -> bytes:

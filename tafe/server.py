@@ -2,7 +2,10 @@
 
 One greenlet per connection (from a bounded pool, so a full worker stops accepting
 instead of drowning), serving any WSGI app. The HTTP rules live in ``tafe.http``;
-this module only moves bytes and speaks WSGI. It assumes the process has already been
+this module only moves bytes and speaks WSGI. An app that also offers ``handle``
+(TAFE's public app, for its bid route) is called through it instead where it accepts
+the request: no WSGI environ, no ``start_response``, the head from cached bytes; the
+same limits, keep-alive, draining, access log and profiler attribution apply. It assumes the process has already been
 monkey-patched (``tafe.cli`` does it first thing).
 
 Per connection: an idle keep-alive connection closes after ``keepalive_timeout_s``; a
@@ -48,6 +51,10 @@ access_log = logging.getLogger("tafe.access")
 __all__ = ["bind", "Server", "run"]
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+# An app's fast path beside its WSGI ``__call__``: (method, path, environ of
+# ``http.direct_environ``) -> (status, headers, body), or None for a request it leaves
+# to its WSGI side. TAFE's public app has one (``tafe.handlers.PublicApp``).
+Handle = Callable[[str, str, dict[str, Any]], "tuple[str, list[tuple[str, str]], bytes] | None"]
 
 _RECV = 64 * 1024
 _LINGER_S = 2.0  # longest time spent draining a refused client before closing
@@ -55,6 +62,7 @@ _monotonic = time.monotonic
 _time = time.time
 
 # tafe_bad_requests_total{reason} of the requests refused before any app saw them.
+_TEXT = [("Content-Type", "text/plain; charset=utf-8")]
 _REFUSAL_REASONS = {400: "malformed_http", 408: "slow_client", 413: "too_large", 431: "head_too_large", 501: "unknown_transfer_coding"}
 
 def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -99,7 +107,11 @@ class Server:
 
             self.route_of = default_route
             profiler.serves_requests(_Connection._respond.__code__, "env", default_route)
+            profiler.serves_requests(_Connection._respond_direct.__code__, "env", default_route)
             self.span_over = profiler.span_over
+        # The app's fast path, if it has one: no WSGI environ, no start_response, a head
+        # from cached bytes (tafe.http.direct_head). Any other app is served as WSGI.
+        self.handle: Handle | None = getattr(app, "handle", None)
         self.closing = False
         self.retiring = False  # replaced (SIGUSR2): answers close their connections, /ping stays 200
         self.connections: set[_Connection] = set()
@@ -133,6 +145,7 @@ class Server:
             "wsgi.run_once": False,
             "wsgi.input_terminated": True,
         }
+        self.direct_base = {k: self.base_environ[k] for k in ("SERVER_NAME", "SERVER_PORT", "wsgi.url_scheme")}
 
     def __repr__(self) -> str:
         return f"<Server {self.name} {self.address[0]}:{self.address[1]}>"
@@ -258,6 +271,7 @@ class _Connection:
         recv = self.sock.recv
         keepalive_timeout = settings.keepalive_timeout_s
         read_timeout = settings.read_timeout_s
+        respond = self._respond if server.handle is None else self._respond_direct
         fresh = True
         while True:
             if reader.in_progress:
@@ -292,7 +306,7 @@ class _Connection:
                 # The time left to read a request is no limit on sending its answer.
                 self._settimeout(read_timeout)
             for request in requests:
-                if not self._respond(request):
+                if not respond(request):
                     if reader.discarded or reader.in_progress or request is not requests[-1]:
                         self._linger()  # the client sent more than we will answer
                     return
@@ -460,6 +474,43 @@ class _Connection:
             return self.keep_alive
         finally:
             if server.span_over is not None and server.span_over() and server.profiler is not None:  # a C call; rarely true
+                server.profiler.finish(env, server.route_of)
+
+    def _respond_direct(self, request: http.Request) -> bool:
+        """``_respond`` through the app's ``handle``: its answer is one head and body, sent
+        in one write. A request the handle leaves (None) goes to ``_respond``."""
+        server = self.server
+        env: dict[str, Any] = {}
+        served = True
+        try:
+            _, path, _ = http.split_target(request.target)
+            env = http.direct_environ(request, server.direct_base, path)
+            # As in _head: decided after the app ran, not at arrival (see there).
+            try:
+                answer = server.handle(request.method, path, env)  # type: ignore[misc]  # set when this runs
+                if answer is None:
+                    served = False
+                    return self._respond(request)
+                status, headers, body = answer
+                keep_alive = request.keep_alive and not (server.closing or server.retiring or server.lifecycle.draining)
+                head, has_body = http.direct_head(status, headers, len(body), keep_alive, request.http11, _time())
+            except Exception:
+                log.exception("%s: app failed on %s %r", server.name, request.method, request.target)
+                status, body = "500 Internal Server Error", b"internal server error\n"
+                keep_alive = request.keep_alive and not (server.closing or server.retiring or server.lifecycle.draining)
+                head, has_body = http.direct_head(status, _TEXT, len(body), keep_alive, request.http11, _time())
+            self.status = status
+            self.bytes_out = len(body) if has_body and request.method != "HEAD" else 0
+            try:
+                self.sendall(head + body if self.bytes_out else head)
+            except OSError:
+                return False  # the client went away
+            if server.settings.access_log:
+                env["tafe.request_id"] = env.get("HTTP_X_REQUEST_ID") or server.request_id()
+                self._log_access(request, env)
+            return keep_alive
+        finally:
+            if served and server.span_over is not None and server.span_over() and server.profiler is not None:
                 server.profiler.finish(env, server.route_of)
 
     def _log_access(self, request: http.Request, env: dict[str, Any]) -> None:

@@ -6,17 +6,22 @@
 measures, one after the other on the same machine:
 
 - one worker, direct: TAFE (``tafe serve``), ``gunicorn -k gevent``, stock
-  ``gevent.pywsgi`` (with TCP_NODELAY) and ``bjoern`` (where it builds), all serving the
-  same ``tafe.wsgi:application``;
+  ``gevent.pywsgi`` (with TCP_NODELAY), ``bjoern`` (C), ``meinheld`` (C, greenlets) and
+  ``granian`` (Rust) where they install, all serving the same ``tafe.wsgi:application``;
 - TAFE behind Nginx (``tafe up``): one worker, then one worker per core;
 - Nginx answering a fixed BidResponse itself: the ceiling of any backend behind it here.
 
 Server and wrk are pinned to different cores (taskset) when the machine has two or more;
-the all-cores rows cannot be, and say so. Prints req/s, p50/p99 and the ratios to
-``gunicorn -k gevent``; ``--record`` replaces this benchmark's section of RESULTS.md.
+the all-cores rows cannot be, and say so. Prints req/s, p50/p99, the ratios to
+``gunicorn -k gevent`` and, per round, TAFE / bjoern and TAFE / granian;
+``--instructions`` adds callgrind's instructions per request for TAFE and bjoern
+(``instructions.py``, a few minutes under valgrind); ``--record`` replaces this
+benchmark's section of RESULTS.md.
 
 Setup: installs ``wrk``, ``nginx`` and ``libev-dev`` from Debian when missing (as root),
-then tries ``pip install bjoern`` (skipped when it does not build).
+then tries ``pip install bjoern``, ``granian`` and ``meinheld`` (``--no-deps``: its
+greenlet < 0.5 pin does not build on Python 3.11); a row whose server does not install
+or start is left out and said so.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import common  # noqa: E402
+import instructions  # noqa: E402
 import traffic  # noqa: E402
 
 SECTION = "throughput"
@@ -81,7 +87,7 @@ http {{
 """
 
 
-def setup(nginx: bool, bjoern: bool) -> dict[str, bool]:
+def setup(nginx: bool, bjoern: bool, others: list[str]) -> dict[str, bool]:
     """Install what the chosen rows need; say what is there."""
     needs = {"wrk": "wrk"}
     if nginx:
@@ -96,7 +102,18 @@ def setup(nginx: bool, bjoern: bool) -> dict[str, bool]:
             print("setup: pip install bjoern", flush=True)
             subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "bjoern"], check=False)
         has_bjoern = subprocess.run(check, capture_output=True).returncode == 0
-    return {"wrk": "wrk" not in missing, "nginx": nginx and "nginx" not in missing, "bjoern": has_bjoern}
+    has = {"wrk": "wrk" not in missing, "nginx": nginx and "nginx" not in missing, "bjoern": has_bjoern}
+    for name, extra in (("granian", []), ("meinheld", ["--no-deps"])):
+        if name not in others:
+            continue
+        check = [sys.executable, "-c", f"import {name}"]
+        if subprocess.run(check, capture_output=True).returncode != 0:
+            print(f"setup: pip install {' '.join(extra)} {name}", flush=True)
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *extra, name], check=False)
+        has[name] = subprocess.run(check, capture_output=True).returncode == 0
+        if not has[name]:
+            print(f"setup: {name} does not install here: its row is left out", flush=True)
+    return has
 
 
 def probe(port: int, body: bytes) -> tuple[int, bytes]:
@@ -132,13 +149,20 @@ def configs(args: argparse.Namespace, port: int, tmp: Path, have: dict[str, bool
     gunicorn += ["--backlog", "2048", "--log-level", "warning", "-k", "gevent", "--worker-connections", "10000", app]
     tafe = [py, "-m", "tafe"]
     admin = str(common.free_port())
-    rows = [
-        {"name": "TAFE, 1 worker direct", "cmd": [*tafe, "serve", "--port", str(port), "--admin-port", "-1", "--workers", "1"], "pin": True},
+    # TAFE and the servers it is held against run back to back: their ratios within a round are the fair ones.
+    rows = [{"name": "TAFE, 1 worker direct", "cmd": [*tafe, "serve", "--port", str(port), "--admin-port", "-1", "--workers", "1"], "pin": True}]
+    if have["bjoern"]:
+        rows.append({"name": "bjoern (C), 1 worker", "cmd": [*serve, "bjoern", app, "--port", str(port)], "pin": True})
+    if have.get("meinheld"):
+        rows.append({"name": "meinheld (C), 1 worker", "cmd": [*serve, "meinheld", app, "--port", str(port)], "pin": True})
+    if have.get("granian"):
+        granian = [str(common.VENV_BIN / "granian"), "--interface", "wsgi", "--workers", "1", "--host", "127.0.0.1"]
+        granian += ["--port", str(port), "--backlog", "2048", "--no-ws", "--log-level", "warning", app]
+        rows.append({"name": "granian (Rust), 1 worker", "cmd": granian, "pin": True})
+    rows += [
         {"name": "gunicorn -k gevent, 1 worker", "cmd": gunicorn, "pin": True, "baseline": True},
         {"name": "gevent.pywsgi, 1 worker", "cmd": [*serve, "pywsgi", app, "--port", str(port)], "pin": True},
     ]
-    if have["bjoern"]:
-        rows.append({"name": "bjoern (C), 1 worker", "cmd": [*serve, "bjoern", app, "--port", str(port)], "pin": True})
     if have["nginx"]:
         up = [*tafe, "up", "--port", str(port), "--admin-port", admin]
         rows += [
@@ -167,7 +191,9 @@ def measure(row: dict, port: int, script: Path, body: bytes, args: argparse.Name
         time.sleep(0.5)
         status, answer = probe(port, body)
         wrk(port, script, args.warmup, args.connections, load_cpus if row["pin"] else None)
+        cpu = common.group_cpu_seconds(proc.pid)
         r = wrk(port, script, args.duration, args.connections, load_cpus if row["pin"] else None)
+        r["cpu_us"] = (common.group_cpu_seconds(proc.pid) - cpu) / max(r["requests"], 1) * 1e6
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         print(f"  {row['name']}: FAILED: {exc} (see {log})", flush=True)
         return None
@@ -187,12 +213,15 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--app", default="tafe.wsgi:application", help="WSGI app the non-TAFE servers serve")
     parser.add_argument("--only", action="append", help="run only rows whose name contains this (repeatable)")
+    parser.add_argument("--instructions", type=int, default=0, metavar="N",
+                        help="also count instructions per request of TAFE and bjoern over N requests under callgrind")
     parser.add_argument("--record", action="store_true", help="replace this section of benchmarks/RESULTS.md")
     args = parser.parse_args()
 
     chosen = lambda name: not args.only or any(o.lower() in name.lower() for o in args.only)  # noqa: E731
     nginx_rows = ("TAFE via Nginx, 1 worker", "TAFE via Nginx, all cores", "Nginx fixed body (ceiling), 1 worker, all cores")
-    have = setup(nginx=any(map(chosen, nginx_rows)), bjoern=chosen("bjoern (C), 1 worker"))
+    others = [name for name in ("granian", "meinheld") if chosen(name)]
+    have = setup(nginx=any(map(chosen, nginx_rows)), bjoern=chosen("bjoern (C), 1 worker"), others=others)
     if not have["wrk"]:
         print("throughput: wrk is missing and could not be installed", file=sys.stderr)
         return 1
@@ -232,6 +261,19 @@ def main() -> int:
     results = [best[row["name"]] for row in rows if row["name"] in best]
     if not results:
         return 1
+    if args.instructions:
+        port = common.free_port()
+        for name, cmd in instructions.servers(port).items():
+            if name not in best:
+                continue
+            log = out / ("callgrind-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".log")
+            try:
+                counted = instructions.count(cmd, port, body, log, requests=args.instructions, connections=16, warmup=500)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                print(f"  {name}: callgrind FAILED: {exc} (see {log})", flush=True)
+                continue
+            best[name]["instructions"] = counted["per_request"]
+            print(f"  {name}: {counted['per_request']:,.0f} instructions per request under callgrind", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     report = render(results, args, info, pinning, command, len(body), per_round)
     print("\n" + report)
@@ -245,6 +287,7 @@ def render(
     per_round: dict[str, list[float]],
 ) -> str:
     base = next((r for r in results if r["baseline"]), None)
+    counted = any("instructions" in r for r in results)
     rows = []
     for r in results:
         errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
@@ -252,17 +295,21 @@ def render(
             r["name"], f"{r['rps']:,.0f}", common.ratio(r["rps"], base["rps"]) if base else "n/a",
             f"{r['p50_us'] / 1000:.2f}", f"{r['p99_us'] / 1000:.2f}", f"{r['p99_us'] / max(r['p50_us'], 1):.1f}x",
             f"{r['answer_status']} ({r['answer_bytes']} B)", errors, "yes" if r["pinned"] else "no (all cores)", r["loadavg"],
-        ])
+            f"{r['cpu_us']:.1f}",
+        ] + ([f"{r['instructions'] / 1000:,.0f}k" if "instructions" in r else ""] if counted else []))
     lines = [
         f"wrk, 1 thread, {args.connections} keep-alive connections, {args.duration:g} s per row and round after a {args.warmup:g} s "
         f"warm-up, best of {args.rounds} interleaved rounds per row, POSTing a {body_len}-byte OpenRTB 2.5 request (single 300x250 imp, floor 0.05) to {BID_PATH}; "
         f"non-TAFE servers serve `{args.app}`. {pinning.capitalize()}, except rows marked otherwise.",
         "",
-        common.table(["server", "req/s", "vs gunicorn gevent", "p50 ms", "p99 ms", "p99/p50", "answer", "errors", "pinned", "load avg"], rows),
+        common.table(["server", "req/s", "vs gunicorn gevent", "p50 ms", "p99 ms", "p99/p50", "answer", "errors", "pinned", "load avg",
+                      "CPU us/req"] + (["instructions/req (callgrind)"] if counted else []), rows),
     ]
     lines += ["", "The Nginx rows answer a fixed body without any backend: the most this machine passes through Nginx "
                   "to one wrk thread (wrk's own core bounds them too). Closed loop: p99 here is a queue of 64 connections, "
-                  "not a tail at a fixed rate (see the threads-vs-greenlets section for that)."]
+                  "not a tail at a fixed rate (see the threads-vs-greenlets section for that). CPU us/req: user + system CPU "
+                  "of the server's session (it and all its children) over the measured run (kernel TCP work included; Nginx and its workers "
+                  "too in the Nginx rows) divided by the requests answered: it moves less with the machine's load than req/s."]
     tafe = next((r for r in results if r["name"].startswith("TAFE, 1 worker")), None)
     if tafe and base:
         x = tafe["rps"] / base["rps"]
@@ -278,12 +325,43 @@ def render(
             f"Issue 6 (>= 1.0x): {'met' if low >= 1.0 else 'NOT met'}; "
             f"issue 2 (>= 2x in every round and p99 <= 3x p50): {'met' if low >= 2.0 and tail <= 3.0 else 'NOT met'}.",
         ]
+    if tafe:
+        lines += _against_c_and_rust(tafe, results, per_round)
+    if counted:
+        lines += ["", "Instructions per request: the server under `valgrind --tool=callgrind` (user-space code only, not the "
+                      "kernel), 16 keep-alive connections from a client outside valgrind, counted over "
+                      f"{args.instructions:,} requests after 500 (benchmarks/throughput/instructions.py). They do not drift "
+                      "with the machine's load as the rates do."]
     lines += ["", "Machine:", "", "```", common.format_machine(info), "```", "", "Command:", "", "```", command, "```"]
     lines += ["", "Servers and load as started:", "", "```"]
     for r in results:
         lines += [r["server"], "  " + r["command"]]
     lines += ["```"]
     return "\n".join(lines)
+
+
+def _against_c_and_rust(tafe: dict, results: list[dict], per_round: dict[str, list[float]]) -> list[str]:
+    """Issue 16's goals: TAFE >= 1.0x bjoern and >= 1.15x granian in every round; p99 <= 3x p50."""
+    out = []
+    tail = tafe["p99_us"] / max(tafe["p50_us"], 1)
+    for prefix, goal in (("bjoern", 1.0), ("granian", 1.15), ("meinheld", None)):
+        other = next((r for r in results if r["name"].startswith(prefix)), None)
+        if other is None:
+            out.append(f"{prefix}: no row (not chosen, or not installed here).")
+            continue
+        paired = [t / o for t, o in zip(per_round.get(tafe["name"], []), per_round.get(other["name"], []))]
+        verdict = "" if goal is None else f" Goal >= {goal:.2f}x in every round: {'met' if min(paired, default=0) >= goal else 'NOT met'}."
+        out.append(f"TAFE / {prefix} per round: {' '.join(f'{p:.2f}x' for p in paired)} (best rows "
+                   f"{tafe['rps'] / other['rps']:.2f}x; CPU per request, TAFE / {prefix}: {tafe['cpu_us'] / other['cpu_us']:.2f}x)."
+                   f"{verdict}")
+    out.append(f"TAFE p99 = {tail:.1f}x p50 at 64 connections (goal <= 3x: {'met' if tail <= 3.0 else 'NOT met'}).")
+    if "instructions" in tafe:
+        bjoern = next((r for r in results if r["name"].startswith("bjoern") and "instructions" in r), None)
+        if bjoern is not None:
+            out.append(f"Instructions per request: TAFE {tafe['instructions']:,.0f}, bjoern {bjoern['instructions']:,.0f} "
+                       f"(TAFE / bjoern {tafe['instructions'] / bjoern['instructions']:.2f}x).")
+    return ["", "Against the C and Rust servers (issue 16), each ratio within one round, rows back to back:", ""] + [
+        f"- {line}" for line in out]
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 ``make_public_app`` serves exchanges (bids, notices, ``/ping``); ``make_admin_app``
 serves operators (``/metrics``, ``/ping``, mounted debug apps) on another listener;
 ``build`` wires both from the settings. Any WSGI server can host the public app
-(``tafe.wsgi:application``); TAFE's own gevent server passes ``tafe.arrival``.
+(``tafe.wsgi:application``); TAFE's own gevent server passes ``tafe.arrival``, and calls
+the bid route through ``PublicApp.handle``, without WSGI (``tafe.server``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from tafe.money.banker import FLOAT_TRUST_S, Banker, period_of
 from tafe.money.state import State
 from tafe.settings import Settings, SettingsError
 
-__all__ = ["Apps", "build", "make_admin_app", "make_public_app"]
+__all__ = ["Apps", "PublicApp", "build", "make_admin_app", "make_public_app"]
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 Headers = list[tuple[str, str]]
@@ -175,15 +176,15 @@ def make_public_app(
             return ("ping", *_ping(lifecycle))
         return "other", "404 Not Found", _TEXT, b"not found\n"
 
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        start = environ.get("tafe.arrival") or time.monotonic()
+    def answer(environ: dict[str, Any], method: str, path: str, start: float) -> tuple[str, Headers, bytes]:
+        """Route, counting the request and its latency (``start``: its arrival)."""
         in_flight.inc()
         try:
-            name, status, headers, body = route(environ, environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
+            name, status, headers, body = route(environ, method, path)
         except Exception:  # a bug, never client input: answer 500, keep the worker
-            log.exception("unhandled error on %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            log.exception("unhandled error on %s %s", method, path)
             name, status, headers, body = "other", "500 Internal Server Error", _TEXT, b"internal error\n"
-            if environ.get("PATH_INFO", "").startswith(_BID_PREFIX):
+            if path.startswith(_BID_PREFIX):
                 name = "bid"
         finally:
             in_flight.dec()
@@ -192,16 +193,41 @@ def make_public_app(
         if counter is None:
             counter = counters[key] = updates.counter(metrics.requests.labels(name, status[:3]))
         counter.inc()
-        if status[:3] != "204":  # a 204 has no body and must not say a length (RFC 9110 8.6)
-            headers = [*headers, ("Content-Length", str(len(body)))]
-        start_response(status, headers)
         now = time.monotonic()
         latency[name].observe(now - start)
         if now >= updates.due:
             updates.fold()
+        return status, headers, body
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start = environ.get("tafe.arrival") or time.monotonic()
+        status, headers, body = answer(environ, environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""), start)
+        if status[:3] != "204":  # a 204 has no body and must not say a length (RFC 9110 8.6)
+            headers = [*headers, ("Content-Length", str(len(body)))]
+        start_response(status, headers)
         return [body]
 
-    return app
+    def handle(method: str, path: str, environ: dict[str, Any]) -> tuple[str, Headers, bytes] | None:
+        if path == _BID_PREFIX or path.startswith(_BID_PREFIX + "/"):
+            return answer(environ, method, path, environ["tafe.arrival"])
+        return None  # notices, tracking, /ping: the WSGI side, which reads their query strings
+
+    return PublicApp(app, handle)
+
+
+class PublicApp:
+    """The public WSGI app, plus ``handle``: the bid route without WSGI, for TAFE's own
+    server (``tafe.server``; its environ is ``tafe.http.direct_environ``'s). The answer
+    is the same either way: the server frames it (Content-Length) instead of the app."""
+
+    __slots__ = ("_wsgi", "handle")
+
+    def __init__(self, wsgi: WSGIApp, handle: Callable[[str, str, dict[str, Any]], tuple[str, Headers, bytes] | None]) -> None:
+        self._wsgi = wsgi
+        self.handle = handle
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        return self._wsgi(environ, start_response)
 
 
 def campaigns_report(money: Money, campaigns: Campaigns, now: float) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """A real TAFE server process serving a small test WSGI app (used by test_http_server).
 
 Settings come from TAFE_* environment variables; it prints ``PORT <n>`` once listening.
+With ``TEST_DIRECT=1`` the app also has a fast path (``handle``) for ``/direct/*``.
 """
 
 from gevent import monkey
@@ -94,6 +95,34 @@ def make_app(lifecycle: Lifecycle):
     return app
 
 
+class DirectApp:
+    """The test app with a fast path (``handle``, as TAFE's public app has) for ``/direct/*``:
+    the server calls it without WSGI; any other path goes to the WSGI app."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        return self.app(environ, start_response)
+
+    def handle(self, method, path, environ):
+        if not path.startswith("/direct/"):
+            return None
+        if path == "/direct/boom":
+            raise RuntimeError("the test handle fails on purpose")
+        if path == "/direct/framed":  # framing is the server's: refused, 500
+            return "200 OK", [("Content-Length", "1")], b"x"
+        if path == "/direct/slow":
+            gevent.sleep(3)
+        if path == "/direct/empty":
+            return "204 No Content", [("X-Seen", method)], b""
+        doc = {
+            "by": "handle", "method": method, "path": path, "body": environ["tafe.body"].decode("latin-1"),
+            "arrival": environ["tafe.arrival"], "headers": {k: v for k, v in environ.items() if k.startswith("HTTP_")},
+        }  # fmt: skip
+        return "200 OK", [("Content-Type", "application/json")], json.dumps(doc).encode()
+
+
 def main() -> int:
     conf = settings.load()
     logs.configure(conf)
@@ -103,7 +132,8 @@ def main() -> int:
         listener = monkey.get_original("socket", "socket")(fileno=int(inherited))
     else:
         listener = server.bind(conf.host, conf.port)
-    srv = server.Server(listener, make_app(lifecycle), conf, lifecycle)
+    app = make_app(lifecycle)
+    srv = server.Server(listener, DirectApp(app) if os.environ.get("TEST_DIRECT") else app, conf, lifecycle)
     print(f"PORT {srv.address[1]}", flush=True)
     return server.run([srv], conf, lifecycle)
 
