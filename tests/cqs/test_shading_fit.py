@@ -12,12 +12,11 @@ import pytest
 
 pytest.importorskip("numpy")
 
-from tafe.core import shading as serving  # noqa: E402
-from tafe.cqs.offline import pipeline  # noqa: E402
-from tafe.cqs.offline import shading  # noqa: E402
-from tafe.settings import DATA_DIR  # noqa: E402
-
 from test_pipeline import write_world  # noqa: E402
+
+from tafe.core import shading as serving  # noqa: E402
+from tafe.cqs.offline import pipeline, shading  # noqa: E402
+from tafe.settings import DATA_DIR  # noqa: E402
 
 DEMO = str(DATA_DIR / "model.cqsm")
 

@@ -57,8 +57,15 @@ PRIOR = 20.0  # pseudo-rows of the parent's likelihood added to a context's
 POINTS = 25  # values per curve
 SHADES = 121  # candidate shades per value, lo..1
 WIN_TOL = 0.02  # the judged table may win this much less than the fixed factor (model error)
+# Censored rows only show F at the prices bid: without MIN_OBS exact rows, a context's
+# price stays at or above TRUST times its low bids (5th percentile); each round explores
+# that much lower, and the next round's notices show what it cost.
+TRUST = 0.8
 _MU = np.arange(-7.0, 7.0001, 0.2)  # log CPM: 0.001 .. 1100
 _SIGMA = np.arange(0.1, 3.0001, 0.1)
+# A weak prior on log sigma (one row's worth): where the rows cannot tell sigma (every bid
+# of a context at one price, censored) it is about 0.5, the spread typical of bid landscapes.
+_SIGMA_PRIOR = (math.log(0.5), 0.7)
 _LOSS_HIGHER_BID = "102"
 KINDS = ("le", "gt", "eq")  # M <= bid (win), M > bid (loss 102), M == min_to_win
 
@@ -88,7 +95,7 @@ def row(e: dict[str, Any]) -> tuple[str, float, str, int, int, int] | None:
         obs, price = 2, exact
     else:
         obs, price = (0 if kind in ("win", "bill") else 1), bid
-    return str(e["bid_id"]), float(e.get("bid_ts") or e["ts"]), str(e["context"]), obs, _bin(price), _bin(value)
+    return str(e["bid_id"]), float(e["ts"]), str(e["context"]), obs, _bin(price), _bin(value)
 
 
 # --- the normal CDF in logs, no scipy ------------------------------------------------------------
@@ -137,6 +144,19 @@ class Hist:
             self.values[b] = self.values.get(b, 0.0) + c
         self.n += other.n
 
+    def low_bid(self) -> float:
+        """Log of the price a curve may not go under: -inf with enough exact rows, else TRUST times the low bids."""
+        if sum(self.obs[2].values()) >= MIN_OBS:
+            return -math.inf
+        bins = sorted({**self.obs[0], **{b: 0.0 for b in self.obs[1]}})
+        counts = [self.obs[0].get(b, 0.0) + self.obs[1].get(b, 0.0) for b in bins]
+        total, seen = sum(counts), 0.0
+        for b, c in zip(bins, counts, strict=True):
+            seen += c
+            if seen >= 0.05 * total:
+                return b * BIN + math.log(TRUST)
+        return -math.inf
+
     def loglik(self, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
         """Log-likelihood at each (mu, sigma) pair (1-d arrays of equal length)."""
         total = np.zeros(len(mu))
@@ -161,7 +181,7 @@ def fit(hist: Hist, prior: Hist | None) -> tuple[float, float]:
     """(mu, sigma) of log M maximizing the likelihood plus ``PRIOR`` rows' worth of the parent's."""
 
     def objective(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-        out = hist.loglik(mu, sigma)
+        out: np.ndarray = hist.loglik(mu, sigma) - 0.5 * ((np.log(sigma) - _SIGMA_PRIOR[0]) / _SIGMA_PRIOR[1]) ** 2
         if prior is not None and prior.n > 0:
             out += prior.loglik(mu, sigma) * (PRIOR / prior.n)
         return out
@@ -219,21 +239,23 @@ def entry_of(key: str, table: dict[str, Any]) -> str | None:
 # --- the policy -------------------------------------------------------------------------------
 
 
-def best_shades(mu: float, sigma: float, k: float, log_v: np.ndarray, lo: float) -> np.ndarray:
-    """For each log-value, the shade in [lo, 1] maximizing (k v - b) F(b)."""
+def best_shades(mu: float, sigma: float, k: float, log_v: np.ndarray, lo: float, low_bid: float = -math.inf) -> np.ndarray:
+    """For each log-value, the shade in [lo, 1] maximizing (k v - b) F(b), at a price of at least exp(low_bid)."""
     s = np.linspace(lo, 1.0, SHADES)
     v = np.exp(log_v)[:, None]
     b = v * s[None, :]
     gain = (k * v - b) * cdf((np.log(b) - mu) / sigma)
+    s_min = np.minimum(np.exp(low_bid - log_v), 1.0)[:, None]  # 1.0 is always a candidate
+    gain = np.where(s[None, :] >= s_min - 1e-9, gain, -np.inf)
     out: np.ndarray = s[np.argmax(gain, axis=1)]
     return out
 
 
-def value_span(h: Hist) -> tuple[float, float]:
-    """(first log-value, step) of a curve covering the context's values and 0.25 beyond each end."""
+def value_span(h: Hist) -> tuple[float, float, float]:
+    """(first log-value, step) of a curve covering the context's values and 0.25 beyond each end; its low bid."""
     bins = list(h.values)
     lo, hi = min(bins) * BIN - 0.25, max(bins) * BIN + 0.25
-    return lo, (hi - lo) / (POINTS - 1)
+    return lo, (hi - lo) / (POINTS - 1), h.low_bid()
 
 
 @dataclass
@@ -243,11 +265,11 @@ class Policy:
     curves: dict[str, tuple[float, float, list[float]]]
 
 
-def curves_for(params: dict[str, tuple[float, float]], spans: dict[str, tuple[float, float]], k: float, lo: float) -> Policy:
+def curves_for(params: dict[str, tuple[float, float]], spans: dict[str, tuple[float, float, float]], k: float, lo: float) -> Policy:
     curves = {}
     for key, (mu, sigma) in params.items():
-        log_v0, step = spans[key]
-        shades = best_shades(mu, sigma, k, log_v0 + step * np.arange(POINTS), lo)
+        log_v0, step, low_bid = spans[key]
+        shades = best_shades(mu, sigma, k, log_v0 + step * np.arange(POINTS), lo, low_bid)
         curves[key] = (round(log_v0, 6), round(step, 6), [round(float(x), 4) for x in shades])
     return Policy(k, lo, curves)
 
@@ -276,7 +298,7 @@ def expected(leaves: dict[str, Hist], policy: Policy, judge: dict[str, tuple[flo
     return {"rows": n, "wins_fixed": w_f, "cost_fixed": c_f, "wins_learned": w_l, "cost_learned": c_l}
 
 
-def calibrate(leaves: dict[str, Hist], params: dict[str, tuple[float, float]], spans: dict[str, tuple[float, float]],
+def calibrate(leaves: dict[str, Hist], params: dict[str, tuple[float, float]], spans: dict[str, tuple[float, float, float]],
               fixed: float, lo: float) -> Policy:
     """The policy whose expected wins on the training rows equal the fixed factor's (bisection on log k)."""
     a, b = math.log(0.2), math.log(20.0)
