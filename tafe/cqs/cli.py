@@ -8,7 +8,8 @@ A worked example (also how the bundled demo model is made, see ``tafe.cqs.model`
     tafe cqs evaluate /tmp/cqs/model.cqsm /tmp/cqs/decisions.jsonl
     tafe cqs inspect /tmp/cqs/model.cqsm
 
-The daily round on a node's own ``--event-log`` (join, store, train, evaluate, publish)::
+The daily round on a node's own ``--event-log`` (join, store, train, evaluate, publish; and
+first-price shading learned from its win and loss notices)::
 
     tafe cqs pipeline --events /var/log/tafe/events --out /var/lib/tafe/cqs
 """
@@ -63,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--events", required=True, metavar="DIR", help="a node's --event-log directory (every *.jsonl under it)")
     p.add_argument("--out", required=True, metavar="WATCH_DIR", help="the nodes' --watch-dir: the serving model is its newest *.cqsm")
     p.add_argument("--force", action="store_true", help="publish even when the new model (or shading table) is not better")
-    p.add_argument("--holdback", type=float, default=0.2, help="latest fraction of the records (by time) held back to compare the models (default 0.2)")
+    p.add_argument("--holdback", type=float, default=0.2, help="latest fraction of the records (by time) held back to compare the models, and of the first-price notices to judge the shading table (default 0.2)")
     p.add_argument("--dims", type=int, default=1 << 18, help="hash space size, a power of two (default 262144)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training records (default 3)")
     p.add_argument("--seed", type=int, default=1, help="shuffle seed (default 1)")

@@ -60,6 +60,9 @@ def test_losses_for_other_reasons_and_second_price_bids_are_not_rows():
     assert shading.row({**win, "event": "loss", "loss": "100"}) is None  # under the floor: not competition
     assert shading.row({**win, "at": 2}) is None
     assert shading.row({**win, "min_to_win": "${AUCTION_MIN_TO_WIN}"})[3] == 0  # not filled in: censored
+    assert shading.row({**win, "event": "win", "min_to_win": str(win["bid_price"] / 2)})[3] == 2  # exact
+    assert shading.row({**win, "event": "win", "min_to_win": str(win["bid_price"] * 2)})[3] == 0  # above a winning bid: not believed
+    assert shading.row({**win, "event": "loss", "loss": "102", "min_to_win": str(win["bid_price"] / 2)})[3] == 1
 
 
 def test_learned_shades_stay_in_bounds_and_thin_contexts_back_off():

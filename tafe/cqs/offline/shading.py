@@ -5,14 +5,16 @@ before shading and its price in the notice token, so its win or loss event is a 
 row (notices are not sampled, decisions are). Per bid, the highest competing bid M is:
 
 - exactly the ``min_to_win`` (``${AUCTION_MIN_TO_WIN}``) when the exchange fills it in,
-  on a win or a loss;
+  on a win or a loss (one that contradicts the outcome, above our price on a win or
+  under it on a loss, is not believed: the row counts as censored);
 - else at most our price on a win (censored), more than our price on a loss with reason
   102 (lost to a higher bid). Other loss reasons say nothing about the competition and
   are skipped.
 
 So it works with win/loss data alone and uses the exact prices when they come.
 
-**Model.** Per context, M is lognormal(mu, sigma), fitted by maximum likelihood on a
+**Model.** Per context, M is lognormal(mu, sigma), fitted by maximum likelihood (with a
+weak prior on sigma, for contexts bid at a single price) on a
 (mu, sigma) grid, coarse then fine, from histograms of the observations in log-price
 bins of ``BIN`` (the rows sit in SQLite; only histograms per context are in memory, so
 memory grows with contexts, not events). A context's likelihood is joined by ``PRIOR``
@@ -26,10 +28,13 @@ F the context's CDF of M. For a given k that is the least expected cost for the 
 value won (its Lagrangian, k the multiplier); one k for the whole table is set by
 bisection so that the expected number of wins over the training rows equals what the
 fixed ``first_price_shade`` would have won on the same rows (same impressions, least
-cost among such policies). A curve holds the shade b/v at ``POINTS`` values spanning
-the context's values, for the bid path to interpolate (``tafe.core.shading``).
+cost among such policies). In a context without ``MIN_OBS`` exact rows, F is known only
+around the prices bid, so b is also at least ``TRUST`` times the context's low bids
+(5th percentile): each round explores that much lower, and the next round's notices
+show what it cost. A curve holds the shade b/v at ``POINTS`` values spanning the
+context's values, for the bid path to interpolate (``tafe.core.shading``).
 
-**Judging.** The rows of the latest ``holdback`` slice (by bid time) are fitted on their
+**Judging.** The rows of the latest ``holdback`` slice (by notice time) are fitted on their
 own; under that fit, the learned curves and the fixed factor are each scored on the
 slice's values: expected wins and expected cost per win. The table is *better* when it
 wins at least ``1 - WIN_TOL`` as many and costs less per win. Floors are left out of
@@ -57,10 +62,7 @@ PRIOR = 20.0  # pseudo-rows of the parent's likelihood added to a context's
 POINTS = 25  # values per curve
 SHADES = 121  # candidate shades per value, lo..1
 WIN_TOL = 0.02  # the judged table may win this much less than the fixed factor (model error)
-# Censored rows only show F at the prices bid: without MIN_OBS exact rows, a context's
-# price stays at or above TRUST times its low bids (5th percentile); each round explores
-# that much lower, and the next round's notices show what it cost.
-TRUST = 0.8
+TRUST = 0.8  # censored-only contexts: prices at least this times the low bids seen (see Bid above)
 _MU = np.arange(-7.0, 7.0001, 0.2)  # log CPM: 0.001 .. 1100
 _SIGMA = np.arange(0.1, 3.0001, 0.1)
 # A weak prior on log sigma (one row's worth): where the rows cannot tell sigma (every bid
@@ -91,10 +93,11 @@ def row(e: dict[str, Any]) -> tuple[str, float, str, int, int, int] | None:
         exact = 0.0
     if kind == "loss" and e.get("loss") != _LOSS_HIGHER_BID:
         return None
-    if exact > 0 and math.isfinite(exact):
+    won = kind in ("win", "bill")
+    if exact > 0 and math.isfinite(exact) and (exact <= bid if won else exact >= bid):
         obs, price = 2, exact
     else:
-        obs, price = (0 if kind in ("win", "bill") else 1), bid
+        obs, price = (0 if won else 1), bid
     return str(e["bid_id"]), float(e["ts"]), str(e["context"]), obs, _bin(price), _bin(value)
 
 
