@@ -32,20 +32,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import format_machine, machine_info, record, table  # noqa: E402
-from cqs_loop import DEMO, Exchange  # noqa: E402
-from prometheus_client import CollectorRegistry  # noqa: E402
+from cqs_loop import DEMO, Exchange, node  # noqa: E402
 
-from tafe.core import campaigns as campaigns_mod  # noqa: E402
 from tafe.core import shading as shading_mod  # noqa: E402
-from tafe.cqs import Snapshot, open_snapshot  # noqa: E402
-from tafe.cqs.decision_log import DecisionLog  # noqa: E402
+from tafe.cqs import Snapshot  # noqa: E402
 from tafe.cqs.offline import pipeline  # noqa: E402
-from tafe.cqs.swap import Holder  # noqa: E402
-from tafe.handlers import make_public_app, open_money  # noqa: E402
-from tafe.lifecycle import Lifecycle  # noqa: E402
-from tafe.metrics import Metrics  # noqa: E402
-from tafe.money import node_settings  # noqa: E402
-from tafe.settings import Settings  # noqa: E402
 
 SHADE = 0.85
 PUBLISHERS = ("pub-a", "pub-b", "pub-c")
@@ -113,16 +104,7 @@ def scenario(min_to_win: bool, views: int, seed: int) -> tuple[list[dict[str, An
     tmp = Path(tempfile.mkdtemp(prefix="tafe-shading-"))
     events, staging = tmp / "events", tmp / "staging"
     staging.mkdir()
-    (tmp / "campaigns.json").write_text(json.dumps(CAMPAIGNS))
-    settings = node_settings(Settings(campaigns=str(tmp / "campaigns.json"), notice_base_url="https://bid.test",
-                                      state=str(tmp / "state"), event_log=str(events)))  # fmt: skip
-    camps = campaigns_mod.load(settings.campaigns)
-    metrics = Metrics(CollectorRegistry(), deferred=True)
-    money = open_money(settings, camps)
-    money.sync(metrics, time.time())
-    holder = Holder(open_snapshot(DEMO))
-    app = make_public_app(settings, lifecycle=Lifecycle(), metrics=metrics, holder=holder, campaigns=camps, money=money,
-                          decision_log=DecisionLog(None, 0.05, seed=1, events=money.events))  # fmt: skip
+    app, money, metrics, holder = node(tmp, CAMPAIGNS, events, sample=0.05)
     exchange = FirstPrice(app, competition(seed), min_to_win)
     rounds, reports = [], []
     for r in range(3):
