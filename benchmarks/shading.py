@@ -10,9 +10,10 @@ the campaigns' ``first_price_shade`` (0.85); ``tafe cqs pipeline`` then learns a
 table from the app's own event log and it is swapped in (the model stays the demo one:
 only the shading differs); round two replays the same requests against the same
 competing bids. A third round follows a second pipeline run on both rounds' log. All of
-it twice: the exchange filling ``${AUCTION_MIN_TO_WIN}`` in, and never (win and loss alone).
+it twice: the exchange filling ``${AUCTION_MIN_TO_WIN}`` in, and never (win and loss alone);
+and once per seed (each its own competition and traffic).
 
-    .venv/bin/python benchmarks/shading.py [--views 20000] [--record]
+    .venv/bin/python benchmarks/shading.py [--views 20000] [--seeds 11,3,7] [--record]
 """
 
 from __future__ import annotations
@@ -125,43 +126,48 @@ def scenario(min_to_win: bool, views: int, seed: int) -> tuple[list[dict[str, An
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--views", type=int, default=20000, help="bid requests per round (default 20000)")
-    parser.add_argument("--seed", type=int, default=11, help="traffic and competition seed (default 11)")
+    parser.add_argument("--seeds", default="11,3,7", help="traffic and competition seeds, one world each (default 11,3,7)")
     parser.add_argument("--record", action="store_true", help="rewrite the section in benchmarks/RESULTS.md")
     args = parser.parse_args()
+    seeds = [int(x) for x in args.seeds.split(",")]
     load_before = os.getloadavg()
     t0 = time.monotonic()
-    results = {mtw: scenario(mtw, args.views, args.seed) for mtw in (True, False)}
+    results = {(seed, mtw): scenario(mtw, args.views, seed) for seed in seeds for mtw in (True, False)}
     seconds = time.monotonic() - t0
     rows, verdicts = [], []
-    for mtw, (rounds, reports) in results.items():
+    for (seed, mtw), (rounds, reports) in results.items():
         fixed = rounds[0]
         data = "min-to-win filled in" if mtw else "win/loss only"
         for i, r in enumerate(rounds):
             name = ("fixed 0.85", "learned, 1 pipeline round", "learned, 2 pipeline rounds")[i]
             held = reports[i - 1]["heldback"] if i else None
             judged = f"{held['wins_ratio']:.3f} / {held['cost_ratio']:.3f}, {'better' if reports[i - 1]['better'] else 'not better'}" if held else ""
-            rows.append((data, name, r["wins"], f"{r['spent']:.3f}", f"{r['per_imp'] * 1000:.4f}", f"{r['wins'] / fixed['wins']:.3f}",
+            rows.append((seed, data, name, r["wins"], f"{r['spent']:.3f}", f"{r['per_imp'] * 1000:.4f}", f"{r['wins'] / fixed['wins']:.3f}",
                          f"{r['per_imp'] / fixed['per_imp']:.3f}", judged))  # fmt: skip
         one = rounds[1]
         met = one["wins"] >= fixed["wins"] and one["per_imp"] < fixed["per_imp"]
-        verdicts.append(f"{data}: **{'met' if met else 'not met'}** ({one['wins'] / fixed['wins']:.3f}x the impressions at "
-                        f"{one['per_imp'] / fixed['per_imp']:.3f}x the cost per impression)")  # fmt: skip
-    spec = ", ".join(f"{p} {w}x{h} {m:.2f}/{s:.2f}" for (p, (w, h)), (m, s) in sorted(competition(args.seed).items()))
+        verdicts.append(f"seed {seed}, {data}: **{'met' if met else 'not met'}** ({one['wins']} impressions against {fixed['wins']}, "
+                        f"{one['wins'] / fixed['wins']:.3f}x, at {one['per_imp'] / fixed['per_imp']:.3f}x the cost per impression)")  # fmt: skip
+    specs = [f"seed {seed}: " + ", ".join(f"{p} {w}x{h} {m:.2f}/{s:.2f}" for (p, (w, h)), (m, s) in sorted(competition(seed).items()))
+             for seed in seeds]  # fmt: skip
     text = "\n".join([
         "## Learned first-price shading against the fixed factor",
         "",
-        f"    .venv/bin/python benchmarks/shading.py --views {args.views} --seed {args.seed} --record",
+        f"    .venv/bin/python benchmarks/shading.py --views {args.views} --seeds {args.seeds} --record",
         "",
         format_machine(machine_info()),
         f"Load average before and after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} (the result is counts and dollars, not speed); {seconds:.0f} s.",
         "",
-        f"{args.views} first-price bid requests a round, the same requests and the same competing bids in every round; the "
-        "demo model values each imp (base 2.00 CPM, score pivot 0.3, so values vary with device, OS and country). Nine contexts "
-        f"(publisher x size), each with its own competing bid, lognormal (median CPM/sigma): {spec}. Floor 0.10. The learned "
-        "table is calibrated to win, in expectation, as many imps as the fixed factor on the rows it learns from. The "
-        "pipeline runs with `--force` here, so every round serves the table it learned; its own verdict is in the last column.",
+        f"{args.views} first-price bid requests a round, the same requests and the same competing bids in every round of a "
+        "seed; the demo model values each imp (base 2.00 CPM, score pivot 0.3, so values vary with device, OS and country). "
+        "Nine contexts (publisher x size), each with its own competing bid, lognormal (median CPM/sigma), drawn per seed; "
+        "floor 0.10. The learned table is calibrated to win, in expectation, 1% more imps than the fixed factor on the rows "
+        "it learns from. The pipeline runs with `--force` here, so every round serves the table it learned; its own verdict "
+        "is in the last column.",
         "",
-        table(["notices carry", "round", "impressions", "spend $", "cost per impression (CPM)", "impressions vs fixed",
+        *(f"- {spec}" for spec in specs),
+        "",
+        table(["seed", "notices carry", "round", "impressions", "spend $", "cost per impression (CPM)", "impressions vs fixed",
                "cost per imp. vs fixed", "pipeline's held-back estimate (impressions / cost per imp. vs fixed)"], rows),  # fmt: skip
         "",
         "Goal, after one pipeline round: at least as many impressions at a lower cost per impression.",

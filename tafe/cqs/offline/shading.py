@@ -26,9 +26,10 @@ fixed factor).
 **Bid.** For value v the price b in ``[lo * v, v]`` maximizes ``(k * v - b) * F(b)``,
 F the context's CDF of M. For a given k that is the least expected cost for the expected
 value won (its Lagrangian, k the multiplier); one k for the whole table is set by
-bisection so that the expected number of wins over the training rows equals what the
-fixed ``first_price_shade`` would have won on the same rows (same impressions, least
-cost among such policies). In a context without ``MIN_OBS`` exact rows, F is known only
+bisection so that the expected number of wins over the training rows is what the fixed
+``first_price_shade`` would have won on the same rows, plus ``WIN_MARGIN`` (1 %) so that
+the model's errors do not cost impressions (the same impressions, least cost among such
+policies). In a context without ``MIN_OBS`` exact rows, F is known only
 around the prices bid, so b is also at least ``TRUST`` times the context's low bids
 (5th percentile): each round explores that much lower, and the next round's notices
 show what it cost. A curve holds the shade b/v at ``POINTS`` values spanning the
@@ -62,6 +63,7 @@ PRIOR = 20.0  # pseudo-rows of the parent's likelihood added to a context's
 POINTS = 25  # values per curve
 SHADES = 121  # candidate shades per value, lo..1
 WIN_TOL = 0.02  # the judged table may win this much less than the fixed factor (model error)
+WIN_MARGIN = 0.01  # k is set for this much more than the fixed factor's expected wins: model error costs no impressions
 TRUST = 0.8  # censored-only contexts: prices at least this times the low bids seen (see Bid above)
 _MU = np.arange(-7.0, 7.0001, 0.2)  # log CPM: 0.001 .. 1100
 _SIGMA = np.arange(0.1, 3.0001, 0.1)
@@ -303,14 +305,14 @@ def expected(leaves: dict[str, Hist], policy: Policy, judge: dict[str, tuple[flo
 
 def calibrate(leaves: dict[str, Hist], params: dict[str, tuple[float, float]], spans: dict[str, tuple[float, float, float]],
               fixed: float, lo: float) -> Policy:
-    """The policy whose expected wins on the training rows equal the fixed factor's (bisection on log k)."""
+    """The policy whose expected wins on the training rows are the fixed factor's plus WIN_MARGIN (bisection on log k)."""
     a, b = math.log(0.2), math.log(20.0)
     policy = curves_for(params, spans, math.exp(b), lo)
     for _ in range(30):
         mid = (a + b) / 2
         trial = curves_for(params, spans, math.exp(mid), lo)
         e = expected(leaves, trial, params, fixed)
-        if e["wins_learned"] < e["wins_fixed"]:
+        if e["wins_learned"] < e["wins_fixed"] * (1 + WIN_MARGIN):
             a = mid
         else:
             b, policy = mid, trial
