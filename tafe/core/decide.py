@@ -12,8 +12,9 @@ scored once (CQS from ``models``); each remaining campaign values the impression
 The price is that value (second price, ``at=2``) or the value shaded (first price,
 ``at=1``): by the learned curve of the imp's context in the open auction when
 ``Inputs.shading`` has one (``tafe.core.shading``), else by the fixed
-``first_price_shade``; raised to the floor only when the value itself clears it. Deals are bid on by the campaigns set up for them, priced against
-the deal floor; ``private_auction`` leaves only the deals.
+``first_price_shade``; raised to the floor only when the value itself clears it. Deals
+are bid on by the campaigns set up for them, priced against the deal floor;
+``private_auction`` leaves only the deals.
 
 Money comes in as values (``Inputs``): a campaign the user has seen ``frequency_cap``
 times is skipped; a budgeted campaign bids only when its price fits in the float this

@@ -59,10 +59,13 @@ def test_losses_for_other_reasons_and_second_price_bids_are_not_rows():
     assert shading.row({**win, "event": "loss", "loss": "102"})[3] == 1  # lost to a higher bid: M > our price
     assert shading.row({**win, "event": "loss", "loss": "100"}) is None  # under the floor: not competition
     assert shading.row({**win, "at": 2}) is None
+    assert shading.row({k: v for k, v in win.items() if k != "value"}) is None  # not as a node writes it
+    assert shading.row({**win, "bid_price": "nan"}) is None
     assert shading.row({**win, "min_to_win": "${AUCTION_MIN_TO_WIN}"})[3] == 0  # not filled in: censored
-    assert shading.row({**win, "event": "win", "min_to_win": str(win["bid_price"] / 2)})[3] == 2  # exact
+    assert shading.row({**win, "event": "win", "min_to_win": str(win["bid_price"] / 2)})[3] == 2  # exact, on a win
     assert shading.row({**win, "event": "win", "min_to_win": str(win["bid_price"] * 2)})[3] == 0  # above a winning bid: not believed
-    assert shading.row({**win, "event": "loss", "loss": "102", "min_to_win": str(win["bid_price"] / 2)})[3] == 1
+    assert shading.row({**win, "event": "loss", "loss": "102", "min_to_win": str(win["bid_price"] / 2)})[3] == 1  # not believed
+    assert shading.row({**win, "event": "loss", "loss": "102", "min_to_win": str(win["bid_price"] * 2)})[3] == 3  # exact, on a loss
 
 
 def test_learned_shades_stay_in_bounds_and_thin_contexts_back_off():
@@ -78,6 +81,14 @@ def test_learned_shades_stay_in_bounds_and_thin_contexts_back_off():
 def test_no_first_price_rows_no_table():
     policy, report = shading.learn(db_of([]), fixed=0.85, lo=0.3, holdback=0.2)
     assert policy is None and report["why_not"] == "no first-price win or loss notices"
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_wins_alone_make_no_table(exact):
+    """An exchange that never sends a loss notice: its wins alone would say the competition bids nothing."""
+    wins = [e for e in events(3000, "ex|pub|300x250", -0.5, 0.5, exact=exact) if e["event"] == "win"]
+    policy, report = shading.learn(db_of(wins), fixed=0.85, lo=0.3, holdback=0.2)
+    assert policy is None and report["why_not"].startswith("no loss notices"), report
 
 
 def write_first_price(directory: Path, **kw: object) -> None:

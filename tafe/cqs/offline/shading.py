@@ -20,8 +20,9 @@ bins of ``BIN`` (the rows sit in SQLite; only histograms per context are in memo
 memory grows with contexts, not events). A context's likelihood is joined by ``PRIOR``
 observations' worth of its parent's (``exchange|inventory|slot`` -> ``exchange||slot``
 -> ``exchange||``), so a thin context leans on its parent; a context with fewer than
-``MIN_OBS`` rows gets no curve at all (the bid path backs off to its parent, then to the
-fixed factor).
+``MIN_OBS`` rows, or fewer than ``MIN_LOSSES`` losses (an exchange that sends no loss
+notices), gets no curve at all (the bid path backs off to its parent, then to the fixed
+factor).
 
 **Bid.** For value v the price b in ``[lo * v, v]`` maximizes ``(k * v - b) * F(b)``,
 F the context's CDF of M. For a given k that is the least expected cost for the expected
@@ -59,6 +60,9 @@ from tafe.core.shading import FORMAT, MIN_LO, SUFFIX, parents
 
 BIN = 0.02  # log-price bin: 2 %
 MIN_OBS = 50  # rows a context needs for a curve of its own
+# ... of which losses (reason 102, or min-to-win on a loss): an exchange that sends no loss
+# notices shows only wins, which alone would say the competition bids nothing.
+MIN_LOSSES = 10
 PRIOR = 20.0  # pseudo-rows of the parent's likelihood added to a context's
 POINTS = 25  # values per curve
 SHADES = 121  # candidate shades per value, lo..1
@@ -71,7 +75,7 @@ _SIGMA = np.arange(0.1, 3.0001, 0.1)
 # of a context at one price, censored) it is about 0.5, the spread typical of bid landscapes.
 _SIGMA_PRIOR = (math.log(0.5), 0.7)
 _LOSS_HIGHER_BID = "102"
-KINDS = ("le", "gt", "eq")  # M <= bid (win), M > bid (loss 102), M == min_to_win
+KINDS = ("le", "gt", "eq_won", "eq_lost")  # M <= bid (win), M > bid (loss 102), M == min_to_win on a win, on a loss
 
 SCHEMA = "CREATE TABLE shade (bid_id TEXT PRIMARY KEY, ts REAL, ctx TEXT, kind INTEGER, bin INTEGER, vbin INTEGER) WITHOUT ROWID;"
 
@@ -84,9 +88,12 @@ def row(e: dict[str, Any]) -> tuple[str, float, str, int, int, int] | None:
     """The training row of one win, bill or loss event (None: not a first-price row, or no competition in it)."""
     if e.get("at") != 1 or not e.get("context"):
         return None
-    kind = e["event"]
-    bid, value = float(e["bid_price"]), float(e["value"])
-    if bid <= 0 or value <= 0:
+    kind = e.get("event")
+    try:
+        bid, value = float(e["bid_price"]), float(e["value"])
+    except (KeyError, TypeError, ValueError):
+        return None  # not as a node writes it: the rest of the line still counts for the model
+    if not (0 < bid < math.inf and 0 < value < math.inf):
         return None
     mtw = e.get("min_to_win")
     try:
@@ -97,7 +104,7 @@ def row(e: dict[str, Any]) -> tuple[str, float, str, int, int, int] | None:
         return None
     won = kind in ("win", "bill")
     if exact > 0 and math.isfinite(exact) and (exact <= bid if won else exact >= bid):
-        obs, price = 2, exact
+        obs, price = (2 if won else 3), exact
     else:
         obs, price = (0 if won else 1), bid
     return str(e["bid_id"]), float(e["ts"]), str(e["context"]), obs, _bin(price), _bin(value)
@@ -136,7 +143,7 @@ def cdf(z: np.ndarray) -> np.ndarray:
 class Hist:
     """Counts per log-price bin of one context: observations by kind, and the values bid."""
 
-    obs: dict[int, dict[int, float]] = field(default_factory=lambda: {0: {}, 1: {}, 2: {}})
+    obs: dict[int, dict[int, float]] = field(default_factory=lambda: {0: {}, 1: {}, 2: {}, 3: {}})
     values: dict[int, float] = field(default_factory=dict)
     n: float = 0.0
 
@@ -151,7 +158,7 @@ class Hist:
 
     def low_bid(self) -> float:
         """Log of the price a curve may not go under: -inf with enough exact rows, else TRUST times the low bids."""
-        if sum(self.obs[2].values()) >= MIN_OBS:
+        if sum(self.obs[2].values()) + sum(self.obs[3].values()) >= MIN_OBS:
             return -math.inf
         bins = sorted({**self.obs[0], **{b: 0.0 for b in self.obs[1]}})
         counts = [self.obs[0].get(b, 0.0) + self.obs[1].get(b, 0.0) for b in bins]
@@ -161,6 +168,9 @@ class Hist:
             if seen >= 0.05 * total:
                 return b * BIN + math.log(TRUST)
         return -math.inf
+
+    def losses(self) -> float:
+        return sum(self.obs[1].values()) + sum(self.obs[3].values())
 
     def loglik(self, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
         """Log-likelihood at each (mu, sigma) pair (1-d arrays of equal length)."""
@@ -221,11 +231,11 @@ def levels(leaves: dict[str, Hist]) -> dict[str, Hist]:
     return out
 
 
-def fit_all(hists: dict[str, Hist], min_obs: float) -> dict[str, tuple[float, float]]:
-    """(mu, sigma) of every context with at least ``min_obs`` rows, each with its parent's prior."""
+def fit_all(hists: dict[str, Hist], min_obs: float, min_losses: float = 0) -> dict[str, tuple[float, float]]:
+    """(mu, sigma) of every context with at least ``min_obs`` rows and ``min_losses`` losses, each with its parent's prior."""
     out: dict[str, tuple[float, float]] = {}
     for key, h in hists.items():
-        if h.n < min_obs:
+        if h.n < min_obs or h.losses() < min_losses:
             continue
         by_slot, by_exchange = parents(key)
         parent = by_slot if by_slot != key else by_exchange if by_exchange != key else None
@@ -333,9 +343,13 @@ def learn(db: sqlite3.Connection, *, fixed: float, lo: float, holdback: float, m
     report["rows_by_kind"] = {KINDS[k]: c for k, c in db.execute("SELECT kind, count(*) FROM shade GROUP BY 1")}
     train_leaves = histograms(db, False, cutoff)
     train = levels(train_leaves)
-    params = fit_all(train, min_obs)
+    params = fit_all(train, min_obs, MIN_LOSSES)
     if not params:
-        report["why_not"] = f"no context with {min_obs:g} rows before the held-back slice"
+        losses = sum(h.losses() for h in train_leaves.values())
+        report["why_not"] = (
+            f"no context with {min_obs:g} rows and {MIN_LOSSES} losses before the held-back slice" if losses
+            else "no loss notices (reason 102): wins alone cannot tell what the competition bids"
+        )  # fmt: skip
         return None, report
     spans = {key: value_span(train[key]) for key in params}
     policy = calibrate(train_leaves, params, spans, fixed, lo)
