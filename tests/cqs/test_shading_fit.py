@@ -123,3 +123,13 @@ def test_a_table_no_cheaper_than_the_fixed_factor_is_published_only_when_forced(
     report = pipeline.run(str(tmp_path / "events"), str(out), serving_default=DEMO, dims=1 << 14, fixed_shade=0.3, shade_min=0.3,
                           force=True)  # fmt: skip
     assert len(list(out.glob("*.cqsb"))) == 1 and report["shading"]["version"]
+
+
+def test_a_context_that_always_wins_still_learns_when_its_exchange_sends_losses():
+    cheap = events(2000, "ex|cheap|300x250", -2.0, 0.3, exact=False)  # every bid wins: no loss from this context
+    assert all(e["event"] == "win" for e in cheap)
+    rows = cheap + events(2000, "ex|dear|300x250", 0.3, 0.4, exact=False, seed=2)
+    policy, _ = shading.learn(db_of(rows), fixed=0.85, lo=0.3, holdback=0.2)
+    assert policy is not None and "ex|cheap|300x250" in policy.curves
+    low = min(policy.curves["ex|cheap|300x250"][2])
+    assert low < 0.85  # shaded below the fixed factor, within the trust region's step

@@ -20,9 +20,9 @@ bins of ``BIN`` (the rows sit in SQLite; only histograms per context are in memo
 memory grows with contexts, not events). A context's likelihood is joined by ``PRIOR``
 observations' worth of its parent's (``exchange|inventory|slot`` -> ``exchange||slot``
 -> ``exchange||``), so a thin context leans on its parent; a context with fewer than
-``MIN_OBS`` rows, or fewer than ``MIN_LOSSES`` losses (an exchange that sends no loss
-notices), gets no curve at all (the bid path backs off to its parent, then to the fixed
-factor).
+``MIN_OBS`` rows gets no curve at all (the bid path backs off to its parent, then to the
+fixed factor), nor does any context of an exchange with fewer than ``MIN_LOSSES`` losses
+(one that sends no loss notices: wins alone would say the competition bids nothing).
 
 **Bid.** For value v the price b in ``[lo * v, v]`` maximizes ``(k * v - b) * F(b)``,
 F the context's CDF of M. For a given k that is the least expected cost for the expected
@@ -60,8 +60,8 @@ from tafe.core.shading import FORMAT, MIN_LO, SUFFIX, parents
 
 BIN = 0.02  # log-price bin: 2 %
 MIN_OBS = 50  # rows a context needs for a curve of its own
-# ... of which losses (reason 102, or min-to-win on a loss): an exchange that sends no loss
-# notices shows only wins, which alone would say the competition bids nothing.
+# Losses (reason 102, or min-to-win on a loss) an exchange needs for curves: one that sends
+# no loss notices shows only wins, which alone would say the competition bids nothing.
 MIN_LOSSES = 10
 PRIOR = 20.0  # pseudo-rows of the parent's likelihood added to a context's
 POINTS = 25  # values per curve
@@ -232,12 +232,13 @@ def levels(leaves: dict[str, Hist]) -> dict[str, Hist]:
 
 
 def fit_all(hists: dict[str, Hist], min_obs: float, min_losses: float = 0) -> dict[str, tuple[float, float]]:
-    """(mu, sigma) of every context with at least ``min_obs`` rows and ``min_losses`` losses, each with its parent's prior."""
+    """(mu, sigma) of every context with at least ``min_obs`` rows whose exchange has ``min_losses`` losses,
+    each with its parent's prior."""
     out: dict[str, tuple[float, float]] = {}
     for key, h in hists.items():
-        if h.n < min_obs or h.losses() < min_losses:
-            continue
         by_slot, by_exchange = parents(key)
+        if h.n < min_obs or hists[by_exchange].losses() < min_losses:
+            continue
         parent = by_slot if by_slot != key else by_exchange if by_exchange != key else None
         out[key] = fit(h, hists.get(parent) if parent is not None else None)
     return out
@@ -347,7 +348,7 @@ def learn(db: sqlite3.Connection, *, fixed: float, lo: float, holdback: float, m
     if not params:
         losses = sum(h.losses() for h in train_leaves.values())
         report["why_not"] = (
-            f"no context with {min_obs:g} rows and {MIN_LOSSES} losses before the held-back slice" if losses
+            f"no context with {min_obs:g} rows (of an exchange with {MIN_LOSSES} losses) before the held-back slice" if losses
             else "no loss notices (reason 102): wins alone cannot tell what the competition bids"
         )  # fmt: skip
         return None, report
