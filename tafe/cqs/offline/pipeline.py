@@ -35,7 +35,9 @@
 Memory does not grow with the number of events: SQLite sorts and joins on disk (its page
 cache is capped at 16 MB), one user's history is in memory at a time, the store's keys
 and records are written to temp files and memory-mapped, training and evaluation read
-``CHUNK`` records at a time, and AUC is computed from fixed histograms.
+``CHUNK`` records at a time, and AUC is computed from fixed histograms. Shading's rows
+sit in SQLite too; it holds one histogram of log-price bins per context (memory grows
+with the contexts, not the notices).
 """
 
 from __future__ import annotations
