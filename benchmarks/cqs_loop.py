@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,7 +44,7 @@ from tafe.cqs import open_snapshot  # noqa: E402
 from tafe.cqs.decision_log import DecisionLog  # noqa: E402
 from tafe.cqs.offline import pipeline  # noqa: E402
 from tafe.cqs.swap import Holder  # noqa: E402
-from tafe.handlers import make_public_app, open_money  # noqa: E402
+from tafe.handlers import Money, make_public_app, open_money  # noqa: E402
 from tafe.lifecycle import Lifecycle  # noqa: E402
 from tafe.metrics import Metrics  # noqa: E402
 from tafe.money import node_settings  # noqa: E402
@@ -128,6 +129,22 @@ class Exchange:
                 "models": sorted(versions)}  # fmt: skip
 
 
+def node(tmp: Path, campaigns: dict, events: Path, sample: float) -> tuple[Any, Money, Metrics, Holder]:
+    """The public app in this process, demo model, event log in ``events``, ``sample`` of decisions logged:
+    (app, money, metrics, holder)."""
+    (tmp / "campaigns.json").write_text(json.dumps(campaigns))
+    settings = node_settings(Settings(campaigns=str(tmp / "campaigns.json"), notice_base_url="https://bid.test",
+                                      state=str(tmp / "state"), event_log=str(events)))  # fmt: skip
+    camps = campaigns_mod.load(settings.campaigns)
+    metrics = Metrics(CollectorRegistry(), deferred=True)
+    money = open_money(settings, camps)
+    money.sync(metrics, time.time())
+    holder = Holder(open_snapshot(DEMO))
+    app = make_public_app(settings, lifecycle=Lifecycle(), metrics=metrics, holder=holder, campaigns=camps, money=money,
+                          decision_log=DecisionLog(None, sample, seed=1, events=money.events))  # fmt: skip
+    return app, money, metrics, holder
+
+
 def replicate(src: Path, dst: Path, copies: int) -> int:
     """The event log ``copies`` times over, each copy with its own bids and users; bytes written."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -170,16 +187,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tafe-cqs-loop-"))
     events, watch = tmp / "events", tmp / "watch"
     watch.mkdir()
-    (tmp / "campaigns.json").write_text(json.dumps(CAMPAIGNS))
-    settings = node_settings(Settings(campaigns=str(tmp / "campaigns.json"), notice_base_url="https://bid.test",
-                                      state=str(tmp / "state"), event_log=str(events)))  # fmt: skip
-    camps = campaigns_mod.load(settings.campaigns)
-    metrics = Metrics(CollectorRegistry(), deferred=True)
-    money = open_money(settings, camps)
-    money.sync(metrics, time.time())
-    holder = Holder(open_snapshot(DEMO))
-    app = make_public_app(settings, lifecycle=Lifecycle(), metrics=metrics, holder=holder, campaigns=camps, money=money,
-                          decision_log=DecisionLog(None, 1.0, seed=1, events=money.events))  # fmt: skip
+    app, money, _, holder = node(tmp, CAMPAIGNS, events, sample=1.0)
     exchange = Exchange(app, args.users, args.rate_high, args.rate_low)
 
     before = exchange.run(args.views, seed=7)

@@ -66,7 +66,7 @@ class Metrics:
             "tafe_requests_over_deadline_total", "Bid requests whose tmax budget ran out before a bid was sent", registry=registry
         )
         self.model_info = Gauge(
-            "tafe_cqs_active_info", "Active CQS model and store versions (value 1)", ["kind", "version"], registry=registry,
+            "tafe_cqs_active_info", "Active CQS model, store and shading table versions (value 1)", ["kind", "version"], registry=registry,
             multiprocess_mode="livemax",
         )
         self.notices = Counter(

@@ -74,7 +74,7 @@ class Settings:
     campaigns: str = _opt(str(DATA_DIR / "campaigns.json"), "campaigns file (JSON); the bundled demo set by default", commands=("serve", "up", "nginx", "campaigns"))
     model: str = _opt(str(DATA_DIR / "model.cqsm"), "CQS model file; the bundled demo model by default")
     store: str = _opt("", "CQS user-state store file; empty: every user is unknown and scored from the request alone")
-    watch_dir: str = _opt("", "directory watched for new model/store files (atomically renamed in) to hot-swap")
+    watch_dir: str = _opt("", "directory watched for new model/store/shading files (*.cqsm, *.cqss, *.cqsb; atomically renamed in) to hot-swap")
     currency: str = _opt("USD", "the currency TAFE bids in", commands=("serve", "up", "nginx", "campaigns"))
     default_tmax_ms: int = _opt(100, "deadline used when a request carries no tmax", low=1)
     max_tmax_ms: int = _opt(1000, "cap on the deadline, whatever tmax says", low=1)

@@ -143,3 +143,12 @@ def test_throughput_runs_wrk_against_tafe_and_gunicorn_side_by_side(tmp_path):
         assert cells[7] == "0"  # no wrk errors (connect, read, write, non-2xx, timeout)
     assert rows["gunicorn -k gevent, 1 worker"][2] == "1.00x"
     assert "Goals, one worker direct vs `gunicorn -k gevent`" in out.stdout
+
+
+def test_shading_benchmark_runs_both_kinds_of_notices_and_three_rounds():
+    out = subprocess.run([sys.executable, str(BENCH / "shading.py"), "--views", "1500", "--seeds", "1"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 1 ")]
+    assert len(rows) == 6 and all(" fixed 0.85 " in r or " learned, " in r for r in rows), out.stdout
+    assert "seed 1, min-to-win filled in: **" in out.stdout and "seed 1, win/loss only: **" in out.stdout

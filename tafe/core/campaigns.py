@@ -6,6 +6,7 @@ The file is JSON (the bundled demo set is ``tafe/data/campaigns.json``)::
       "currency": "USD",             # every CPM in this file; must be the bid currency
       "score_pivot": 0.5,            # the CQS at which a user is worth a campaign's base_cpm
       "first_price_shade": 0.85,     # bid this fraction of the value in first-price auctions (at=1)
+                                     # where no learned shading table covers the imp (tafe.core.shading)
       "fx": {"EUR": 1.08},           # units of "currency" per unit of another currency (floors)
       "campaigns": [{
         "id": "c1", "advertiser": "Acme", "adomain": ["acme.example"], "cat": ["IAB22"],

@@ -9,10 +9,12 @@ targeting, ``imp.secure``, the request's blocks (bcat, badv, bapp, the imp's bat
 when the request requires DSA transparency, the campaign's DSA fields; the user is
 scored once (CQS from ``models``); each remaining campaign values the impression at
 ``base_cpm * score / score_pivot`` clipped to its ``max_cpm``; the best value wins.
-The price is that value (second price, ``at=2``) or the value shaded by
-``first_price_shade`` (first price, ``at=1``), raised to the floor only when the value
-itself clears it. Deals are bid on by the campaigns set up for them, priced against
-the deal floor; ``private_auction`` leaves only the deals.
+The price is that value (second price, ``at=2``) or the value shaded (first price,
+``at=1``): by the learned curve of the imp's context in the open auction when
+``Inputs.shading`` has one (``tafe.core.shading``), else by the fixed
+``first_price_shade``; raised to the floor only when the value itself clears it. Deals
+are bid on by the campaigns set up for them, priced against the deal floor;
+``private_auction`` leaves only the deals.
 
 Money comes in as values (``Inputs``): a campaign the user has seen ``frequency_cap``
 times is skipped; a budgeted campaign bids only when its price fits in the float this
@@ -38,6 +40,9 @@ from xxhash import xxh3_64_hexdigest
 
 from tafe.core.campaigns import MICROS, Campaign, Campaigns
 from tafe.core.privacy import may_bid, may_use_history
+from tafe.core.shading import Curve, Shading, shade_at
+from tafe.core.shading import context as shading_context
+from tafe.core.shading import inventory as shading_inventory
 from tafe.core.types import Bid, BidRequest, Creative, Decision, Imp, MediaType, NoBidReason
 
 __all__ = ["Inputs", "Scorer", "decide", "no_bid"]
@@ -88,6 +93,10 @@ class Inputs:
     # TAFE's IAB Global Vendor List id (setting gvl_vendor_id), read in TCF consent
     # strings by the privacy rules; 0: not registered.
     gvl_vendor_id: int = 0
+    # Learned first-price shading (the snapshot's) and the exchange profile's name, the
+    # first part of a shading context; None: the fixed first_price_shade for every bid.
+    shading: Shading | None = None
+    exchange: str = ""
 
 
 # A way to bid on an imp: (deal id, "" for the open auction; floor in micros of our
@@ -225,7 +234,9 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
     gate: dict[str, int] | None = None
     caps_read = False
     reservations: list[tuple[str, str, int]] = []
-    shade = campaigns.first_price_shade if request.at == 1 else 1.0
+    first = request.at == 1
+    shade = campaigns.first_price_shade if first else 1.0
+    inventory = shading_inventory(request) if first else ""
     pivot = campaigns.score_pivot
     blocks = bool(request.bcat or request.badv or request.bapp)
     bcat, badv = (frozenset(request.bcat), frozenset(request.badv)) if blocks else (frozenset(), frozenset())
@@ -243,6 +254,9 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
         s = 0.0
         best: tuple[tuple[int, int, int], Campaign, Creative, _Lane, int] | None = None
         secure = imp.secure
+        # First price: the open auction's bids are learned from under this context.
+        ctx = shading_context(inputs.exchange, inventory, imp) if first else ""
+        curve: Curve | None = inputs.shading.curve(ctx) if first and inputs.shading is not None else None
         battrs = bool(imp.banner_battr or (imp.video and imp.video.battr) or (imp.audio and imp.audio.battr))
         for rank, (campaign, creative, media_check, restricts, creative_secure, known_only, base, top, money) in enumerate(
             campaigns.candidates(imp)
@@ -286,13 +300,15 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
                 continue
             stage = max(stage, 5)
             value = min(int(base * s / pivot), top)
+            open_shade = shade if curve is None else shade_at(curve, value)
             for lane in lanes:  # deals first, then the open auction
                 deal_id, floor, wadomain = lane
                 if deal_id and (deal_id not in campaign.deals or (wadomain and not any(d in wadomain for d in campaign.adomain))):
                     continue
-                price = int(value * shade) // PRICE_STEP * PRICE_STEP  # _price's common case, inlined
+                f = shade if deal_id else open_shade
+                price = int(value * f) // PRICE_STEP * PRICE_STEP  # _price's common case, inlined
                 if price < floor or price <= 0:
-                    priced = _price(value, floor, shade)
+                    priced = _price(value, floor, f)
                     if priced is None:
                         continue
                     price = priced
@@ -306,7 +322,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
         if best is None:
             furthest = max(furthest, stage)
             continue
-        _, campaign, creative, lane, price = best
+        (_, value, _), campaign, creative, lane, price = best
         bid_id = _bid_id(request.id, imp.id, round(now * 1_000_000))
         if budgets is not None and campaign.id in budgets:
             assert gate is not None  # made when this budgeted campaign was a candidate
@@ -328,6 +344,8 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
                 cattax=campaign.cattax,
                 bundle=campaign.bundle,
                 dsa=campaign.dsa if dsa else None,
+                value_micros=value,
+                context="" if lane[0] else ctx,
             )
         )
     if bids:

@@ -60,7 +60,7 @@ def _bid(decision: Decision, bid: Bid, notice_base: str, token: str) -> dict[str
         "id": bid.bid_id,
         "impid": bid.imp_id,
         "price": bid.price,
-        "nurl": f"{notice_base}/notice/win?t={token}&p=${{AUCTION_PRICE}}&cur=${{AUCTION_CURRENCY}}",
+        "nurl": f"{notice_base}/notice/win?t={token}&p=${{AUCTION_PRICE}}&cur=${{AUCTION_CURRENCY}}&mtw=${{AUCTION_MIN_TO_WIN}}",
         "burl": f"{notice_base}/notice/bill?t={token}&p=${{AUCTION_PRICE}}&cur=${{AUCTION_CURRENCY}}",
         "lurl": f"{notice_base}/notice/loss?t={token}&l=${{AUCTION_LOSS}}&mtw=${{AUCTION_MIN_TO_WIN}}",
         "adomain": list(bid.adomain),

@@ -176,6 +176,8 @@ class Bid:
     cattax: int = 1  # taxonomy of ``cat`` (AdCOM: 1 is IAB Content Category Taxonomy 1.0)
     bundle: str = ""  # the advertised app, for app advertisers (what bapp blocks)
     dsa: Dsa | None = None  # set when the request requires DSA transparency
+    value_micros: int = 0  # what the campaign valued the imp at, before shading (CPM micros)
+    context: str = ""  # first-price open-auction bids: the shading context (tafe.core.shading)
 
 
 @dataclass(slots=True)

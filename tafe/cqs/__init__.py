@@ -1,9 +1,11 @@
 """Customer Quality Score: how much a user is worth for an imp, known in microseconds.
 
 A ``Snapshot`` pairs one model (``tafe.cqs.model``) with one user-state store
-(``tafe.cqs.store``, or none: every user unknown). It is never changed once built;
-hot swap (``tafe.cqs.swap.Holder``) replaces the whole snapshot between requests, so
-a request scores all its imps against one consistent pair.
+(``tafe.cqs.store``, or none: every user unknown), and carries the learned first-price
+shading table (``tafe.core.shading``, or none: the fixed factor) that the same pipeline
+round publishes. It is never changed once built; hot swap (``tafe.cqs.swap.Holder``)
+replaces the whole snapshot between requests, so a request scores all its imps against
+one consistent set.
 
 ``Snapshot.score`` is the bid path's only call: look the user up by the request's
 keys (``BidRequest.user_keys``, in the project's preference order), extract features
@@ -34,12 +36,13 @@ from tafe.cqs import model as _model  # noqa: E402
 from tafe.cqs.state import UserState  # noqa: E402
 
 if TYPE_CHECKING:
+    from tafe.core.shading import Shading
     from tafe.core.types import BidRequest, Imp
     from tafe.cqs.store import UserStore
 
 
 class Snapshot:
-    """One model plus one store (or None), immutable once built; safe to share.
+    """One model plus one store (or None) and a shading table (or None), immutable once built; safe to share.
 
     ``score`` memoizes the primary head's partial sums of the request context
     (inventory, device, geo, hour) and of the slot, bounded at ``MEMO_MAX`` entries
@@ -48,12 +51,15 @@ class Snapshot:
     """
 
     MEMO_MAX = 4096
-    __slots__ = ("model", "store", "versions", "_x", "_w", "_bias", "_w_unknown", "_as_of", "_last", "_ctx_memo", "_imp_memo")
+    __slots__ = ("model", "store", "shading", "versions", "_x", "_w", "_bias", "_w_unknown", "_as_of", "_last", "_ctx_memo", "_imp_memo")
 
-    def __init__(self, model: _model.Model, store: UserStore | None = None) -> None:
+    def __init__(self, model: _model.Model, store: UserStore | None = None, shading: Shading | None = None) -> None:
         self.model = model
         self.store = store
+        self.shading = shading
         self.versions = {"model": model.version, "store": store.version if store is not None else ""}
+        if shading is not None:
+            self.versions["shading"] = shading.version
         self._x = _features.Extractor(model.dims)
         self._w = model.heads[0].weights
         self._bias = model.heads[0].bias

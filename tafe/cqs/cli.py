@@ -8,7 +8,8 @@ A worked example (also how the bundled demo model is made, see ``tafe.cqs.model`
     tafe cqs evaluate /tmp/cqs/model.cqsm /tmp/cqs/decisions.jsonl
     tafe cqs inspect /tmp/cqs/model.cqsm
 
-The daily round on a node's own ``--event-log`` (join, store, train, evaluate, publish)::
+The daily round on a node's own ``--event-log`` (join, store, train, evaluate, publish; and
+first-price shading learned from its win and loss notices)::
 
     tafe cqs pipeline --events /var/log/tafe/events --out /var/lib/tafe/cqs
 """
@@ -59,14 +60,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--top", type=int, default=10, help="largest weights to list per head (default 10)")
     p.add_argument("--names", metavar="LOG", help="decision log whose feature strings name the listed weights")
 
-    p = subs.add_parser("pipeline", help="the daily round: join the event log, build a store, train, evaluate, publish if better")
+    p = subs.add_parser("pipeline", help="the daily round: join the event log, build a store, train, learn first-price shading, evaluate, publish if better")
     p.add_argument("--events", required=True, metavar="DIR", help="a node's --event-log directory (every *.jsonl under it)")
     p.add_argument("--out", required=True, metavar="WATCH_DIR", help="the nodes' --watch-dir: the serving model is its newest *.cqsm")
-    p.add_argument("--force", action="store_true", help="publish even when the new model is not better")
-    p.add_argument("--holdback", type=float, default=0.2, help="latest fraction of the records (by time) held back to compare the models (default 0.2)")
+    p.add_argument("--force", action="store_true", help="publish even when the new model (or shading table) is not better")
+    p.add_argument("--holdback", type=float, default=0.2, help="latest fraction of the records (by time) held back to compare the models, and of the first-price notices to judge the shading table (default 0.2)")
     p.add_argument("--dims", type=int, default=1 << 18, help="hash space size, a power of two (default 262144)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training records (default 3)")
     p.add_argument("--seed", type=int, default=1, help="shuffle seed (default 1)")
+    p.add_argument("--fixed-shade", type=float, default=0.85, metavar="F",
+                   help="the campaigns' first_price_shade: what learned shading must beat at as many wins (default 0.85)")
+    p.add_argument("--shade-min", type=float, default=0.3, metavar="F", help="learned shades never go below this fraction of the value (default 0.3)")
     p.add_argument("--tmp", default=None, metavar="DIR", help="where the on-disk join goes (default: the system temp directory)")
 
     p = subs.add_parser("build-store", help="build the memory-mapped user-state store from event files")
@@ -130,7 +134,8 @@ def _run(args: argparse.Namespace) -> int:
         from tafe.settings import DATA_DIR
 
         report = pipeline.run(args.events, args.out, serving_default=str(DATA_DIR / "model.cqsm"), force=args.force, holdback=args.holdback,
-                              dims=args.dims, epochs=args.epochs, seed=args.seed, tmp_dir=args.tmp)  # fmt: skip
+                              dims=args.dims, epochs=args.epochs, seed=args.seed, tmp_dir=args.tmp, fixed_shade=args.fixed_shade,
+                              shade_min=args.shade_min)  # fmt: skip
         print(json.dumps(report, indent=2))
         return 0
     if cmd == "build-store":

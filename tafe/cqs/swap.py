@@ -1,4 +1,4 @@
-"""Hot swap: a new model or user store replaces the serving one between requests.
+"""Hot swap: a new model, user store or shading table replaces the serving one between requests.
 
 The bid path reads ``holder.current`` once per request and scores every imp against
 that snapshot, so a swap (one attribute store, atomic under the GIL) never mixes two
@@ -6,10 +6,12 @@ versions inside one request and never makes one wait.
 
 ``watch`` runs one greenlet per worker that looks for new files every ``poll_s``
 seconds and at once on SIGHUP. In ``settings.watch_dir`` a model is any ``*.cqsm``
-file and a store any ``*.cqss`` file (names starting with "." are ignored, so write
-under such a name and rename into place: ``tafe cqs build-store --out`` and model
-saves already do); the newest of each kind wins, else ``settings.model`` /
-``settings.store``. A changed file is loaded and validated in the hub's thread pool
+file, a store any ``*.cqss`` file and a first-price shading table
+(``tafe.core.shading``) any ``*.cqsb`` file (names starting with "." are ignored, so
+write under such a name and rename into place: ``tafe cqs build-store --out``, model
+saves and ``tafe cqs pipeline`` already do); the newest of each kind wins, else
+``settings.model`` / ``settings.store`` (a shading table comes only from the watch
+directory: none means the fixed ``first_price_shade``). A changed file is loaded and validated in the hub's thread pool
 (the store's copy and checksum pass release the GIL, so the event loop keeps
 serving), then swapped in. A bad file is refused with one log line and skipped from
 then on (SIGHUP retries it): the old snapshot keeps serving, or the next newest good
@@ -38,12 +40,14 @@ from typing import NamedTuple
 import gevent
 import gevent.event
 
+from tafe.core import shading as shading_mod
 from tafe.cqs import CqsError, Snapshot
 from tafe.cqs import model as model_mod
 from tafe.cqs.store import UserStore, open_store
 from tafe.settings import Settings
 
-SUFFIXES = {"model": ".cqsm", "store": ".cqss"}
+SUFFIXES = {"model": ".cqsm", "store": ".cqss", "shading": shading_mod.SUFFIX}
+_Read = tuple[model_mod.Model, UserStore | None, shading_mod.Shading | None]
 
 
 class Holder:
@@ -92,14 +96,14 @@ class Watcher:
         self.poll_s = poll_s
         # twice the longest deadline a request can have, and at least a second
         self.grace_s = grace_s if grace_s is not None else max(1.0, 2 * settings.max_tmax_ms / 1000)
-        self.loaded = {"model": file_id(settings.model), "store": file_id(settings.store)}
+        self.loaded = {"model": file_id(settings.model), "store": file_id(settings.store), "shading": None}
         self.refused: set[FileId] = set()
         self.swaps = 0
         self._wake = gevent.event.Event()
         self._greenlet: gevent.Greenlet | None = None
 
     def wanted(self, kind: str) -> FileId | None:
-        """The newest ``*.cqsm``/``*.cqss`` of the watched directory not refused, else the configured file."""
+        """The newest ``*.cqsm``/``*.cqss``/``*.cqsb`` of the watched directory not refused, else the configured file."""
         found: list[FileId] = []
         if self.settings.watch_dir:
             try:
@@ -113,7 +117,7 @@ class Watcher:
                         found.append(fid)
         if found:
             return max(found, key=lambda f: (f.mtime_ns, f.path))
-        configured = file_id(self.settings.model if kind == "model" else self.settings.store)
+        configured = file_id(self.settings.model if kind == "model" else self.settings.store if kind == "store" else "")
         return configured if configured not in self.refused else None
 
     def check(self) -> bool:
@@ -126,7 +130,7 @@ class Watcher:
         swapped = False
         while True:
             changes: dict[str, FileId] = {}
-            for kind in ("model", "store"):
+            for kind in SUFFIXES:
                 fid = self.wanted(kind)
                 if fid is not None and fid != self.loaded[kind]:
                     changes[kind] = fid
@@ -212,12 +216,12 @@ def _load(old: Snapshot, changes: dict[str, FileId]) -> Snapshot:
     is built here. Keeping Python out of the pool thread matters on a busy machine: a
     thread descheduled while it holds the GIL stalls the loop for as long as it is off-CPU.
     """
-    read: tuple[model_mod.Model, UserStore | None] | Refused = gevent.get_hub().threadpool.apply(_read, (old, changes))
+    read: _Read | Refused = gevent.get_hub().threadpool.apply(_read, (old, changes))
     if isinstance(read, Refused):
         raise read
-    model, store = read
+    model, store, shading = read
     try:
-        return Snapshot(model, store)
+        return Snapshot(model, store, shading)
     except Exception as exc:
         if store is not None and store is not old.store:
             store.close()
@@ -225,14 +229,14 @@ def _load(old: Snapshot, changes: dict[str, FileId]) -> Snapshot:
         raise Refused(kind, changes[kind], exc) from None
 
 
-def _read(old: Snapshot, changes: dict[str, FileId]) -> tuple[model_mod.Model, UserStore | None] | Refused:
-    """In a pool thread: (model, store), or why not as a Refused.
+def _read(old: Snapshot, changes: dict[str, FileId]) -> _Read | Refused:
+    """In a pool thread: (model, store, shading), or why not as a Refused.
 
     Returned, never raised: gevent prints a traceback for an exception that leaves a
     pool function, and a refused file must make exactly one log line.
     """
-    model, store = old.model, old.store
-    store_file, model_file = changes.get("store"), changes.get("model")
+    model, store, shading = old.model, old.store, old.shading
+    store_file, model_file, shading_file = changes.get("store"), changes.get("model"), changes.get("shading")
     try:
         if store_file:
             try:
@@ -244,7 +248,14 @@ def _read(old: Snapshot, changes: dict[str, FileId]) -> tuple[model_mod.Model, U
                 model = model_mod.load(model_file.path)
             except Exception as exc:
                 raise Refused("model", model_file, exc) from None
-        return model, store
+        if shading_file:
+            try:
+                shading = shading_mod.load(shading_file.path)
+            except shading_mod.ShadingError as exc:
+                raise Refused("shading", shading_file, CqsError(str(exc))) from None
+            except Exception as exc:
+                raise Refused("shading", shading_file, exc) from None
+        return model, store, shading
     except Refused as refused:
         if store is not None and store is not old.store:
             store.close()

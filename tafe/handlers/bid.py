@@ -234,7 +234,7 @@ class BidHandler:
             sign(
                 NoticeFields(
                     request.id, b.imp_id, b.bid_id, b.campaign_id, b.creative.id, user, b.price_micros, ts, model, b.deal_id,
-                    exchange,
+                    exchange, request.at, b.context, b.value_micros,
                 ),
                 keys,
             )  # fmt: skip
@@ -277,7 +277,7 @@ class BidHandler:
         inputs = Inputs(
             snapshot, self.campaigns, now, budgets=banker.floats_at(now), exhausted=banker.exhausted,
             impressions=(lambda: self._impressions(user, now)) if self.caps and user else None, seat=profile.seat,
-            gvl_vendor_id=vendor,
+            gvl_vendor_id=vendor, shading=snapshot.shading, exchange=profile.name,
         )  # fmt: skip
         decision = decide(request, inputs)
         if decision.privacy is not None:

@@ -246,14 +246,17 @@ def _event(kind: str, outcome: str, f: NoticeFields, now: float, query: dict[str
         event["deal"] = f.deal
     if f.exchange:
         event["exchange"] = f.exchange
+    if f.context:  # a first-price open-auction bid: what shading learns from (tafe.cqs.offline.shading)
+        event["at"], event["context"], event["value"] = f.auction, f.context, f.value_micros / 1e6
     if kind in ("win", "bill"):
         event["price"] = price / 1e6 if isinstance(price, int) else None
         if outcome == "encrypted_price":
             event["price_raw"] = query.get("p", "")[:256]
     if kind == "loss":
         event["loss"] = query.get("l", "")[:16]
+    if kind in ("win", "loss"):
         mtw = query.get("mtw", "")
-        if mtw and not mtw.startswith("${"):
+        if mtw and not mtw.startswith("${") and not mtw.startswith("%24%7B"):
             event["min_to_win"] = mtw[:32]
     return event
 

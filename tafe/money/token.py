@@ -6,8 +6,10 @@ Every notice URL TAFE writes holds one token, ``<kid>.<payload>.<mac>``:
   already in flight (sign with the first key, verify with any key still listed);
 - ``payload``: base64url of the bid's fields joined by ``\\x1f`` (request id, imp id,
   bid id, campaign, creative, user hash, our price in CPM micros, unix time of the bid,
-  model version, deal id, exchange profile name), in that order (a token of ten fields,
-  from before the exchange was named, reads as the default exchange);
+  model version, deal id, exchange profile name, auction type ``at``, shading context,
+  our value before shading in CPM micros), in that order. Older tokens still read: one of
+  ten fields (from before the exchange was named) as the default exchange, one of ten or
+  eleven (from before shading was learned) with auction type 0, no context and value 0;
 - ``mac``: the first 16 bytes of HMAC-SHA256(key, ``kid.payload``), base64url.
 
 The token is the whole state of a bid: nothing is kept per bid to make sense of a notice,
@@ -28,7 +30,8 @@ from dataclasses import dataclass
 __all__ = ["Keys", "NoticeFields", "sign", "verify"]
 
 _SEP = "\x1f"
-_N_FIELDS = 11
+_N_FIELDS = 14
+_OLDER = (10, 11)  # field counts of tokens signed by earlier versions, still read
 _MAC_BYTES = 16
 _FUTURE_SKEW_S = 300  # a token dated later than this ahead of our clock was not made by us
 
@@ -48,6 +51,9 @@ class NoticeFields:
     model: str = ""
     deal: str = ""
     exchange: str = ""  # the profile the bid was made under ("" for the defaults): its keys and spend_on apply
+    auction: int = 0  # the request's ``at`` (1 first price, 2 second price; 0 in older tokens)
+    context: str = ""  # first-price open-auction bids: the shading context (tafe.core.shading)
+    value_micros: int = 0  # our value of the imp before shading, CPM micros
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +107,7 @@ def sign(fields: NoticeFields, keys: Keys) -> str:
     raw = _SEP.join(
         (
             f.request_id, f.imp_id, f.bid_id, f.campaign, f.creative, f.user, str(f.price_micros), str(f.ts), f.model,
-            f.deal, f.exchange,
+            f.deal, f.exchange, str(f.auction), f.context, str(f.value_micros),
         )  # fmt: skip
     )
     signed = f"{keys.current}.{_b64(raw.encode())}"
@@ -121,13 +127,16 @@ def verify(token: str, keys: Keys, now: float, ttl_s: int) -> NoticeFields | str
         return "bad_token"
     try:
         parts = _unb64(signed.partition(".")[2]).decode().split(_SEP)
-        if len(parts) == _N_FIELDS - 1:
-            parts.append("")
+        if len(parts) in _OLDER:
+            parts += ["", "0", "", "0"][len(parts) - _N_FIELDS :]
         if len(parts) != _N_FIELDS:
             return "bad_token"
-        price, ts = int(parts[6]), int(parts[7])
+        price, ts, auction, value = int(parts[6]), int(parts[7]), int(parts[11]), int(parts[13])
     except (ValueError, binascii.Error, UnicodeDecodeError):
         return "bad_token"  # signed by us but unreadable: a bug or an old format, never spend
     if now - ts > ttl_s or ts - now > _FUTURE_SKEW_S:
         return "expired"
-    return NoticeFields(parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], price, ts, parts[8], parts[9], parts[10])
+    return NoticeFields(
+        parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], price, ts, parts[8], parts[9], parts[10], auction, parts[12],
+        value,
+    )  # fmt: skip

@@ -17,6 +17,7 @@ class FixedScorer:
     def __init__(self, value: float = 0.5) -> None:
         self.value = value
         self.versions = {"model": "stub-1", "store": ""}
+        self.shading = None  # as a Snapshot without a shading table: the fixed first_price_shade
         self.calls = 0
 
     def score(self, request, imp, now) -> Score:

@@ -243,3 +243,33 @@ def test_the_event_loop_keeps_running_while_a_store_loads(setup):
     tick.kill()
     assert holder.current.versions["store"] == "big"
     assert len(ticks) > before  # the loop ran during the load (how long it stalled is a benchmark's business)
+
+
+def shading_table(version: str, shade: float) -> bytes:
+    from tafe.core import shading
+
+    doc = {"format": shading.FORMAT, "version": version, "lo": 0.3, "contexts": {"ex||": [0.0, 1.0, [shade, shade]]}}
+    return json.dumps(doc).encode()
+
+
+def test_a_shading_table_swaps_in_beside_model_and_store_and_a_bad_one_is_refused(setup, caplog):
+    settings, holder, log, watch_dir, tmp_path = setup
+    watcher = Watcher(holder, settings, log, grace_s=0.01)
+    caplog.set_level(logging.INFO, logger="test.cqs.swap")
+    assert holder.current.shading is None and "shading" not in holder.current.versions
+    old = holder.current
+    drop(watch_dir, "shading-a.cqsb", shading_table("shade-a", 0.6))
+    assert watcher.check() is True
+    assert holder.current.versions == {"model": "m0", "store": "s0", "shading": "shade-a"}
+    assert holder.current.shading.curve("ex|pub|300x250")[2] == (0.6, 0.6)
+    assert holder.current.store is old.store and holder.current.model is old.model  # reused, not re-read
+
+    bad = drop(watch_dir, "shading-b.cqsb", shading_table("shade-b", 1.5))  # a shade above the value
+    assert watcher.check() is False
+    (message,) = errors(caplog)
+    assert message.startswith("cqs: refused shading ") and bad in message and "within [lo, 1]" in message
+    assert holder.current.versions["shading"] == "shade-a"  # the old table keeps serving
+
+    drop(watch_dir, "shading-c.cqsb", shading_table("shade-c", 0.7))
+    assert watcher.check() is True
+    assert holder.current.versions["shading"] == "shade-c" and caplog.records[-1].fields["was_shading"] == "shade-a"

@@ -11,6 +11,11 @@ had to beat. What the exchange billed is summed from the billing notices TAFE an
 2xx: the exchange's own ledger, to compare with the budgets. Given several node URLs (a
 fleet), each bid request and each notice goes to a node picked at random, so a bid's
 notices and retries mostly reach other nodes than the one that bid.
+
+With ``auction=1`` the auctions are first price instead: the winner pays its own bid,
+and ``min_to_win`` says whether the exchange fills ``${AUCTION_MIN_TO_WIN}`` in (on win
+and loss notices) or leaves it empty. ``competition(imp)`` gives each imp its own
+competitor (median, sigma) instead of ``competitor_cpm``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class Ledger:
     impressions: dict[tuple[str, str], int] = field(default_factory=dict)  # (user, campaign) -> count
     clicks: dict[str, int] = field(default_factory=dict)
     models: dict[str, int] = field(default_factory=dict)  # bid responses by their ext.cqs model version
+    shadings: dict[str, int] = field(default_factory=dict)  # ... and by their ext.cqs shading version ("" for none)
     errors: list[str] = field(default_factory=list)
 
     def add(self, table: dict, key: object, n: int = 1) -> None:
@@ -61,6 +67,9 @@ class Exchange:
         click_rate: float = 0.05,
         click_rule: Callable[[str, dict], float] | None = None,
         seed: int = 1,
+        auction: int = 2,
+        min_to_win: bool = True,
+        competition: Callable[[dict], tuple[float, float]] | None = None,
     ) -> None:
         self.nodes = [(p.hostname, p.port) for p in map(urlsplit, [url] if isinstance(url, str) else url)]
         self.imps = imps
@@ -70,6 +79,9 @@ class Exchange:
         self.click_rate = click_rate
         self.click_rule = click_rule
         self.seed = seed
+        self.auction = auction
+        self.min_to_win = min_to_win
+        self.competition = competition
         self.ledger = Ledger()
         self._n = 0
 
@@ -113,7 +125,7 @@ class Exchange:
         self._n += 1
         imp = dict(rng.choice(self.imps))
         request = {
-            "id": f"r{self._n}-{rng.getrandbits(32):x}", "imp": [{**imp, "id": "1"}], "at": 2, "tmax": 200,
+            "id": f"r{self._n}-{rng.getrandbits(32):x}", "imp": [{**imp, "id": "1"}], "at": self.auction, "tmax": 200,
             "site": {"domain": "news.example", "page": "https://news.example/a"},
             "device": {"ua": "Mozilla/5.0", "ip": "192.0.2.1", "devicetype": 2, "geo": {"country": "USA"}},
             "user": {"id": user, "buyeruid": user}, "cur": ["USD"],
@@ -128,18 +140,21 @@ class Exchange:
         answer = json.loads(body)
         bid = answer["seatbid"][0]["bid"][0]
         self.ledger.add(self.ledger.models, answer.get("ext", {}).get("cqs", {}).get("model", ""))
+        self.ledger.add(self.ledger.shadings, answer.get("ext", {}).get("cqs", {}).get("shading", ""))
         campaign = bid["cid"]
         ours = Decimal(str(bid["price"]))
         self.ledger.add(self.ledger.bids, campaign)
-        theirs = Decimal(str(round(rng.lognormvariate(0, self.competitor[1]) * self.competitor[0], 4)))
+        median, sigma = self.competition(imp) if self.competition is not None else self.competitor
+        theirs = Decimal(str(round(rng.lognormvariate(0, sigma) * median, 4)))
         floor = Decimal(str(imp.get("bidfloor", 0)))
+        mtw = str(max(theirs, floor)) if self.min_to_win else ""
         if theirs >= ours:
-            self._notice(conn, rng, bid["lurl"], {"${AUCTION_LOSS}": "102", "${AUCTION_MIN_TO_WIN}": str(theirs)})
+            self._notice(conn, rng, bid["lurl"], {"${AUCTION_LOSS}": "102", "${AUCTION_MIN_TO_WIN}": mtw})
             return
-        clearing = max(theirs, floor)
+        clearing = ours if self.auction == 1 else max(theirs, floor)
         self.ledger.add(self.ledger.wins, campaign)
         macros = {"${AUCTION_PRICE}": str(clearing), "${AUCTION_CURRENCY}": "USD"}
-        self._notice(conn, rng, bid["nurl"], macros)
+        self._notice(conn, rng, bid["nurl"], {**macros, "${AUCTION_MIN_TO_WIN}": mtw})
         if m := _IMP_URL.search(bid.get("adm", "")):
             self._notice(conn, rng, m.group(1), {})
             self.ledger.add(self.ledger.impressions, (user, campaign))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tafe.money.token import Keys, NoticeFields, sign, verify
+from tafe.money.token import Keys, NoticeFields, _b64, _mac, sign, verify
 
 FIELDS = NoticeFields("req 1&x", "i/1", "b1", "c1", "cr1", "u1", 1_234_500, 1_700_000_000, "m-1", "DEAL-1")
 KEYS = Keys.parse("k1:0123456789abcdef0123")
@@ -52,3 +52,21 @@ def test_rotation_old_key_verifies_new_key_signs():
 def test_bad_key_text_is_refused(text):
     with pytest.raises(ValueError):
         Keys.parse(text)
+
+
+def _older(fields: list[str], keys: Keys) -> str:
+    """A token as an earlier version signed it: fewer fields, same scheme."""
+    signed = f"{keys.current}.{_b64(chr(0x1F).join(fields).encode())}"
+    return f"{signed}.{_mac(keys.secrets[keys.current], signed)}"
+
+
+def test_first_price_fields_round_trip_and_older_tokens_still_read():
+    first = NoticeFields("r", "1", "b", "c", "cr", "u", 850_000, 1_700_000_000, "m", "", "ex", 1, "ex|pub-1|300x250", 1_000_000)
+    assert verify(sign(first, KEYS), KEYS, first.ts, ttl_s=3600) == first
+    base = ["r", "1", "b", "c", "cr", "u", "850000", "1700000000", "m", ""]
+    ten = verify(_older(base, KEYS), KEYS, first.ts, ttl_s=3600)
+    eleven = verify(_older([*base, "ex"], KEYS), KEYS, first.ts, ttl_s=3600)
+    assert isinstance(ten, NoticeFields) and isinstance(eleven, NoticeFields)
+    assert (ten.exchange, eleven.exchange) == ("", "ex")
+    assert all((f.auction, f.context, f.value_micros) == (0, "", 0) for f in (ten, eleven))
+    assert verify(_older([*base, "ex", "1"], KEYS), KEYS, first.ts, ttl_s=3600) == "bad_token"  # twelve: never signed

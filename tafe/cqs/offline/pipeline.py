@@ -25,11 +25,19 @@
 6. **Publish** store, then model, into ``--out`` (each under a dot-name, then renamed)
    only when the new AUC is higher (by ``MIN_GAIN``), or with ``--force``. Nodes watching that directory
    swap them in.
+7. **Shading**, from the same files: every first-price win and loss notice is a row
+   (``tafe.cqs.offline.shading``); the table learned on the rows before their own
+   held-back slice is published as ``shading-<version>.cqsb`` when, on that slice, it
+   costs less per expected win than the fixed ``--fixed-shade`` at as many expected wins
+   (or with ``--force``), whatever the model's verdict. With no first-price rows there
+   is no table and the report says why (``shading.why_not``).
 
 Memory does not grow with the number of events: SQLite sorts and joins on disk (its page
 cache is capped at 16 MB), one user's history is in memory at a time, the store's keys
 and records are written to temp files and memory-mapped, training and evaluation read
-``CHUNK`` records at a time, and AUC is computed from fixed histograms.
+``CHUNK`` records at a time, and AUC is computed from fixed histograms. Shading's rows
+sit in SQLite too; it holds one histogram of log-price bins per context (memory grows
+with the contexts, not the notices).
 """
 
 from __future__ import annotations
@@ -48,11 +56,13 @@ from typing import Any
 import numpy as np
 import orjson
 
+from tafe.core.shading import MIN_LO
 from tafe.core.types import BidRequest, Imp
 from tafe.cqs import CqsError
 from tafe.cqs import model as model_mod
 from tafe.cqs.features import COUNT_FIELDS, RECENCY_FIELDS, SPEC, hash_names, names
 from tafe.cqs.model import Head, Model, sigmoid
+from tafe.cqs.offline import shading
 from tafe.cqs.offline.synth import aggregate
 from tafe.cqs.offline.train import _f32, _gather, _sigmoid
 from tafe.cqs.state import UserState
@@ -92,7 +102,7 @@ def _open_db(path: str) -> sqlite3.Connection:
         PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA temp_store = FILE; PRAGMA cache_size = -16384;
         CREATE TABLE decision (bid_id TEXT PRIMARY KEY, ts REAL, cqs REAL, features TEXT) WITHOUT ROWID;
         CREATE TABLE notice (bid_id TEXT, kind TEXT, user TEXT, ts REAL);
-    """)
+    """ + shading.SCHEMA)
     return db
 
 
@@ -101,12 +111,15 @@ def load(db: sqlite3.Connection, paths: list[str]) -> dict[str, int]:
     counts = {"decisions": 0, "notices": 0, "bad_lines": 0, "ignored": 0}
     decisions: list[tuple[str, float, float, str]] = []
     notices: list[tuple[str, str, str, float]] = []
+    shade_rows: list[tuple[str, float, str, int, int, int]] = []
 
     def flush() -> None:
         db.executemany("INSERT OR IGNORE INTO decision VALUES (?, ?, ?, ?)", decisions)
         db.executemany("INSERT INTO notice VALUES (?, ?, ?, ?)", notices)
+        db.executemany("INSERT OR IGNORE INTO shade VALUES (?, ?, ?, ?, ?, ?)", shade_rows)  # a bid's first notice
         decisions.clear()
         notices.clear()
+        shade_rows.clear()
 
     for path in paths:
         try:
@@ -118,6 +131,9 @@ def load(db: sqlite3.Connection, paths: list[str]) -> dict[str, int]:
                 try:
                     e = orjson.loads(line)
                     kind = e["event"]
+                    if kind in ("win", "bill", "loss") and e.get("context") and e.get("outcome") in KEPT_OUTCOMES:
+                        if (r := shading.row(e)) is not None:
+                            shade_rows.append(r)
                     if kind == "decision":
                         decisions.append((str(e["bid_id"]), float(e["ts"]), float(e.get("cqs") or 0), orjson.dumps(e["features"]).decode()))
                         counts["decisions"] += 1
@@ -130,7 +146,7 @@ def load(db: sqlite3.Connection, paths: list[str]) -> dict[str, int]:
                     if line.strip():
                         counts["bad_lines"] += 1
                     continue
-                if len(decisions) + len(notices) >= CHUNK:
+                if len(decisions) + len(notices) + len(shade_rows) >= CHUNK:
                     flush()
     flush()
     db.executescript("""
@@ -361,7 +377,8 @@ def evaluate(db: sqlite3.Connection, cutoff: float, w: np.ndarray, b: float,
 
 
 def run(events_dir: str, out_dir: str, *, serving_default: str, force: bool = False, holdback: float = 0.2,
-        dims: int = 1 << 18, epochs: int = 3, seed: int = 1, tmp_dir: str | None = None) -> dict[str, Any]:
+        dims: int = 1 << 18, epochs: int = 3, seed: int = 1, tmp_dir: str | None = None, fixed_shade: float = 0.85,
+        shade_min: float = 0.3) -> dict[str, Any]:
     """One round; returns a report (``published``: the files written, empty when not better)."""
     if dims <= 0 or dims & (dims - 1):
         raise CqsError(f"--dims must be a power of two, got {dims}")
@@ -371,6 +388,8 @@ def run(events_dir: str, out_dir: str, *, serving_default: str, force: bool = Fa
         raise CqsError(f"--out {out_dir}: not a directory")
     if tmp_dir is not None and not os.path.isdir(tmp_dir):
         raise CqsError(f"--tmp {tmp_dir}: not a directory")
+    if not 0 < fixed_shade <= 1 or not MIN_LO <= shade_min <= fixed_shade:
+        raise CqsError(f"--fixed-shade must be within (0, 1] and --shade-min within [{MIN_LO}, --fixed-shade]")
     paths = event_files(events_dir)
     serving_path = current_model(out_dir, serving_default)
     serving = model_mod.load(serving_path)
@@ -380,6 +399,7 @@ def run(events_dir: str, out_dir: str, *, serving_default: str, force: bool = Fa
         db = _open_db(db_path)
         try:
             report: dict[str, Any] = {"events_files": len(paths), **load(db, paths)}
+            policy, report["shading"] = shading.learn(db, fixed=fixed_shade, lo=shade_min, holdback=holdback)
             as_of = db.execute("SELECT max(max(coalesce(shown_ts, 0)), max(coalesce(click_ts, 0))) FROM bid").fetchone()[0]
             if not as_of:
                 raise CqsError(f"--events {events_dir}: no win, impression or click notices in {len(paths)} files")
@@ -404,6 +424,9 @@ def run(events_dir: str, out_dir: str, *, serving_default: str, force: bool = Fa
             "new": {"version": version, **new.report(), "level_shift": round(shift, 4)}, "better": better,
             "seconds": round(time.monotonic() - t0, 2), "published": [],
         })  # fmt: skip
+        if policy is not None and (report["shading"]["better"] or force):
+            path, report["shading"]["version"] = shading.publish(policy, out_dir, as_of, {"fixed_shade": fixed_shade})
+            report["published"].append(path)
         if not (better or force):
             return report
         if report["users"]:
