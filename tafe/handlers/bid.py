@@ -203,7 +203,7 @@ class BidHandler:
         return "204 No Content", headers, b""
 
     def _impressions(self, user: str, now: float) -> dict[str, int] | None:
-        """The user's impressions per capped campaign within its window; None for no usable user."""
+        """The user's impressions per capped campaign within its window; None for no usable user or none counted."""
         if not user:
             return None
         try:
@@ -214,6 +214,8 @@ class BidHandler:
                 self._warned_at = time.monotonic()
                 log.warning("money state unreadable: capped campaigns do not bid until it is back (%s)", exc)
             return {cid: cap.impressions for cid, cap in self.caps.items()}
+        if not times:  # the common case: no impression counted for this user
+            return None
         out = {}
         for cid, seen in times.items():
             cap = self.caps.get(cid)
