@@ -294,7 +294,7 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
                     # Its budget is checked only now, when it would win (a lower lane or
                     # campaign would not win either): the float, less what earlier imps took.
                     left = budgets.get(campaign.id) if money and budgets is not None else None
-                    if left is not None and price > left - taken.get(campaign.id, 0):
+                    if left is not None and price > (left - taken.get(campaign.id, 0) if taken else left):
                         stage = max(stage, 7 if campaign.id in inputs.exhausted else 6)
                         continue
                     best = (key, campaign, creative, lane, price)
@@ -305,8 +305,9 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
         _, campaign, creative, lane, price = best
         bid_id = _bid_id(request.id, imp.id, round(now * 1_000_000))
         if budgets is not None and campaign.id in budgets:
-            taken[campaign.id] = taken.get(campaign.id, 0) + price
             reservations.append((campaign.id, bid_id, price))
+            if len(request.imps) > 1:
+                taken[campaign.id] = taken.get(campaign.id, 0) + price
         bids.append(
             Bid(
                 bid_id=bid_id,

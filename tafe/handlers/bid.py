@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import zlib
+from functools import partial
 from typing import Any
 
 from xxhash import xxh3_64_hexdigest
@@ -272,7 +273,7 @@ class BidHandler:
         banker = self.banker
         inputs = Inputs(
             snapshot, self.campaigns, now, budgets=banker.floats_at(now), exhausted=banker.exhausted,
-            impressions=(lambda: self._impressions(user, now)) if self.caps and user else None, seat=profile.seat,
+            impressions=partial(self._impressions, user, now) if self.caps and user else None, seat=profile.seat,
             gvl_vendor_id=vendor,
         )  # fmt: skip
         decision = decide(request, inputs)
