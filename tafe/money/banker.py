@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from tafe.core.campaigns import Campaign
 from tafe.core.types import Decision
-from tafe.money.state import LEASE_S, Account, Reservation, State, Want
+from tafe.money.state import LEASE_S, Account, Reserved, State, Want
 
 __all__ = ["Banker", "period_of"]
 
@@ -45,7 +45,7 @@ class Banker:
         self.failures = 0  # syncs failed in a row since then
         self._granted: dict[str, int] = {}  # the floats as granted at the last sync
         # Per decision that reserved: (its time, its reservations), all in ``period``; made
-        # into ``Reservation``s at the sync, not per bid (one append per bid request here).
+        # into reservations (``Reserved``) at the sync, not per bid (one append per bid request here).
         self._queue: list[tuple[float, tuple[tuple[str, str, int], ...]]] = []
 
     def floats_at(self, now: float) -> dict[str, int] | None:
@@ -80,8 +80,8 @@ class Banker:
         if floats is None:
             return
         pending, self._queue = self._queue, []
-        old, ttl, make = self.period, self.reservation_ttl_s, tuple.__new__  # a NamedTuple's own __new__ costs 3x
-        queue = [make(Reservation, (bid_id, c, old, nanos, int(t) + ttl)) for t, made in pending for c, bid_id, nanos in made]
+        old, ttl = self.period, self.reservation_ttl_s
+        queue: list[Reserved] = [(bid_id, c, old, nanos, int(t) + ttl) for t, made in pending for c, bid_id, nanos in made]
         used = {c: granted - floats.get(c, 0) for c, granted in self._granted.items()}  # since the last good sync
         period = period_of(now, self.period_s)
         end = (period + 1) * self.period_s

@@ -40,7 +40,7 @@ import lmdb
 import orjson
 
 from tafe.money import pacing
-from tafe.money.state import LEASE_S, Account, BidRef, Grant, Reservation, Want
+from tafe.money.state import LEASE_S, Account, BidRef, Grant, Reserved, Want
 
 __all__ = ["EmbeddedState", "LEASE_S"]
 
@@ -102,7 +102,7 @@ class EmbeddedState:
 
     # --- reserve ---------------------------------------------------------------------
 
-    def reserve(self, worker: str, used: Sequence[Reservation], wants: Sequence[Want], now: float) -> dict[str, Grant]:
+    def reserve(self, worker: str, used: Sequence[Reserved], wants: Sequence[Want], now: float) -> dict[str, Grant]:
         now_ms = int(now * 1000)
         out: dict[str, Grant] = {}
         with self.env.begin(write=True) as txn:
