@@ -183,6 +183,7 @@ def main() -> int:
     for app, state, metrics in apps.values():  # warm up: caches, first sync
         _run(app, state, metrics, bodies, 500)
     results: dict[str, list[float]] = {"off": [], "on": []}
+    load_before = os.getloadavg()
     for _ in range(args.rounds):
         for name, (app, state, metrics) in apps.items():
             results[name].append(_run(app, state, metrics, bodies, args.requests)[0])
@@ -193,9 +194,11 @@ def main() -> int:
     info = machine_info()
     if args.valgrind_runs:
         info["valgrind"] = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
+    ratios = [b / a for a, b in zip(results["off"], results["on"])]
+    paired = statistics.median(ratios)
     rows = [
         ("budgets, pacing, caps off", f"{off:.1f}", " ".join(f"{v:.1f}" for v in results["off"]), "1.00x"),
-        ("budgets, pacing, caps on", f"{on:.1f}", " ".join(f"{v:.1f}" for v in results["on"]), f"{on / off:.2f}x"),
+        ("budgets, pacing, caps on", f"{on:.1f}", " ".join(f"{v:.1f}" for v in results["on"]), f"{on / off:.3f}x"),
     ]
     lines = [
         "## Money loop: bid-path cost with budgets, pacing and frequency caps",
@@ -209,9 +212,14 @@ def main() -> int:
         table(["app", "CPU us per bid request (best)", "per round", "vs off"], rows),
         "",
         f"Bids made (the budgeted app passes some requests by when an even-paced float runs short between syncs): off {bids['off']:.0f}, on {bids['on']:.0f}. "
-        f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
+        f"Per round, on against the off round just before it: median {paired:.3f}x (rounds {' '.join(f'{r:.2f}' for r in ratios)});"
+        f" this follows the machine's load as it changes, where the best of each app may come from different moments."
+        f" Load average before the CPU rounds: {' '.join(f'{x:.2f}' for x in load_before)}.",
     ]  # fmt: skip
-    verdicts = [f"CPU {on / off:.2f}x: **{'met' if on / off <= GOAL else 'not met'}**"]
+    verdicts = [
+        f"CPU best of each {on / off:.3f}x: **{'met' if on / off <= GOAL else 'not met'}**",
+        f"CPU per round (median) {paired:.3f}x: **{'met' if paired <= GOAL else 'not met'}**",
+    ]
     if args.valgrind_runs:
         counts = instructions_per_request(args.valgrind_runs)
         i_off, i_on = statistics.median(counts["off"]), statistics.median(counts["on"])
