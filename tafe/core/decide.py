@@ -48,6 +48,7 @@ from tafe.core.types import Bid, BidRequest, Creative, Decision, Imp, MediaType,
 __all__ = ["Inputs", "Scorer", "decide", "no_bid"]
 
 PRICE_STEP = 100  # micros: prices are sent with 4 decimals
+_NO_CAPS: frozenset[str] = frozenset()
 
 # How far an imp got before it was dropped; the request's reason is the furthest one.
 _STAGE = {
@@ -227,12 +228,10 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
     hidden = may_use_history(request, inputs.gvl_vendor_id)
     scored = dataclasses.replace(request, user_keys=()) if hidden is not None and request.user_keys else request
     budgets = inputs.budgets
-    # Per campaign with a budget or a cap: nanos it may still reserve (its float, less what
-    # this request's earlier imps took), -1 at its frequency cap. Made at the first such
-    # candidate; the user's impressions are read at the first capped one (a request no
-    # capped campaign fits reads nothing).
-    gate: dict[str, int] | None = None
-    caps_read = False
+    # The campaigns at their frequency cap for this user: read at the first capped candidate
+    # (a request no capped campaign fits reads nothing); _NO_CAPS: none, nothing more to check.
+    capped: frozenset[str] | None = None
+    taken: dict[str, int] = {}  # nanos this request's earlier imps reserved, per campaign
     reservations: list[tuple[str, str, int]] = []
     first = request.at == 1
     shade = campaigns.first_price_shade if first else 1.0
@@ -280,16 +279,10 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
             if dsa and campaign.dsa is None:
                 stage = max(stage, 2)
                 continue
-            left = None  # nanos this campaign may still reserve; None: no budget
-            if money:  # a budget or a frequency cap: only these campaigns pay for the checks
-                if gate is None:
-                    gate = dict(budgets) if budgets is not None else {}
-                if not caps_read and campaign.frequency_cap is not None:  # the first capped candidate
-                    caps_read = True
-                    for cid in _capped(campaigns, inputs.impressions):
-                        gate[cid] = -1
-                left = gate.get(campaign.id)
-                if left is not None and left < 0:  # at its frequency cap for this user
+            if money and capped is not _NO_CAPS and campaign.frequency_cap is not None:
+                if capped is None:
+                    capped = _capped(campaigns, inputs.impressions) or _NO_CAPS
+                if campaign.id in capped:
                     stage = max(stage, 3)
                     continue
             if score is None:
@@ -312,11 +305,14 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
                     if priced is None:
                         continue
                     price = priced
-                if left is not None and price > left:
-                    stage = max(stage, 7 if campaign.id in inputs.exhausted else 6)
-                    continue
                 key = (1 if deal_id else 0, value, -rank)
                 if best is None or key > best[0]:
+                    # Its budget is checked only now, when it would win (a lower lane or
+                    # campaign would not win either): the float, less what earlier imps took.
+                    left = budgets.get(campaign.id) if money and budgets is not None else None
+                    if left is not None and price > (left - taken.get(campaign.id, 0) if taken else left):
+                        stage = max(stage, 7 if campaign.id in inputs.exhausted else 6)
+                        continue
                     best = (key, campaign, creative, lane, price)
                 break
         if best is None:
@@ -325,9 +321,9 @@ def decide(request: BidRequest, inputs: Inputs) -> Decision:
         (_, value, _), campaign, creative, lane, price = best
         bid_id = _bid_id(request.id, imp.id, round(now * 1_000_000))
         if budgets is not None and campaign.id in budgets:
-            assert gate is not None  # made when this budgeted campaign was a candidate
-            gate[campaign.id] -= price
             reservations.append((campaign.id, bid_id, price))
+            if len(request.imps) > 1:
+                taken[campaign.id] = taken.get(campaign.id, 0) + price
         bids.append(
             Bid(
                 bid_id=bid_id,

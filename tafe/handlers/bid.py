@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import zlib
+from functools import partial
 from typing import Any
 
 from xxhash import xxh3_64_hexdigest
@@ -209,7 +210,7 @@ class BidHandler:
         return "204 No Content", headers, b""
 
     def _impressions(self, user: str, now: float) -> dict[str, int] | None:
-        """The user's impressions per capped campaign within its window; None for no usable user."""
+        """The user's impressions per capped campaign within its window; None for no usable user or none counted."""
         if not user:
             return None
         try:
@@ -220,6 +221,8 @@ class BidHandler:
                 self._warned_at = time.monotonic()
                 log.warning("money state unreadable: capped campaigns do not bid until it is back (%s)", exc)
             return {cid: cap.impressions for cid, cap in self.caps.items()}
+        if not times:  # the common case: no impression counted for this user
+            return None
         out = {}
         for cid, seen in times.items():
             cap = self.caps.get(cid)
@@ -276,7 +279,7 @@ class BidHandler:
         banker = self.banker
         inputs = Inputs(
             snapshot, self.campaigns, now, budgets=banker.floats_at(now), exhausted=banker.exhausted,
-            impressions=(lambda: self._impressions(user, now)) if self.caps and user else None, seat=profile.seat,
+            impressions=partial(self._impressions, user, now) if self.caps and user else None, seat=profile.seat,
             gvl_vendor_id=vendor, shading=snapshot.shading, exchange=profile.name,
         )  # fmt: skip
         decision = decide(request, inputs)

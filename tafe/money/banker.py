@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from tafe.core.campaigns import Campaign
 from tafe.core.types import Decision
-from tafe.money.state import LEASE_S, Account, Reservation, State, Want
+from tafe.money.state import LEASE_S, Account, Reserved, State, Want
 
 __all__ = ["Banker", "period_of"]
 
@@ -43,8 +43,10 @@ class Banker:
         self.synced_at = 0.0  # unix time of the last successful sync
         self._fresh_from = self._stale_at = 0.0  # when the floats may be bid on (see ``sync``)
         self.failures = 0  # syncs failed in a row since then
-        self._queue: list[Reservation] = []
-        self._used: dict[str, int] = {}
+        self._granted: dict[str, int] = {}  # the floats as granted at the last sync
+        # Per decision that reserved: (its time, its reservations), all in ``period``; made
+        # into reservations (``Reserved``) at the sync, not per bid (one append per bid request here).
+        self._queue: list[tuple[float, tuple[tuple[str, str, int], ...]]] = []
 
     def floats_at(self, now: float) -> dict[str, int] | None:
         """The floats ``decide`` may bid against now: none left once their period or their lease is over
@@ -53,8 +55,9 @@ class Banker:
         if floats is not None and not self._fresh_from <= now < self._stale_at:
             # A new period, or the state unreachable for so long that our lease may have
             # expired there and the float been handed to another worker: bid on nothing.
-            self.floats = floats = dict.fromkeys(floats, 0)
+            # (``self.floats`` stays: granted less it is what was used, told at the next sync.)
             self.short = True
+            return dict.fromkeys(floats, 0)
         return floats
 
     def apply(self, decision: Decision, now: float) -> None:
@@ -62,21 +65,24 @@ class Banker:
         floats = self.floats
         if floats is None or not decision.reservations:
             return
-        period = self.period  # floats_at has just checked that the floats are this period's
-        expires = int(now) + self.reservation_ttl_s
-        used, queue, make = self._used, self._queue, tuple.__new__  # a NamedTuple's own __new__ costs 3x
-        for campaign, bid_id, nanos in decision.reservations:
+        for campaign, _, nanos in decision.reservations:
             floats[campaign] -= nanos
-            used[campaign] = used.get(campaign, 0) + nanos
-            queue.append(make(Reservation, (bid_id, campaign, period, nanos, expires)))
+        # floats_at has just checked that the floats are ``self.period``'s, which changes only
+        # at a sync, which empties the queue.
+        self._queue.append((now, decision.reservations))
 
     def sync(self, state: State, now: float, *, final: bool = False) -> None:
         """Report the queued reservations, take new floats (one ``State.reserve`` call).
 
         ``final``: the worker is stopping: report, and give every float back.
         """
-        if self.floats is None:
+        floats = self.floats
+        if floats is None:
             return
+        pending, self._queue = self._queue, []
+        old, ttl = self.period, self.reservation_ttl_s
+        queue: list[Reserved] = [(bid_id, c, old, nanos, int(t) + ttl) for t, made in pending for c, bid_id, nanos in made]
+        used = {c: granted - floats.get(c, 0) for c, granted in self._granted.items()}  # since the last good sync
         period = period_of(now, self.period_s)
         end = (period + 1) * self.period_s
         wants = [
@@ -85,20 +91,18 @@ class Banker:
                 # Twice what it used since the last sync; at least a hundredth of the budget
                 # and room for a few bids at its top price (pacing may grant less).
                 want=0 if final else max(
-                    2 * self._used.get(c.id, 0), 4 * c.max_cpm_micros, c.budget_micros * NANOS_PER_MICRO // 100
+                    2 * used.get(c.id, 0), 4 * c.max_cpm_micros, c.budget_micros * NANOS_PER_MICRO // 100
                 ),
             )
             for c in self.budgeted.values()
         ]
-        queue, self._queue = self._queue, []
         try:
             grants = state.reserve(self.worker, queue, wants, now)
         except Exception:
-            self._queue = queue + self._queue  # keep them for the next try; floats stay as they are
+            self._queue = pending + self._queue  # keep them for the next try; floats stay as they are
             self.failures += 1
             raise
         self.failures = 0
-        self._used = {}
         self.period = period
         self.synced_at = now
         # The floats hold from the start of their period until it ends or their lease may
@@ -106,6 +110,7 @@ class Banker:
         self._fresh_from = period * self.period_s
         self._stale_at = min((period + 1) * self.period_s, now + FLOAT_TRUST_S)
         self.floats = {cid: g.nanos for cid, g in grants.items()}
+        self._granted = dict(self.floats)
         self.accounts = {cid: g.account for cid, g in grants.items()}
         # Less left than one impression at the campaign's top price, floats aside: a bid
         # refused now is refused for "budget"; otherwise pacing holds the rest for later.
@@ -114,6 +119,3 @@ class Banker:
             if g.account.budget - g.account.spent - g.account.reserved < self.budgeted[cid].max_cpm_micros
         )
         self.short = False
-
-    def wants_sync(self) -> bool:
-        return self.short or bool(self._queue and len(self._queue) >= 1000)

@@ -39,7 +39,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tafe.money import pacing
-from tafe.money.state import LEASE_S, Account, BidRef, Grant, Reservation, Want
+from tafe.money.state import LEASE_S, Account, BidRef, Grant, Reserved, Want
 
 __all__ = ["FAST_TIMEOUT_S", "RedisState", "TIMEOUT_S"]
 
@@ -261,11 +261,11 @@ class RedisState:
         """Raise if Redis cannot be reached (checked once at start, to say so in one line)."""
         self._r.ping()
 
-    def reserve(self, worker: str, used: Sequence[Reservation], wants: Sequence[Want], now: float) -> dict[str, Grant]:
+    def reserve(self, worker: str, used: Sequence[Reserved], wants: Sequence[Want], now: float) -> dict[str, Grant]:
         now_ms = int(now * 1000)
         args: list[Any] = [_P, worker, repr(float(now)), now_ms, int(LEASE_S * 1000), _SWEEP_MAX, repr(pacing.BURST_S), len(used)]
         for r in used:
-            args += (r.bid_id, r.campaign, r.period, r.nanos, r.expires)
+            args += r  # bid id, campaign, period, nanos, expires
         for w in wants:
             args += (w.campaign, w.period, w.period_end, w.budget, w.pacing, w.want)
         out = {}
