@@ -29,14 +29,14 @@ from common import ROOT, format_machine, machine_info, record, table  # noqa: E4
 
 EXAMPLES = ROOT.parent / "shared" / "openrtb" / "examples"
 CHOICE = (
-    "Choice: **msgspec into typed structs** (`tafe/core/request.py`). It checks the JSON types of the "
+    "Choice: **msgspec into typed structs** (`tafe/core/wire.py`). It checks the JSON types of the "
     "fields TAFE reads in C and skips the rest without building Python objects, so `parse` is left "
     "with required ids and merged locations (the core table below: what `parse` costs in all). orjson, the faster of the plain decoders (and the stricter: "
     "ujson accepts lone surrogates, NaN/Infinity and numbers that overflow a double), still encodes "
     "responses and names the fault of a body msgspec refuses (`not_utf8`, `too_deep`, `not_json`)."
 )
 # The decoder parse() uses (private there: only this comparison needs it by name).
-from tafe.core.request import _decode_request  # noqa: E402
+from tafe.core.wire import _decode_request  # noqa: E402
 
 LIBS = {"msgspec typed": _decode_request, "orjson": orjson.loads, "ujson": ujson.loads, "json": json.loads}
 

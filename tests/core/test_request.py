@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tafe.core.request import MAX_UIDS, MAX_VALUES, BadRequest, parse
+from tafe.core.limits import MAX_UIDS, MAX_VALUES
+from tafe.core.request import BadRequest, parse
 
 
 def p(**fields):
