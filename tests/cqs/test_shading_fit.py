@@ -112,6 +112,29 @@ def test_the_pipeline_publishes_a_table_that_beats_the_fixed_factor(tmp_path: Pa
     assert not list(out.glob(".*"))  # written under a dot-name, then renamed
 
 
+def test_a_table_is_published_even_when_there_is_no_model_to_train(tmp_path: Path) -> None:
+    """Notices of first-price bids but no logged decisions: no model, the shading table all the same."""
+    (tmp_path / "events").mkdir()
+    write_first_price(tmp_path / "events", exact=True, t0=1_767_225_600.0)
+    out = tmp_path / "watch"
+    out.mkdir()
+    report = pipeline.run(str(tmp_path / "events"), str(out), serving_default=DEMO, dims=1 << 14)
+    assert "too few to train on" in report["model"]["skipped"], report
+    (path,) = report["published"]
+    assert path.endswith(".cqsb") and serving.load(path).version == report["shading"]["version"]
+    assert not list(out.glob("*.cqsm")) and not list(out.glob("*.cqss"))
+
+
+def test_no_model_and_no_table_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "events").mkdir()
+    write_first_price(tmp_path / "events", exact=True, t0=1_767_225_600.0)
+    out = tmp_path / "watch"
+    out.mkdir()
+    with pytest.raises(pipeline.CqsError, match="too few to train on"):  # the table is no cheaper, so not published
+        pipeline.run(str(tmp_path / "events"), str(out), serving_default=DEMO, dims=1 << 14, fixed_shade=0.3, shade_min=0.3)
+    assert not list(out.iterdir())
+
+
 def test_a_table_no_cheaper_than_the_fixed_factor_is_published_only_when_forced(tmp_path: Path) -> None:
     write_world(tmp_path / "events")
     write_first_price(tmp_path / "events", exact=True, t0=1_767_225_600.0)

@@ -30,7 +30,9 @@
    held-back slice is published as ``shading-<version>.cqsb`` when, on that slice, it
    costs less per expected win than the fixed ``--fixed-shade`` at as many expected wins
    (or with ``--force``), whatever the model's verdict. With no first-price rows there
-   is no table and the report says why (``shading.why_not``).
+   is no table and the report says why (``shading.why_not``). A round with too little to
+   train a model on (no logged decision of a shown bid) still publishes the table, and
+   the report says why there is no model (``model.skipped``); with neither, it fails.
 
 Memory does not grow with the number of events: SQLite sorts and joins on disk (its page
 cache is capped at 16 MB), one user's history is in memory at a time, the store's keys
@@ -401,13 +403,20 @@ def run(events_dir: str, out_dir: str, *, serving_default: str, force: bool = Fa
             report: dict[str, Any] = {"events_files": len(paths), **load(db, paths)}
             policy, report["shading"] = shading.learn(db, fixed=fixed_shade, lo=shade_min, holdback=holdback)
             as_of = db.execute("SELECT max(max(coalesce(shown_ts, 0)), max(coalesce(click_ts, 0))) FROM bid").fetchone()[0]
-            if not as_of:
-                raise CqsError(f"--events {events_dir}: no win, impression or click notices in {len(paths)} files")
-            keys_path, recs_path = os.path.join(tmp, "keys.bin"), os.path.join(tmp, "records.bin")
-            report.update(walk(db, keys_path, recs_path, as_of, serving))
-            n = report["records"]
-            if n < 2:
-                raise CqsError(f"--events {events_dir}: {n} shown bids with a logged decision; too few to train on")
+            too_few = "" if as_of else f"--events {events_dir}: no win, impression or click notices in {len(paths)} files"
+            if not too_few:
+                keys_path, recs_path = os.path.join(tmp, "keys.bin"), os.path.join(tmp, "records.bin")
+                report.update(walk(db, keys_path, recs_path, as_of, serving))
+                n = report["records"]
+                if n < 2:
+                    too_few = f"--events {events_dir}: {n} shown bids with a logged decision; too few to train on"
+            if too_few:  # no model this round; a shading table learned from the notices still goes out
+                if policy is None or not (report["shading"]["better"] or force):
+                    raise CqsError(too_few)
+                as_of = as_of or db.execute("SELECT max(ts) FROM shade").fetchone()[0]
+                path, report["shading"]["version"] = shading.publish(policy, out_dir, as_of, {"fixed_shade": fixed_shade})
+                report.update({"model": {"skipped": too_few}, "published": [path], "seconds": round(time.monotonic() - t0, 2)})
+                return report
             cutoff = db.execute("SELECT ts FROM record ORDER BY ts LIMIT 1 OFFSET ?", (int(n * (1 - holdback)),)).fetchone()[0]
             w, b = fit(db, cutoff, dims, epochs, seed=seed)
             new, old, old_new_store, served, shift = evaluate(db, cutoff, w, b, serving)
