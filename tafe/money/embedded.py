@@ -31,7 +31,6 @@ import os
 import shutil
 import struct
 import time
-import weakref
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -61,7 +60,9 @@ class EmbeddedState:
     """``tafe.money.state.State`` on an LMDB environment in directory ``path``."""
 
     def __init__(self, path: str, *, map_size: int = 1 << 36, temporary: bool = False) -> None:
-        """``temporary``: the directory is this object's, removed when it is closed or collected."""
+        """``temporary``: the directory is this object's alone: removed as soon as it is open
+        (LMDB and the counter keep their open files; nothing reopens them by name), so not
+        even a killed process leaves it behind. Its state is then this process's only."""
         os.makedirs(path, exist_ok=True)
         # map_size is address space, not memory or disk: pages are used as written.
         self.env = lmdb.open(
@@ -74,7 +75,6 @@ class EmbeddedState:
         self._seenx = self.env.open_db(b"seenx")
         self._freq = self.env.open_db(b"freq")
         self.path = path
-        self._removal = weakref.finalize(self, shutil.rmtree, path, True) if temporary else None
         self._read: Any = None  # the bid path's read snapshot (``frequency``)
         self._read_at = 0.0
         self._read_gen = -1
@@ -86,6 +86,8 @@ class EmbeddedState:
                 f.truncate(8)
             self._gen_map = mmap.mmap(f.fileno(), 8)
         self._gen = memoryview(self._gen_map).cast("q")
+        if temporary:
+            shutil.rmtree(path, ignore_errors=True)
 
     # --- accounts ------------------------------------------------------------------
 
@@ -311,5 +313,3 @@ class EmbeddedState:
         self._gen.release()
         self._gen_map.close()
         self.env.close()
-        if self._removal is not None:
-            self._removal()
