@@ -121,7 +121,8 @@ def _child(name: str, n: int) -> int:
     run as natively, whatever the machine's load; and the requests allow the longest deadline
     (1 s, not 100 ms), lest a moment off the CPU make a request a no-bid."""
     banker_mod.FLOAT_TRUST_S = 3600.0
-    tmp = Path(tempfile.mkdtemp(prefix="tafe-money-bench-"))
+    scratch = tempfile.TemporaryDirectory(prefix="tafe-money-bench-")  # removed at exit
+    tmp = Path(scratch.name)
     bodies = _requests(tmax=1000)
     app, state, metrics = _app(name == "on", tmp)
     _run(app, state, metrics, bodies, 1000)
@@ -177,7 +178,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         return _child(args.child, args.requests)
-    tmp = Path(tempfile.mkdtemp(prefix="tafe-money-bench-"))
+    scratch = tempfile.TemporaryDirectory(prefix="tafe-money-bench-")  # removed at exit
+    tmp = Path(scratch.name)
     bodies = _requests()
     apps = {"off": _app(False, tmp), "on": _app(True, tmp)}
     for app, state, metrics in apps.values():  # warm up: caches, first sync

@@ -47,7 +47,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--record", action="store_true", help="rewrite the section in benchmarks/RESULTS.md")
     args = parser.parse_args()
-    proc, url = _redis(Path(tempfile.mkdtemp(prefix="tafe-redis-overlap-")))
+    scratch = tempfile.TemporaryDirectory(prefix="tafe-redis-overlap-")  # removed at exit
+    proc, url = _redis(Path(scratch.name))
     try:
         state = RedisState(url)
         _reads(state, 500, 1)  # warm up: connections, scripts

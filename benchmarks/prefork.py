@@ -104,10 +104,12 @@ def main() -> int:
         return 1
     info = common.machine_info(["nginx", "wrk"])
     print(common.format_machine(info), flush=True)
-    work = Path(tempfile.mkdtemp(prefix="tafe-prefork-"))
+    scratch = tempfile.TemporaryDirectory(prefix="tafe-prefork-")  # removed at exit
+    work = Path(scratch.name)
     script = work / "post.lua"
     script.write_text(WRK_LUA.format(path=BID))
-    log = work / "up.log"
+    log = common.OUT_DIR / "prefork-up.log"  # kept after the run, for a failure to point at
+    log.unlink(missing_ok=True)
     port, admin_port = common.free_port(), common.free_port()
     cmd = [sys.executable, "-m", "tafe", "up", "--workers", "2", "--port", str(port), "--admin-port", str(admin_port),
            "--drain-grace-s", "1"]  # fmt: skip
