@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,6 +19,33 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_EXAMPLES = ROOT.parent / "shared" / "openrtb" / "examples"
 LISTEN_RE = re.compile(r"listening on http://([\d.]+):(\d+)(?: \(admin http://([\d.]+):(\d+)\))?")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One temporary directory for the run, this process's and every process it starts
+    (``TMPDIR``), removed at the end: what a process killed on purpose (SIGKILL) could not
+    clean up (a run directory, a sealed copy's link) goes with it. World-readable, as Nginx's
+    workers run as "nobody" under root and must reach the run directories in it."""
+    scratch = tempfile.mkdtemp(prefix="tafe-tests-")
+    os.chmod(scratch, 0o755)
+    config.stash[_SCRATCH] = (scratch, os.environ.get("TMPDIR"))
+    os.environ["TMPDIR"] = scratch
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    scratch, before = config.stash.get(_SCRATCH, (None, None))
+    if scratch is None:
+        return
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+_SCRATCH = pytest.StashKey[tuple[str, "str | None"]]()
 
 
 def shared_examples() -> list[Path]:
