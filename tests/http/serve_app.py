@@ -1,4 +1,4 @@
-"""A real TAFE server process serving a small test WSGI app (used by test_http_server).
+"""A real TAFE server process serving a small test WSGI app (used by the tests over tests/raw_http.py).
 
 Settings come from TAFE_* environment variables; it prints ``PORT <n>`` once listening.
 With ``TEST_DIRECT=1`` the app also has a fast path (``handle``) for ``/direct/*``.

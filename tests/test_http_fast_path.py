@@ -1,0 +1,82 @@
+"""The server's fast path over real sockets: an app with ``handle`` beside its WSGI side, as
+TAFE's public app has (``tests/http/serve_app.py`` with ``TEST_DIRECT=1``)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from raw_http import Reader, ServerProcess, exchange
+
+
+@pytest.fixture(scope="module")
+def direct():
+    proc = ServerProcess(TEST_DIRECT="1")
+    yield proc
+    proc.stop()
+
+
+def test_direct_handle_gets_the_request_and_its_answer_is_framed_by_the_server(direct):
+    body = b'{"id": "1"}'
+    raw = b"POST /direct/echo%21?q=1 HTTP/1.1\r\nHost: x\r\nX-Openrtb-Version: 2.5\r\nContent-Length: 11\r\n\r\n" + body
+    responses, closed = exchange(direct, raw)
+    resp = responses[0]
+    assert resp.status == 200 and not closed
+    assert resp.headers["content-length"] == str(len(resp.body)) and resp.headers["content-type"] == "application/json"
+    assert "date" in resp.headers and "connection" not in resp.headers
+    doc = resp.json()
+    assert doc["by"] == "handle" and doc["method"] == "POST" and doc["path"] == "/direct/echo!" and doc["body"] == body.decode()
+    assert doc["headers"]["HTTP_X_OPENRTB_VERSION"] == "2.5" and doc["arrival"] > 0
+
+
+def test_direct_chunked_body_arrives_whole_and_other_paths_stay_wsgi(direct):
+    raw = b"POST /direct/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    raw += b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"
+    responses, closed = exchange(direct, raw, count=2)
+    assert responses[0].json()["body"] == "abcde" and responses[0].json()["by"] == "handle"
+    assert responses[1].body == b"pong" and not closed
+
+
+def test_direct_head_204_http10_and_connection_close(direct):
+    with direct.connect() as sock:
+        reader = Reader(sock)
+        sock.sendall(b"HEAD /direct/echo HTTP/1.1\r\nHost: x\r\n\r\nPOST /direct/empty HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        head = reader.response(head=True)
+        assert head.status == 200 and int(head.headers["content-length"]) > 0
+        empty = reader.response()
+        assert empty.status == 204 and "content-length" not in empty.headers and empty.headers["x-seen"] == "POST"
+    responses, closed = exchange(direct, b"GET /direct/echo HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert responses[0].headers["connection"] == "keep-alive" and not closed
+    responses, closed = exchange(direct, b"GET /direct/echo HTTP/1.0\r\n\r\n")
+    assert responses[0].status == 200 and closed
+    responses, closed = exchange(direct, b"GET /direct/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert responses[0].headers["connection"] == "close" and closed
+
+
+def test_direct_failures_are_500_and_the_connection_serves_on(direct):
+    raw = b"GET /direct/boom HTTP/1.1\r\nHost: x\r\n\r\nGET /direct/framed HTTP/1.1\r\nHost: x\r\n\r\nGET /direct/echo HTTP/1.1\r\nHost: x\r\n\r\n"
+    responses, closed = exchange(direct, raw, count=3)
+    assert [r.status for r in responses] == [500, 500, 200] and not closed
+
+
+def test_direct_limits_still_apply(direct):
+    responses, closed = exchange(direct, b"POST /direct/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+    assert responses[0].status == 413 and closed
+
+
+def test_direct_answer_in_flight_when_draining_says_connection_close():
+    proc = ServerProcess(TEST_DIRECT="1", TAFE_DRAIN_GRACE_S="0.5")
+    try:
+        with proc.connect() as busy:
+            busy.sendall(b"GET /direct/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.3)  # in the handle now
+            proc.proc.send_signal(signal.SIGTERM)
+            busy.settimeout(10)
+            reader = Reader(busy)
+            resp = reader.response()
+            assert resp.status == 200 and resp.headers["connection"] == "close"
+            assert reader.closed()
+        assert proc.proc.wait(10) == 0
+    finally:
+        proc.stop()
