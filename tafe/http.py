@@ -440,12 +440,13 @@ def wsgi_environ(request: Request, base: dict[str, Any]) -> dict[str, Any]:
 CHUNKED = -1  # Transfer-Encoding: chunked
 UNTIL_CLOSE = -2  # HTTP/1.0 stream of unknown length: the end is the connection closing
 
-_STATUS_LINES: dict[str, tuple[str, int]] = {}
+# Status lines and the Date line, cached as text (response_head) and bytes (direct_head).
+_STATUS_LINES: dict[str, tuple[str, int, bytes]] = {}
 _date_second = -1
-_date_line = ""
+_date_lines = ("", b"")
 
 
-def _status(status: str) -> tuple[str, int]:
+def _status(status: str) -> tuple[str, int, bytes]:
     cached = _STATUS_LINES.get(status)
     if cached is None:
         try:
@@ -454,19 +455,21 @@ def _status(status: str) -> tuple[str, int]:
             raise ValueError(f"bad WSGI status {status!r}") from None
         if not 100 <= code <= 999 or (len(status) > 3 and status[3] != " "):
             raise ValueError(f"bad WSGI status {status!r}")
-        cached = (f"HTTP/1.1 {status}\r\n", code)
+        line = f"HTTP/1.1 {status}\r\n"
+        cached = (line, code, line.encode("latin-1"))
         if len(_STATUS_LINES) < 256:
             _STATUS_LINES[status] = cached
     return cached
 
 
-def _date(now: float) -> str:
-    global _date_second, _date_line
+def _date(now: float) -> tuple[str, bytes]:
+    global _date_second, _date_lines
     second = int(now)
     if second != _date_second:
-        _date_line = f"Date: {formatdate(second, usegmt=True)}\r\n"
+        line = f"Date: {formatdate(second, usegmt=True)}\r\n"
+        _date_lines = (line, line.encode("latin-1"))
         _date_second = second
-    return _date_line
+    return _date_lines
 
 
 def response_head(
@@ -483,8 +486,8 @@ def response_head(
     wall-clock time (for ``Date``). ``framing`` is the number of body bytes the head
     announces (0 for statuses without a body), ``CHUNKED`` or ``UNTIL_CLOSE``.
     """
-    line, code = _status(status)
-    parts = [line, _date(now)]
+    line, code, _ = _status(status)
+    parts = [line, _date(now)[0]]
     append = parts.append
     given = -1
     for name, value in headers:
@@ -525,12 +528,9 @@ def response_head(
     return "".join(parts).encode("latin-1"), framing, keep_alive
 
 
-# The fast path's head (direct_head): status lines, header lines and Date as bytes.
-_STATUS_BYTES: dict[str, tuple[bytes, int]] = {}
+# The fast path's head (direct_head): header lines as bytes, by (name, value).
 _HEADER_LINES: dict[tuple[str, str], bytes] = {}
 _SERVER_FRAMED = ("connection", "content-length", "transfer-encoding")
-_date_bytes_second = -1
-_date_bytes = b""
 
 
 def direct_head(
@@ -543,18 +543,8 @@ def direct_head(
     the length is ``body_length`` (none on 1xx, 204, 304). Status and header lines come
     from caches of their bytes, so a usual answer is one join.
     """
-    cached = _STATUS_BYTES.get(status)
-    if cached is None:
-        text, code = _status(status)
-        cached = (text.encode("latin-1"), code)
-        if len(_STATUS_BYTES) < 256:
-            _STATUS_BYTES[status] = cached
-    line, code = cached
-    global _date_bytes_second, _date_bytes
-    if int(now) != _date_bytes_second:
-        _date_bytes = _date(now).encode("latin-1")
-        _date_bytes_second = int(now)
-    parts: list[bytes] = [line, _date_bytes]
+    _, code, line = _status(status)
+    parts: list[bytes] = [line, _date(now)[1]]
     lines = _HEADER_LINES
     for header in headers:
         encoded = lines.get(header)
