@@ -4,9 +4,19 @@ One greenlet per connection (from a bounded pool, so a full worker stops accepti
 instead of drowning), serving any WSGI app. The HTTP rules live in ``tafe.http``;
 this module only moves bytes and speaks WSGI. An app that also offers ``handle``
 (TAFE's public app, for its bid route) is called through it instead where it accepts
-the request: no WSGI environ, no ``start_response``, the head from cached bytes; the
-same limits, keep-alive, draining, access log and profiler attribution apply. It assumes the process has already been
-monkey-patched (``tafe.cli`` does it first thing).
+the request: no WSGI environ, no ``start_response``; the same limits, keep-alive,
+draining, access log and profiler attribution apply. It assumes the process has
+already been monkey-patched (``tafe.cli`` does it first thing).
+
+For such an app, each connection starts in the hot loop in C (``tafe._fastpath``):
+it reads, parses, builds ``handle``'s environ, frames the answer and sends, with no
+Python in between, for any request within a strict subset of ``tafe.http``'s rules
+(its header comment lists them). A request ``handle`` leaves goes to the WSGI app and
+the loop goes on; anything the subset does not cover (chunked bodies, ``Expect``, a
+malformed or oversized request...) hands the connection's bytes to ``tafe.http`` for
+the rest of the connection. Waiting, timeouts, draining, 500s and the yields between
+requests stay here. With the access log or the profiler on, the Python loop serves
+every request: both read each request's fields and frames there.
 
 Per connection: an idle keep-alive connection closes after ``keepalive_timeout_s``; a
 request, once its first byte is in, must be whole within ``read_timeout_s`` (else 408);
@@ -36,8 +46,9 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
+from gevent.socket import wait_read
 
-from tafe import http
+from tafe import _fastpath, http
 from tafe.lifecycle import Lifecycle
 from tafe.settings import Settings
 
@@ -112,6 +123,10 @@ class Server:
         # The app's fast path, if it has one: no WSGI environ, no start_response, a head
         # from cached bytes (tafe.http.direct_head). Any other app is served as WSGI.
         self.handle: Handle | None = getattr(app, "handle", None)
+        # Its hot loop in C (tafe._fastpath) serves the usual request on each connection
+        # until one needs tafe.http; not with the access log or the profiler, which read
+        # each request's Python frames and fields.
+        self.fast = self.handle is not None and not settings.access_log and profiler is None
         self.closing = False
         self.retiring = False  # replaced (SIGUSR2): answers close their connections, /ping stays 200
         self.connections: set[_Connection] = set()
@@ -273,35 +288,46 @@ class _Connection:
         read_timeout = settings.read_timeout_s
         respond = self._respond if server.handle is None else self._respond_direct
         fresh = True
+        pending, pending_at = b"", 0.0
+        if server.fast:
+            rest = self._serve_fast()
+            if rest is None:
+                return
+            (pending, pending_at), fresh = rest, False
         while True:
-            if reader.in_progress:
-                left = reader.arrival + read_timeout - _monotonic()
-                if left <= 0:
-                    self._refuse(http.HttpError(408, "request not received in time"))
-                    return
-                self._settimeout(left)
-            elif fresh:
-                fresh = False  # its first request is read even when closing (see __init__)
-                # ... if it comes within the read timeout: a connection opened and left
-                # silent is not a keep-alive one, and must not hold a drain for long.
-                self._settimeout(min(keepalive_timeout, read_timeout))
+            if pending:  # what the fast path read and left to tafe.http
+                data, pending = pending, b""
+                now = pending_at
             else:
-                self.idle = True
-                if server.closing:
-                    return
-                self._settimeout(keepalive_timeout)
-            try:
-                data = recv(_RECV)
-            except TimeoutError:
                 if reader.in_progress:
-                    self._refuse(http.HttpError(408, "request not received in time"))
-                return
-            except OSError:
-                return
-            if not data:
-                return
+                    left = reader.arrival + read_timeout - _monotonic()
+                    if left <= 0:
+                        self._refuse(http.HttpError(408, "request not received in time"))
+                        return
+                    self._settimeout(left)
+                elif fresh:
+                    fresh = False  # its first request is read even when closing (see __init__)
+                    # ... if it comes within the read timeout: a connection opened and left
+                    # silent is not a keep-alive one, and must not hold a drain for long.
+                    self._settimeout(min(keepalive_timeout, read_timeout))
+                else:
+                    self.idle = True
+                    if server.closing:
+                        return
+                    self._settimeout(keepalive_timeout)
+                try:
+                    data = recv(_RECV)
+                except TimeoutError:
+                    if reader.in_progress:
+                        self._refuse(http.HttpError(408, "request not received in time"))
+                    return
+                except OSError:
+                    return
+                if not data:
+                    return
+                now = _monotonic()
             self.idle = False
-            requests = reader.feed(data, _monotonic())
+            requests = reader.feed(data, now)
             if requests and self.timeout < read_timeout:
                 # The time left to read a request is no limit on sending its answer.
                 self._settimeout(read_timeout)
@@ -329,6 +355,104 @@ class _Connection:
                     self.sendall(http.CONTINUE)
                 except OSError:
                     return
+
+    def _serve_fast(self) -> tuple[bytes, float] | None:
+        """Serve requests with the hot loop in C (``tafe._fastpath``) while they are
+        simple: None once the connection is done, else what it read and left to
+        ``tafe.http`` (bytes, and the monotonic time they began to arrive).
+
+        The C side reads, parses, calls the app's ``handle`` and sends; this side waits
+        for the socket (gevent), keeps the same timeouts as the general loop, answers
+        ``handle``'s failures with a 500 and gives a request ``handle`` leaves (None) to
+        the WSGI path. A connection yields after every answer, as in the general loop.
+        """
+        server = self.server
+        settings = server.settings
+        sock = self.sock
+        fd = sock.fileno()
+        handle = server.handle
+        assert handle is not None  # server.fast says so
+        fast = _fastpath.Conn(fd, handle, server.direct_base, server, settings.max_header_bytes, settings.max_body_bytes)
+        step = fast.step
+        keepalive_timeout = settings.keepalive_timeout_s
+        read_timeout = settings.read_timeout_s
+        # The first request is read even when closing (see __init__), if it comes within
+        # the read timeout: a connection opened and left silent is not a keep-alive one.
+        idle_timeout = min(keepalive_timeout, read_timeout)
+        sleep = gevent.sleep
+        while True:
+            try:
+                code = step()
+            except Exception:
+                code = self._fast_failed(fast)
+            if code == _fastpath.DONE:
+                sleep(0)  # fair turns, as in serve()
+            elif code == _fastpath.WAIT:
+                if fast.buffered:  # a request has begun: it must be whole in time
+                    timeout = fast.arrival + read_timeout - _monotonic()
+                    if timeout <= 0:
+                        self._refuse(http.HttpError(408, "request not received in time"))
+                        return None
+                else:
+                    if idle_timeout == keepalive_timeout:  # not the first request
+                        self.idle = True
+                        if server.closing:
+                            return None
+                    timeout = idle_timeout
+                try:
+                    wait_read(fd, timeout)
+                except TimeoutError:
+                    if fast.buffered:
+                        self._refuse(http.HttpError(408, "request not received in time"))
+                    return None
+                except OSError:
+                    return None
+                self.idle = False
+            elif code == _fastpath.GENERAL:
+                arrival = fast.arrival  # before take() empties the buffer
+                return fast.take(), arrival
+            elif code == _fastpath.WSGI:
+                arrival = fast.arrival
+                requests = self.reader.feed(fast.take(fast.request_end), arrival)
+                if len(requests) != 1 or self.reader.in_progress:  # the C reading is a subset of tafe.http's
+                    log.error("%s: the fast path and tafe.http read a request differently", server.name)
+                    return None
+                self._settimeout(read_timeout)
+                if not self._respond(requests[0]):
+                    if fast.buffered:
+                        self._linger()
+                    return None
+                sleep(0)
+            elif code == _fastpath.UNSENT:
+                self._settimeout(read_timeout)
+                try:
+                    self.sock.sendall(fast.take_unsent())
+                except OSError:
+                    return None
+                if not fast.keep_alive:
+                    code = _fastpath.CLOSE
+                else:
+                    sleep(0)
+            if code == _fastpath.CLOSE:
+                if fast.buffered:
+                    self._linger()  # the client sent more than we will answer
+                return None
+            if code == _fastpath.GONE:
+                return None
+            idle_timeout = keepalive_timeout
+
+    def _fast_failed(self, fast: _fastpath.Conn) -> int:
+        """A 500 for a request whose ``handle`` raised in the fast path (DONE or CLOSE)."""
+        server = self.server
+        log.exception("%s: app failed on %s %r", server.name, fast.method, fast.target)
+        body = b"internal server error\n"
+        keep_alive = fast.keep_alive and not (server.closing or server.retiring or server.lifecycle.draining)
+        head, _ = http.direct_head("500 Internal Server Error", _TEXT, len(body), keep_alive, fast.http11, _time())
+        try:
+            self.sendall(head if fast.method == "HEAD" else head + body)
+        except OSError:
+            return _fastpath.GONE
+        return _fastpath.DONE if keep_alive else _fastpath.CLOSE
 
     def _refuse(self, error: http.HttpError) -> None:
         server = self.server

@@ -80,3 +80,50 @@ def test_direct_answer_in_flight_when_draining_says_connection_close():
         assert proc.proc.wait(10) == 0
     finally:
         proc.stop()
+
+
+# --- the hot loop in C (tafe._fastpath) on a real server -------------------------------
+
+
+def test_a_request_arriving_byte_by_byte_is_served_by_handle(direct):
+    raw = b"POST /direct/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+    with direct.connect() as sock:
+        for i in range(len(raw)):
+            sock.sendall(raw[i:i + 1])
+            time.sleep(0.002)
+        doc = Reader(sock).response().json()
+    assert doc["by"] == "handle" and doc["body"] == "hi"
+
+
+def test_garbage_after_a_served_request_is_400_not_a_wait_for_the_read_timeout(direct):
+    responses, closed = exchange(direct, b"GET /direct/echo HTTP/1.1\r\nHost: x\r\n\r\nGET /\x01 HTTP/1.1\r\n", count=2)
+    assert [r.status for r in responses] == [200, 400] and closed
+
+
+def test_a_request_left_unfinished_is_408_after_the_read_timeout(direct):
+    with direct.connect() as sock:
+        reader = Reader(sock)
+        sock.sendall(b"GET /direct/echo HTTP/1.1\r\nHost: x\r\n\r\nPOST /direct/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\nabc")
+        assert reader.response().status == 200
+        assert reader.response().status == 408 and reader.closed()
+
+
+def test_an_answer_bigger_than_the_socket_buffer_arrives_whole_to_a_slow_reader(direct):
+    with direct.connect(timeout=20) as sock:
+        sock.sendall(b"GET /direct/big HTTP/1.1\r\nHost: x\r\n\r\nGET /direct/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)  # the server finds the socket full and has to wait for this reader
+        reader = Reader(sock)
+        big = reader.response()
+        assert big.status == 200 and big.body == b"0123456789abcdef" * (1 << 19)
+        assert reader.response().json()["by"] == "handle"
+
+
+def test_requests_handle_leaves_or_cannot_be_read_in_c_do_not_end_the_fast_path(direct):
+    raw = b"GET /direct/echo HTTP/1.1\r\nHost: x\r\n\r\nGET /ping HTTP/1.1\r\nHost: x\r\n\r\nGET /direct/echo?a=%41 HTTP/1.1\r\nHost: x\r\n\r\n"
+    raw += b"POST /direct/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    raw += b"POST /direct/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nlast"
+    responses, closed = exchange(direct, raw, count=5)
+    assert [r.status for r in responses] == [200] * 5 and not closed
+    assert responses[1].body == b"pong"
+    docs = [responses[i].json() for i in (0, 2, 3, 4)]
+    assert [d["by"] for d in docs] == ["handle"] * 4 and [d["body"] for d in docs] == ["", "", "ok", "last"]

@@ -15,9 +15,12 @@ from raw_http import CORPUS, Reader, ServerProcess, exchange, load_case
 from tafe import http
 
 
-@pytest.fixture(scope="module")
-def server():
-    proc = ServerProcess()
+@pytest.fixture(scope="module", params=["wsgi", "fast"])
+def server(request):
+    """The test app as plain WSGI, and with a fast path (``handle``) that leaves these
+    paths to WSGI: every request then goes through the server's C hot loop first
+    (tafe._fastpath), which must hand it over untouched, with the same answers."""
+    proc = ServerProcess(**({"TEST_DIRECT": "1"} if request.param == "fast" else {}))
     yield proc
     proc.stop()
 

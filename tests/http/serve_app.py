@@ -114,6 +114,8 @@ class DirectApp:
             return "200 OK", [("Content-Length", "1")], b"x"
         if path == "/direct/slow":
             gevent.sleep(3)
+        if path == "/direct/big":  # more than a socket buffer takes at once
+            return "200 OK", [("Content-Type", "text/plain")], b"0123456789abcdef" * (1 << 19)
         if path == "/direct/empty":
             return "204 No Content", [("X-Seen", method)], b""
         doc = {

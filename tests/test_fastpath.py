@@ -1,0 +1,309 @@
+"""The server's hot loop in C (``tafe._fastpath``) against the Python rules it stands in for
+(``tafe.http``): what it reads, the environ it builds and the answer it frames must be
+``tafe.http``'s own, and whatever it does not serve it must hand over untouched.
+
+Requests: the shared OpenRTB bodies under several heads, hand-written edge cases, and
+seeded mutations of them (byte flips, cuts, insertions)."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from email.utils import formatdate
+from types import SimpleNamespace
+
+import pytest
+from conftest import shared_examples
+
+from tafe import _fastpath, http
+
+MAX_HEAD, MAX_BODY = 2048, 64 * 1024
+
+
+def reader_view(raw: bytes) -> tuple[list[http.Request], http.RequestReader]:
+    reader = http.RequestReader(MAX_HEAD, MAX_BODY)
+    try:
+        requests = reader.feed(raw, 1.0)
+    except http.HttpError as error:  # feed records errors; be safe either way
+        reader.error = error
+        requests = []
+    return requests, reader
+
+
+def assert_same_reading(raw: bytes) -> int:
+    """C's reading of ``raw`` is tafe.http's, wherever C claims one; returns C's code."""
+    got = _fastpath.parse(raw, MAX_HEAD, MAX_BODY)
+    requests, reader = reader_view(raw)
+    if isinstance(got, int):
+        if got == 0:  # "not whole yet": tafe.http must not have refused it already
+            assert reader.error is None, (raw, reader.error)
+            assert not requests, raw
+        return got
+    end, method, target, headers, body, keep_alive, http11 = got
+    # What follows the request (pipelined, or garbage) is the next request's business.
+    requests, reader = reader_view(raw[:end])
+    assert reader.error is None and len(requests) == 1 and not reader.in_progress, (raw, reader.error)
+    first = requests[0]
+    assert (method, target, body, keep_alive, http11) == (first.method, first.target, first.body, first.keep_alive, first.http11), raw
+    assert headers == first.headers, raw
+    return 1
+
+
+def heads(body: bytes) -> list[bytes]:
+    n = len(body)
+    return [
+        b"POST /openrtb2/bid HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % n,
+        b"POST /openrtb2/bid/x?a=1&b=%%7E HTTP/1.1\r\nhost: a\r\nX-Openrtb-Version: 2.5\r\ncontent-length:%d\r\n\r\n" % n,
+        b"POST /b HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: %d\r\nX-A: 1\r\nX-A: 2\r\n\r\n" % n,
+        b"POST /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: %d\r\nX-Pad:  v \t\r\n\r\n" % n,
+        b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\nX_Under: 1\r\n\r\n" % n,
+    ]
+
+
+EDGE = [
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"OPTIONS /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+    b"GET /%41 HTTP/1.1\r\nHost: a\r\n\r\n",  # percent-decoding: not here
+    b"GET /a#f HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET http://a/b HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET * HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"get / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"BREW / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",  # no Host
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\nHost: a\n\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: \x80\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x7fb\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\nabc",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 999999\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, close\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: CLOSE\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + b"v" * 3000 + b"\r\n\r\n",
+    b"GET /" + b"p" * 3000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
+]
+
+
+def shared_bodies(limit: int = 60) -> list[bytes]:
+    files = shared_examples()[:limit]
+    return [p.read_bytes() for p in files if p.stat().st_size < MAX_BODY]
+
+
+def test_simple_requests_read_as_tafe_http_reads_them():
+    bodies = shared_bodies()
+    assert bodies, "no shared OpenRTB requests found"
+    served = 0
+    for body in bodies:
+        for head in heads(body):
+            served += assert_same_reading(head + body) == 1
+    # Only the heads with a "_" header... are still simple: every one of these is served.
+    assert served == len(bodies) * 5
+
+
+@pytest.mark.parametrize("raw", EDGE, ids=range(len(EDGE)))
+def test_edge_cases_are_read_alike_or_handed_over(raw):
+    code = assert_same_reading(raw)
+    simple = raw.startswith((b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"GET / HTTP/1.0\r\n\r\n", b"HEAD /x", b"OPTIONS /x"))
+    simple = simple or raw.endswith(b"Connection: CLOSE\r\n\r\n")
+    assert (code == 1) == simple, (code, raw)
+
+
+def test_every_prefix_is_either_waited_for_or_handed_over_at_once():
+    """A request cut anywhere is "not whole yet" only while tafe.http still accepts it;
+    garbage is handed over as soon as it shows, not after the read timeout."""
+    samples = [h + b for b in shared_bodies(3) for h in heads(b)[:2]] + EDGE
+    for raw in samples:
+        for cut in range(len(raw)):
+            assert_same_reading(raw[:cut])
+
+
+def test_mutated_requests_are_read_alike_or_handed_over():
+    rng = random.Random(20261206)
+    seeds = [h + b for b in shared_bodies(5) for h in heads(b)] + EDGE
+    fills = b"\x00\t\n\r :;,/?#%_-AZaz09\x7f\x80\xff"
+    checked = 0
+    for _ in range(6000):
+        raw = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(0, min(len(raw), 200)) if raw else 0
+            op = rng.random()
+            if op < 0.4 and raw:
+                raw[at] = rng.choice(fills)
+            elif op < 0.7:
+                raw[at:at] = bytes([rng.choice(fills)])
+            elif raw:
+                del raw[at]
+        assert_same_reading(bytes(raw))
+        checked += 1
+    assert checked == 6000
+
+
+# --- Conn over a socketpair: environ and framing as tafe.http builds them ------------------
+
+
+class Served:
+    def __init__(self, answer=("200 OK", [("Content-Type", "application/json")], b'{"ok":1}')) -> None:
+        self.answer = answer
+        self.calls: list[tuple[str, str, dict]] = []
+
+    def __call__(self, method, path, env):
+        self.calls.append((method, path, env))
+        return self.answer(method, path, env) if callable(self.answer) else self.answer
+
+
+def pair(handle, closing=False, base=None):
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.settimeout(5)
+    server = SimpleNamespace(closing=closing, retiring=False, lifecycle=SimpleNamespace(draining=False))
+    base = base if base is not None else {"SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
+    conn = _fastpath.Conn(ours.fileno(), handle, base, server, MAX_HEAD, MAX_BODY)
+    return conn, ours, theirs, server
+
+
+def read_all(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def without_date(raw: bytes) -> tuple[bytes, bytes]:
+    lines = raw.split(b"\r\n")
+    dates = [line for line in lines if line.startswith(b"Date: ")]
+    assert len(dates) == 1
+    return b"\r\n".join(line for line in lines if not line.startswith(b"Date: ")), dates[0]
+
+
+def test_environ_is_direct_environs_and_the_answer_direct_heads():
+    body = shared_bodies(1)[0]
+    for head in heads(body):
+        raw = head + body
+        handle = Served()
+        conn, ours, theirs, _ = pair(handle)
+        with ours, theirs:
+            theirs.sendall(raw)
+            before = time.monotonic()
+            code = conn.step()
+            assert code == (_fastpath.CLOSE if b"Connection: close" in head or b"HTTP/1.0" in head and b"keep-alive" not in head else _fastpath.DONE)
+            (request,), _ = reader_view(raw)
+            method, path, env = handle.calls[0]
+            _, want_path, _ = http.split_target(request.target)
+            want = http.direct_environ(request, {"SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "wsgi.url_scheme": "http"}, want_path)
+            assert before - 1 < env.pop("tafe.arrival") <= time.monotonic()
+            want.pop("tafe.arrival")
+            assert (method, path, env) == (request.method, want_path, want)
+            status, headers, answer = handle.answer
+            want_head, _ = http.direct_head(status, headers, len(answer), code == _fastpath.DONE, request.http11, time.time())
+            got = read_all(theirs)
+            got_rest, got_date = without_date(got)
+            want_rest, _ = without_date(want_head + answer)
+            assert got_rest == want_rest
+            assert got_date.decode() in {f"Date: {formatdate(int(time.time()) - d, usegmt=True)}" for d in (0, 1)}
+            assert conn.bytes_out == len(answer) and conn.status == "200 OK" and conn.buffered == 0
+
+
+@pytest.mark.parametrize(
+    "answer, head_only",
+    [
+        (("204 No Content", [("X-Seen", "1")], b""), True),
+        (("304 Not Modified", [], b"ignored"), True),
+        (("404 Not Found", [("Content-Type", "text/plain"), ("X-\xe9", "caf\xe9")], b"nope"), False),
+    ],
+)
+def test_statuses_without_a_body_and_latin1_headers_frame_as_direct_head(answer, head_only):
+    conn, ours, theirs, _ = pair(Served(answer))
+    with ours, theirs:
+        theirs.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert conn.step() == _fastpath.DONE
+        want, has_body = http.direct_head(answer[0], answer[1], len(answer[2]), True, True, time.time())
+        assert has_body is not head_only
+        got, _ = without_date(read_all(theirs))
+        assert got == without_date(want + (b"" if head_only else answer[2]))[0]
+
+
+def test_head_request_gets_the_head_only():
+    conn, ours, theirs, _ = pair(Served())
+    with ours, theirs:
+        theirs.sendall(b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert conn.step() == _fastpath.DONE
+        got = read_all(theirs)
+        assert got.endswith(b"Content-Length: 8\r\n\r\n") and conn.bytes_out == 0
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (("200 OK", [("Content-Length", "3")], b"abc"), ValueError),
+        (("200 OK", [("connection", "close")], b"abc"), ValueError),
+        (("2x0 OK", [], b""), ValueError),
+        (("200 OK", [], "text"), TypeError),
+        (("200 OK", [("X", "\u20ac")], b""), ValueError),
+        (("200 OK", []), TypeError),
+    ],
+)
+def test_a_bad_answer_raises_after_consuming_its_request(bad, error):
+    conn, ours, theirs, _ = pair(Served(bad))
+    with ours, theirs:
+        theirs.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\nGET /y HTTP/1.1\r\nHost: a\r\n\r\n")
+        with pytest.raises(error):
+            conn.step()
+        assert conn.method == "GET" and conn.target == b"/x" and conn.keep_alive
+        assert read_all(theirs) == b""  # nothing half-sent: the server answers 500 itself
+        assert conn.take() == b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def test_waits_splits_pipelining_wsgi_and_handover():
+    handle = Served(lambda m, p, e: None if p == "/ping" else ("200 OK", [], p.encode()))
+    conn, ours, theirs, server = pair(handle)
+    with ours, theirs:
+        assert conn.step() == _fastpath.WAIT and conn.buffered == 0
+        raw = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+        for byte in raw[:-1]:  # a request arriving byte by byte is waited for, not refused
+            theirs.sendall(bytes([byte]))
+            assert conn.step() == _fastpath.WAIT
+        assert conn.buffered == len(raw) - 1 and conn.arrival > 0
+        theirs.sendall(raw[-1:] + b"GET /b HTTP/1.1\r\nHost: a\r\n\r\nGET /ping HTTP/1.1\r\nHost: a\r\n\r\nGET /c HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert conn.step() == _fastpath.DONE and conn.step() == _fastpath.DONE
+        assert conn.step() == _fastpath.WSGI  # handle left it: its bytes are handed over, whole
+        assert conn.take(conn.request_end) == b"GET /ping HTTP/1.1\r\nHost: a\r\n\r\n"
+        server.lifecycle.draining = True  # decided after the app ran: this answer closes
+        assert conn.step() == _fastpath.CLOSE
+        assert read_all(theirs).count(b"HTTP/1.1 200 OK") == 3
+        assert [c[1] for c in handle.calls] == ["/a", "/b", "/ping", "/c"]
+        theirs.sendall(b"POST /d HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n")
+        assert conn.step() == _fastpath.GENERAL
+        assert conn.take() == b"POST /d HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n"
+        theirs.shutdown(socket.SHUT_WR)
+        assert conn.step() == _fastpath.GONE
+
+
+def test_an_answer_the_socket_cannot_take_at_once_is_left_to_send():
+    big = b"z" * (8 << 20)
+    conn, ours, theirs, _ = pair(Served(("200 OK", [], big)))
+    with ours, theirs:
+        theirs.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert conn.step() == _fastpath.UNSENT
+        rest = conn.take_unsent()
+        got = read_all(theirs)
+        assert 0 < len(rest) < len(big) and got.endswith(big[: len(got) - got.index(b"\r\n\r\n") - 4])
+        assert len(got) - got.index(b"\r\n\r\n") - 4 + len(rest) == len(big)
+        assert conn.take_unsent() == b""
