@@ -60,6 +60,7 @@ def values(settings: Settings, *, upstream: str, prefix: str | os.PathLike[str])
         "prefix": str(prefix),
         "error_log_level": _NGINX_LEVEL.get(settings.log_level, "warn"),
         "access_log": f"/dev/stdout {fmt} buffer=32k flush=1s" if settings.access_log else "off",
+        "request_id_header": "proxy_set_header X-Request-Id $tafe_request_id;" if settings.access_log else "# (access log off)",
         "listen": address(settings.host, settings.port),
         "upstream": upstream,
         "upstream_keepalive": str(UPSTREAM_KEEPALIVE),
