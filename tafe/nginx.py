@@ -69,6 +69,7 @@ def values(settings: Settings, *, upstream: str, prefix: str | os.PathLike[str])
         "read_timeout": _ms(settings.read_timeout_s),
         "max_body_bytes": str(settings.max_body_bytes),
         "header_buffer": str(max(1024, settings.max_header_bytes)),
+        "client_header_buffer": str(min(16384, max(1024, settings.max_header_bytes))),
         "max_tmax_ms": str(settings.max_tmax_ms),
         "connect_timeout": f"{settings.max_tmax_ms}ms",
         # The deadline plus a second for a GC pause or a burst: past that, 504.

@@ -49,6 +49,7 @@ def test_render_derives_every_limit_from_the_settings(tmp_path: Path):
     logged = nginx.render(Settings(port=9000, access_log=True), upstream="127.0.0.1:7000", prefix=tmp_path)
     assert re.search(r"^\s*proxy_set_header X-Request-Id \$tafe_request_id;", logged, re.M)
     assert re.search(r"^\s*client_max_body_size\s+123456;", text, re.M)
+    assert re.search(r"^\s*client_header_buffer_size\s+16384;", text, re.M)  # a bid's head and body in one read
     # The 502 race: Nginx closes idle upstream connections before TAFE would, and
     # before a draining worker's grace ends.
     upstream_idle = re.search(r"upstream tafe_workers \{.*?keepalive_timeout (\d+)ms;", text, re.S)
