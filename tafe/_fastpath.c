@@ -732,7 +732,9 @@ conn_step(Conn *self, PyObject *Py_UNUSED(ignored))
     args[0] = self->method;
     args[1] = PyDict_GetItemWithError(env, s_PATH_INFO);
     args[2] = env;
+    Py_XINCREF(args[1]); /* ours, whatever handle does to env */
     result = args[1] ? PyObject_Vectorcall(self->handle, args, 3, NULL) : NULL;
+    Py_XDECREF(args[1]);
     Py_DECREF(env);
     if (result == Py_None) {
         Py_DECREF(result);

@@ -307,3 +307,15 @@ def test_an_answer_the_socket_cannot_take_at_once_is_left_to_send():
         assert 0 < len(rest) < len(big) and got.endswith(big[: len(got) - got.index(b"\r\n\r\n") - 4])
         assert len(got) - got.index(b"\r\n\r\n") - 4 + len(rest) == len(big)
         assert conn.take_unsent() == b""
+
+
+def test_handle_may_change_its_environ():
+    def handle(method, path, env):
+        env.clear()  # the path it was given stays valid
+        return "200 OK", [], path.encode()
+
+    conn, ours, theirs, _ = pair(handle)
+    with ours, theirs:
+        theirs.sendall(b"GET /mine HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert conn.step() == _fastpath.DONE
+        assert read_all(theirs).endswith(b"\r\n\r\n/mine")
