@@ -378,7 +378,8 @@ class _Connection:
         read_timeout = settings.read_timeout_s
         # The first request is read even when closing (see __init__), if it comes within
         # the read timeout: a connection opened and left silent is not a keep-alive one.
-        idle_timeout = min(keepalive_timeout, read_timeout)
+        first_timeout = min(keepalive_timeout, read_timeout)
+        served = False
         sleep = gevent.sleep
         while True:
             try:
@@ -386,6 +387,7 @@ class _Connection:
             except Exception:
                 code = self._fast_failed(fast)
             if code == _fastpath.DONE:
+                served = True
                 sleep(0)  # fair turns, as in serve()
             elif code == _fastpath.WAIT:
                 if fast.buffered:  # a request has begun: it must be whole in time
@@ -393,12 +395,13 @@ class _Connection:
                     if timeout <= 0:
                         self._refuse(http.HttpError(408, "request not received in time"))
                         return None
+                elif served:  # between requests: idle
+                    self.idle = True
+                    if server.closing:
+                        return None
+                    timeout = keepalive_timeout
                 else:
-                    if idle_timeout == keepalive_timeout:  # not the first request
-                        self.idle = True
-                        if server.closing:
-                            return None
-                    timeout = idle_timeout
+                    timeout = first_timeout
                 try:
                     wait_read(fd, timeout)
                 except TimeoutError:
@@ -422,6 +425,7 @@ class _Connection:
                     if fast.buffered:
                         self._linger()
                     return None
+                served = True
                 sleep(0)
             elif code == _fastpath.UNSENT:
                 self._settimeout(read_timeout)
@@ -432,6 +436,7 @@ class _Connection:
                 if not fast.keep_alive:
                     code = _fastpath.CLOSE
                 else:
+                    served = True
                     sleep(0)
             if code == _fastpath.CLOSE:
                 if fast.buffered:
@@ -439,7 +444,6 @@ class _Connection:
                 return None
             if code == _fastpath.GONE:
                 return None
-            idle_timeout = keepalive_timeout
 
     def _fast_failed(self, fast: _fastpath.Conn) -> int:
         """A 500 for a request whose ``handle`` raised in the fast path (DONE or CLOSE)."""

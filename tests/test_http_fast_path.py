@@ -127,3 +127,23 @@ def test_requests_handle_leaves_or_cannot_be_read_in_c_do_not_end_the_fast_path(
     assert responses[1].body == b"pong"
     docs = [responses[i].json() for i in (0, 2, 3, 4)]
     assert [d["by"] for d in docs] == ["handle"] * 4 and [d["body"] for d in docs] == ["", "", "ok", "last"]
+
+
+def test_drain_closes_idle_fast_connections_and_still_reads_a_fresh_ones_first_request():
+    # Keep-alive and read timeouts equal: "served a request yet" must not be told from the timeout in use.
+    proc = ServerProcess(TEST_DIRECT="1", TAFE_DRAIN_GRACE_S="0.5", TAFE_READ_TIMEOUT_S="3", TAFE_KEEPALIVE_TIMEOUT_S="3")
+    try:
+        with proc.connect() as idle, proc.connect() as fresh:
+            idle.sendall(b"GET /direct/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert Reader(idle).response().json()["by"] == "handle"
+            proc.proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)  # past the grace: the listener is closed, the drain waits for fresh
+            fresh.sendall(b"GET /direct/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            reader = Reader(fresh)
+            resp = reader.response()
+            assert resp.json()["by"] == "handle" and resp.headers["connection"] == "close" and reader.closed()
+            idle.settimeout(5)
+            assert Reader(idle).closed()
+        assert proc.proc.wait(10) == 0
+    finally:
+        proc.stop()
