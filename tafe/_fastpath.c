@@ -57,7 +57,7 @@ static PyObject *method_str[N_METHODS];
 
 /* Interned names. */
 static PyObject *s_REQUEST_METHOD, *s_PATH_INFO, *s_body, *s_arrival, *s_closing, *s_retiring, *s_lifecycle,
-    *s_draining, *empty_bytes;
+    *s_draining, *s_comma, *empty_bytes;
 static PyObject *status_cache; /* status str -> (code int, status line bytes) */
 
 enum { NEED = 0, NOT_SIMPLE = -1, COMPLETE = 1 };
@@ -403,11 +403,15 @@ make_environ(Conn *self, simple_t *r)
         if (key == NULL || value == NULL)
             goto fail;
         old = PyDict_GetItemWithError(env, key);
-        if (old != NULL) {
-            PyObject *joined = PyUnicode_FromFormat("%U,%U", old, value);
+        if (old != NULL) { /* a repeated header: joined with "," (TypeError if base holds a non-str) */
+            PyObject *joined = PyUnicode_Concat(old, s_comma), *all;
             if (joined == NULL)
                 goto fail;
-            Py_SETREF(value, joined);
+            all = PyUnicode_Concat(joined, value);
+            Py_DECREF(joined);
+            if (all == NULL)
+                goto fail;
+            Py_SETREF(value, all);
         } else if (PyErr_Occurred()) {
             goto fail;
         }
@@ -878,7 +882,7 @@ PyInit__fastpath(void)
         !(s_PATH_INFO = PyUnicode_InternFromString("PATH_INFO")) || !(s_body = PyUnicode_InternFromString("tafe.body")) ||
         !(s_arrival = PyUnicode_InternFromString("tafe.arrival")) || !(s_closing = PyUnicode_InternFromString("closing")) ||
         !(s_retiring = PyUnicode_InternFromString("retiring")) || !(s_lifecycle = PyUnicode_InternFromString("lifecycle")) ||
-        !(s_draining = PyUnicode_InternFromString("draining")) ||
+        !(s_draining = PyUnicode_InternFromString("draining")) || !(s_comma = PyUnicode_InternFromString(",")) ||
         !(empty_bytes = PyBytes_FromStringAndSize(NULL, 0)) || !(status_cache = PyDict_New()))
         return NULL;
     m = PyModule_Create(&module);
