@@ -237,13 +237,13 @@ class KeepAliveClients:
     """Clients behind a load balancer, each on one persistent connection, back to back.
 
     A client honours "Connection: close" by reconnecting, as real clients do, but once
-    the balancer has seen ``/ping`` 503 new connections go to other machines: the client
-    stops instead. A request that gets no answer (EOF, reset, refused) is a failure.
+    the balancer has seen ``/ping`` 503 twice in a row new connections go to other
+    machines: the client stops instead. A request that gets no answer (EOF, reset, refused) is a failure.
     """
 
     def __init__(self, url: str, clients: int = 6) -> None:
         self.parts = urlsplit(url)
-        self.rotated_out_at = 0.0  # when the balancer saw /ping 503
+        self.rotated_out_at = 0.0  # when the balancer saw /ping 503 the second time in a row
         self.answers: list[tuple[float, float, int, str]] = []  # (sent, answered, status, Connection)
         self.failures: list[str] = []
         self._lock = threading.Lock()
@@ -261,9 +261,13 @@ class KeepAliveClients:
             t.join(60)
 
     def _balance(self) -> None:
+        # Two failed checks in a row, 0.1 s apart, as balancers count an unhealthy
+        # threshold: the clients go on sending (and being told to close) meanwhile.
         deadline = time.monotonic() + 30
+        failed = 0
         while not self.rotated_out_at:
-            if request(f"http://{self.parts.netloc}")[0] == 503 or time.monotonic() > deadline:
+            failed = failed + 1 if request(f"http://{self.parts.netloc}")[0] == 503 else 0
+            if failed >= 2 or time.monotonic() > deadline:
                 self.rotated_out_at = time.monotonic()
             time.sleep(0.1)
 
