@@ -21,8 +21,9 @@
  *
  * Costs: no Python between the socket and ``handle`` (tafe.http's reader costs ~5 us a
  * request, its environ and head ~3.5 us, gevent's socket methods a few more).
- * One buffer per connection, grown as a request needs (up to the head and body
- * limits) and given back when it empties after growing past 64 KiB.
+ * One buffer per connection while it reads and answers, grown as a request needs (up
+ * to the head and body limits) and freed whenever the connection waits with nothing
+ * buffered: thousands of idle keep-alive connections hold none.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -36,7 +37,6 @@ enum { DONE = 0, CLOSE = 1, WAIT = 2, GONE = 3, GENERAL = 4, WSGI = 5, UNSENT = 
 
 #define MAX_HEADERS 64
 #define FIRST_CAPACITY 8192
-#define KEEP_CAPACITY 65536
 
 typedef struct {
     const char *name, *value;
@@ -331,11 +331,6 @@ consume(Conn *self, Py_ssize_t n)
         self->arrival = self->last_read; /* pipelined: it came with the last read at the latest */
     } else {
         self->arrival = -1.0;
-        if (self->cap > KEEP_CAPACITY) {
-            PyMem_Free(self->buf);
-            self->buf = NULL;
-            self->cap = 0;
-        }
     }
 }
 
@@ -715,6 +710,11 @@ conn_step(Conn *self, PyObject *Py_UNUSED(ignored))
             return PyLong_FromLong(GENERAL);
         switch (read_some(self)) {
         case -1:
+            if (self->len == 0) { /* idle: an idle connection holds no buffer */
+                PyMem_Free(self->buf);
+                self->buf = NULL;
+                self->cap = 0;
+            }
             return PyLong_FromLong(WAIT);
         case -2:
         case 0:
@@ -776,6 +776,8 @@ conn_take_unsent(Conn *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 conn_get_buffered(Conn *self, void *c) { return PyLong_FromSsize_t(self->len); }
 static PyObject *
+conn_get_capacity(Conn *self, void *c) { return PyLong_FromSsize_t(self->cap); }
+static PyObject *
 conn_get_arrival(Conn *self, void *c) { return PyFloat_FromDouble(self->arrival); }
 static PyObject *
 conn_get_request_end(Conn *self, void *c) { return PyLong_FromSsize_t(self->request_end); }
@@ -794,6 +796,7 @@ conn_get_status(Conn *self, void *c) { return Py_NewRef(self->status ? self->sta
 
 static PyGetSetDef conn_getset[] = {
     {"buffered", (getter)conn_get_buffered, NULL, "Bytes read and not yet served.", NULL},
+    {"capacity", (getter)conn_get_capacity, NULL, "Bytes of buffer held (0 while idle).", NULL},
     {"arrival", (getter)conn_get_arrival, NULL, "Monotonic time the buffered request began to arrive (-1: none).", NULL},
     {"request_end", (getter)conn_get_request_end, NULL, "Length of the last request parsed (WSGI: its bytes).", NULL},
     {"keep_alive", (getter)conn_get_keep_alive, NULL, "Whether the connection stays open after the last request.", NULL},

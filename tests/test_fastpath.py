@@ -331,3 +331,16 @@ def test_repeated_headers_join_as_tafe_http_joins_them_even_over_the_base():
         assert handle.calls[0][2]["HTTP_X_A"] == "base,1,2"
         with pytest.raises(TypeError):  # as tafe.http's ``env[key] + "," + text`` would
             conn.step()
+
+
+def test_an_idle_connection_holds_no_buffer():
+    conn, ours, theirs, _ = pair(Served())
+    with ours, theirs:
+        theirs.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\nGET /y HTTP/1.1")
+        assert conn.step() == _fastpath.DONE and conn.capacity > 0  # /y has begun: kept
+        assert conn.step() == _fastpath.WAIT and conn.capacity > 0 and conn.buffered == 15
+        theirs.sendall(b"\r\nHost: a\r\n\r\n")
+        assert conn.step() == _fastpath.DONE
+        assert conn.step() == _fastpath.WAIT and conn.capacity == 0 and conn.buffered == 0
+        theirs.sendall(b"GET /z HTTP/1.1\r\nHost: a\r\n\r\n")  # and reads again after
+        assert conn.step() == _fastpath.DONE and read_all(theirs).count(b"200 OK") == 3
