@@ -6,7 +6,8 @@ Layout (one obvious place per concern):
 - ``tafe.cqs``       customer quality score: model files, user-state store, hot swap, training.
 - ``tafe.handlers``  thin WSGI layer over the core: bid, notices, ping, metrics, debug.
 - ``tafe.http``      HTTP/1.1 rules as a pure state machine over httptools (no sockets).
-- ``tafe.server``    the gevent shell: listener, connection loop, draining.
+- ``tafe.server``    the gevent shell: listeners, draining.
+- ``tafe.connection`` one connection's read loops (Python, and C for the usual request) and answers.
 - ``tafe.master``    pre-fork master: spawns, restarts and rolls workers.
 - ``tafe.profiler``  greenlet blocking profiler; imports nothing else from tafe.
 - ``tafe.settings``  the one frozen Settings object.

@@ -1,5 +1,5 @@
 /* The server's hot loop for the usual request, in C: read, parse, build the fast
- * path's environ, call the app's ``handle``, frame the answer, send. ``tafe.server``
+ * path's environ, call the app's ``handle``, frame the answer, send. ``tafe.connection``
  * runs it per connection and keeps everything else in Python: waiting (gevent),
  * timeouts, draining decisions, refusals, the WSGI path, logs.
  *
@@ -32,7 +32,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-/* step() results; tafe/_fastpath.pyi and tafe.server use the same numbers. */
+/* step() results; tafe/_fastpath.pyi and tafe.connection use the same numbers. */
 enum { DONE = 0, CLOSE = 1, WAIT = 2, GONE = 3, GENERAL = 4, WSGI = 5, UNSENT = 6 };
 
 #define MAX_HEADERS 64
@@ -866,7 +866,7 @@ static PyMethodDef module_methods[] = {
     {NULL}};
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "tafe._fastpath", "The server's hot loop for the usual request, in C (see tafe.server).", -1,
+    PyModuleDef_HEAD_INIT, "tafe._fastpath", "The server's hot loop for the usual request, in C (see tafe.connection).", -1,
     module_methods,
 };
 
