@@ -56,8 +56,7 @@ static const char *const METHODS[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "O
 static PyObject *method_str[N_METHODS];
 
 /* Interned names. */
-static PyObject *s_REQUEST_METHOD, *s_PATH_INFO, *s_body, *s_arrival, *s_closing, *s_retiring, *s_lifecycle,
-    *s_draining, *s_comma, *empty_bytes;
+static PyObject *s_REQUEST_METHOD, *s_PATH_INFO, *s_body, *s_arrival, *s_says_close, *s_comma, *empty_bytes;
 static PyObject *status_cache; /* status str -> (code int, status line bytes) */
 
 enum { NEED = 0, NOT_SIMPLE = -1, COMPLETE = 1 };
@@ -542,24 +541,6 @@ attr_true(PyObject *obj, PyObject *name)
     return t;
 }
 
-/* server.closing or server.retiring or server.lifecycle.draining: -1 on error. */
-static int
-server_closing(PyObject *server)
-{
-    PyObject *lifecycle;
-    int t = attr_true(server, s_closing);
-    if (t == 0)
-        t = attr_true(server, s_retiring);
-    if (t != 0)
-        return t;
-    lifecycle = PyObject_GetAttr(server, s_lifecycle);
-    if (lifecycle == NULL)
-        return -1;
-    t = attr_true(lifecycle, s_draining);
-    Py_DECREF(lifecycle);
-    return t;
-}
-
 /* Frame and send handle's answer; the step() code, or -1 with an exception set. */
 static int
 answer(Conn *self, simple_t *r, PyObject *result)
@@ -636,7 +617,7 @@ answer(Conn *self, simple_t *r, PyObject *result)
     }
     /* Decided after the app ran, not at arrival: a request in flight when draining
      * began still tells its client to go elsewhere next time. */
-    closing = r->keep_alive ? server_closing(self->server) : 1;
+    closing = r->keep_alive ? attr_true(self->server, s_says_close) : 1;
     if (closing < 0)
         goto done;
     self->keep_alive = !closing;
@@ -817,7 +798,7 @@ static PyTypeObject ConnType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tafe._fastpath.Conn",
     .tp_basicsize = sizeof(Conn),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Conn(fd, handle, base, server, max_head, max_body): one connection's fast path.",
+    .tp_doc = "Conn(fd, handle, base, server, max_head, max_body): one connection's fast path; server.says_close is read after each answer.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)conn_init,
     .tp_dealloc = (destructor)conn_dealloc,
@@ -883,9 +864,7 @@ PyInit__fastpath(void)
             return NULL;
     if (!(s_REQUEST_METHOD = PyUnicode_InternFromString("REQUEST_METHOD")) ||
         !(s_PATH_INFO = PyUnicode_InternFromString("PATH_INFO")) || !(s_body = PyUnicode_InternFromString("tafe.body")) ||
-        !(s_arrival = PyUnicode_InternFromString("tafe.arrival")) || !(s_closing = PyUnicode_InternFromString("closing")) ||
-        !(s_retiring = PyUnicode_InternFromString("retiring")) || !(s_lifecycle = PyUnicode_InternFromString("lifecycle")) ||
-        !(s_draining = PyUnicode_InternFromString("draining")) || !(s_comma = PyUnicode_InternFromString(",")) ||
+        !(s_arrival = PyUnicode_InternFromString("tafe.arrival")) || !(s_says_close = PyUnicode_InternFromString("says_close")) || !(s_comma = PyUnicode_InternFromString(",")) ||
         !(empty_bytes = PyBytes_FromStringAndSize(NULL, 0)) || !(status_cache = PyDict_New()))
         return NULL;
     m = PyModule_Create(&module);

@@ -42,8 +42,16 @@ __all__ = ["Connection"]
 _RECV = 64 * 1024
 _LINGER_S = 2.0  # longest time spent draining a refused client before closing
 _TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+_INTERNAL_ERROR = "500 Internal Server Error"
+_INTERNAL_ERROR_BODY = b"internal server error\n"
 _monotonic = time.monotonic
 _time = time.time
+
+
+def _internal_error(keep_alive: bool, http11: bool) -> tuple[bytes, bytes]:
+    """Head and body of the 500 for an app's ``handle`` that raised (the fast paths)."""
+    head, _ = http.direct_head(_INTERNAL_ERROR, _TEXT, len(_INTERNAL_ERROR_BODY), keep_alive, http11, _time())
+    return head, _INTERNAL_ERROR_BODY
 
 
 class Connection:
@@ -271,9 +279,8 @@ class Connection:
         """A 500 for a request whose ``handle`` raised in the fast path (DONE or CLOSE)."""
         server = self.server
         log.exception("%s: app failed on %s %r", server.name, fast.method, fast.target)
-        body = b"internal server error\n"
-        keep_alive = fast.keep_alive and not (server.closing or server.retiring or server.lifecycle.draining)
-        head, _ = http.direct_head("500 Internal Server Error", _TEXT, len(body), keep_alive, fast.http11, _time())
+        keep_alive = fast.keep_alive and not server.says_close
+        head, body = _internal_error(keep_alive, fast.http11)
         try:
             self.sendall(head if fast.method == "HEAD" else head + body)
         except OSError:
@@ -327,7 +334,7 @@ class Connection:
         server = self.server
         # Decided now, not at arrival: a request in flight when draining began
         # still tells its client to go elsewhere next time.
-        keep_alive = self.keep_alive and not (server.closing or server.retiring or server.lifecycle.draining)
+        keep_alive = self.keep_alive and not server.says_close
         head, framing, keep_alive = http.response_head(
             self.status, self.headers, body_length, keep_alive, self.http11, _time()
         )
@@ -414,9 +421,9 @@ class Connection:
                     return False  # half a response is out: closing is the only honest end
                 self.status = None
                 self.headers = [("Content-Type", "text/plain; charset=utf-8")]
-                self.start_response("500 Internal Server Error", self.headers)
+                self.start_response(_INTERNAL_ERROR, self.headers)
                 try:
-                    self._send_whole(b"internal server error\n")
+                    self._send_whole(_INTERNAL_ERROR_BODY)
                 except OSError:
                     return False
             if server.settings.access_log:
@@ -442,13 +449,12 @@ class Connection:
                     served = False
                     return self._respond(request)
                 status, headers, body = answer
-                keep_alive = request.keep_alive and not (server.closing or server.retiring or server.lifecycle.draining)
+                keep_alive = request.keep_alive and not server.says_close
                 head, has_body = http.direct_head(status, headers, len(body), keep_alive, request.http11, _time())
             except Exception:
                 log.exception("%s: app failed on %s %r", server.name, request.method, request.target)
-                status, body = "500 Internal Server Error", b"internal server error\n"
-                keep_alive = request.keep_alive and not (server.closing or server.retiring or server.lifecycle.draining)
-                head, has_body = http.direct_head(status, _TEXT, len(body), keep_alive, request.http11, _time())
+                keep_alive = request.keep_alive and not server.says_close
+                (head, body), status, has_body = _internal_error(keep_alive, request.http11), _INTERNAL_ERROR, True
             self.status = status
             self.bytes_out = len(body) if has_body and request.method != "HEAD" else 0
             try:

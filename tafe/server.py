@@ -160,6 +160,13 @@ class Server:
         if not self._stream.closed:
             self._stream.close()
 
+    @property
+    def says_close(self) -> bool:
+        """Whether answers now say ``Connection: close``: from a drain (SIGTERM), a
+        replacement (SIGUSR2) or the listener closing on. Read after the app ran, not at
+        arrival, so a request in flight when it began still tells its client."""
+        return self.closing or self.retiring or self.lifecycle.draining
+
     def busy(self) -> bool:
         # A connection accepted just before the listener closed may have its greenlet
         # spawned but not yet started (so not in self.connections): it counts as busy,
