@@ -65,8 +65,10 @@ MAX_BACKOFF_S = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
-def child_preexec(sig: int) -> Callable[[], None]:
-    """A ``preexec_fn`` asking the kernel to send ``sig`` to the child if we die."""
+def child_preexec(sig: int, *, batch: bool = False) -> Callable[[], None]:
+    """A ``preexec_fn`` asking the kernel to send ``sig`` to the child if we die, and
+    with ``batch`` to schedule it (and what it forks) as ``SCHED_BATCH``: woken, it
+    waits for the running task to wait or use up its slice instead of preempting it."""
 
     def preexec() -> None:
         try:
@@ -75,6 +77,11 @@ def child_preexec(sig: int) -> Callable[[], None]:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
         except (OSError, AttributeError):  # not Linux: no such safety net, nothing else changes
             pass
+        if batch:
+            try:
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+            except (OSError, AttributeError):  # not Linux: the default policy, nothing else changes
+                pass
 
     return preexec
 

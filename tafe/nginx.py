@@ -168,9 +168,10 @@ def holds_listener(pid: int, port: int) -> bool:
 class Nginx:
     """One Nginx master (and its workers) as a foreground child, with its own prefix."""
 
-    def __init__(self, binary: str, prefix: str | os.PathLike[str]) -> None:
+    def __init__(self, binary: str, prefix: str | os.PathLike[str], *, batch: bool = True) -> None:
         self.binary = binary
         self.prefix = Path(prefix)
+        self.batch = batch  # SCHED_BATCH: see start()
         self.conf = self.prefix / "nginx.conf"
         # While this file exists every answer closes its connection (the template's
         # file test): how a drain tells clients to go, with no reload.
@@ -200,12 +201,27 @@ class Nginx:
         candidate.replace(self.conf)
 
     def start(self, config: str, wait_for: tuple[str, int] | None = None, timeout: float = 10.0) -> subprocess.Popen[bytes]:
-        """Start Nginx and wait until ``wait_for`` (host, port) accepts connections; its process."""
+        """Start Nginx and wait until ``wait_for`` (host, port) accepts connections; its process.
+
+        With ``batch`` (the ``nginx_batch`` setting) Nginx runs as ``SCHED_BATCH``, and
+        its workers inherit it, also across reloads. Otherwise every wake-up of an
+        Nginx worker (a bid arriving, or TAFE's answer to forward) preempts the TAFE
+        worker on that core in the middle of a bid: about two context switches per
+        request where TAFE and Nginx share a core. A woken batch task runs when the
+        TAFE worker waits for the network, or at the next scheduler tick if that worker
+        is busy longer than its slice, and then handles everything that came in
+        meanwhile in one wake-up; on an idle core it runs at once. The cost: a bid and
+        its answer may wait in Nginx while the worker finishes the bids in hand (about
+        1 ms more at the median on a half-busy shared core, no worse at p99), bounded
+        by the tick (4 ms at HZ=250), well inside the ``network_margin_ms`` that TAFE
+        keeps back from ``tmax``. Measured in ``benchmarks/RESULTS.md`` (the Nginx hop).
+        """
         from tafe.master import child_preexec
 
         self.write(config)
         self.drain_flag.unlink(missing_ok=True)  # left by a run that was killed
-        proc = self.proc = subprocess.Popen(self._cmd(), process_group=0, preexec_fn=child_preexec(signal.SIGQUIT))
+        preexec = child_preexec(signal.SIGQUIT, batch=self.batch)
+        proc = self.proc = subprocess.Popen(self._cmd(), process_group=0, preexec_fn=preexec)
         log.info("nginx started (pid %d, prefix %s)", proc.pid, self.prefix)
         if wait_for is not None:
             self._wait_listening(proc, wait_for, timeout)
@@ -323,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     from tafe.master import SignalQueue
 
-    nginx = Nginx(binary, prefix)
+    nginx = Nginx(binary, prefix, batch=settings.nginx_batch)
     signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD))
     try:
         nginx.start(render(settings, upstream=args.upstream, prefix=prefix), wait_for=(settings.host, settings.port))

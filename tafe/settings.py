@@ -143,6 +143,13 @@ class Settings:
 
     # --- nginx (tafe up) ---------------------------------------------------------------------
     nginx: str = _opt("nginx", "the nginx binary used by 'tafe up' and 'tafe nginx run'", commands=("up", "nginx"))
+    nginx_batch: bool = _opt(
+        True,
+        "run Nginx as a SCHED_BATCH task, so that its wake-ups never preempt a worker mid-bid: less CPU per proxied"
+        " request where both share a core, for about 1 ms more median latency (benchmarks/RESULTS.md, the Nginx hop);"
+        " read when Nginx starts",
+        commands=("up", "nginx"),
+    )
     run_dir: str = _opt("", "directory for runtime files (pre-forked workers' metrics, nginx prefix); empty: a temporary one")
 
     def __post_init__(self) -> None:

@@ -118,7 +118,7 @@ class Node:
         except BaseException:  # a start-up mistake leaves no run directory behind
             self._remove_run_dir()
             raise
-        self.nginx = nginx.Nginx(binary, self.run_dir / "nginx")
+        self.nginx = nginx.Nginx(binary, self.run_dir / "nginx", batch=self.settings.nginx_batch)
         self.stopping = False
         self._quit_sent = False
         self._nginx_quit_at = 0.0

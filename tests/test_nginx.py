@@ -213,6 +213,8 @@ def test_nginx_run_proxies_reloads_and_stops(tmp_path: Path, echo: str):
             time.sleep(0.1)
         tree = {nginx_pid} | children(nginx_pid)
         assert len(tree) >= 2
+        # The workers forked by the reload are batch tasks too (tafe.nginx.Nginx.start).
+        assert {os.sched_getscheduler(p) for p in tree} == {os.SCHED_BATCH}
         assert proc.stop(signal.SIGTERM) == 0
         assert not [p for p in tree if alive(p)]
     finally:
@@ -237,3 +239,20 @@ def test_nginx_start_fails_when_another_process_holds_the_port(tmp_path: Path):
                 ngx.start(nginx.render(s, upstream="127.0.0.1:9", prefix=tmp_path), wait_for=("127.0.0.1", port))
         finally:
             ngx.stop()
+
+
+@pytest.mark.nginx
+@needs_nginx
+@pytest.mark.parametrize("batch", [True, False])
+def test_nginx_batch_setting_chooses_the_scheduling_policy_of_master_and_workers(tmp_path: Path, batch: bool):
+    s = Settings(port=free_port(), nginx_batch=batch)
+    ngx = nginx.Nginx(nginx.find_binary(s), tmp_path, batch=s.nginx_batch)
+    try:
+        proc = ngx.start(nginx.render(s, upstream="127.0.0.1:9", prefix=tmp_path), wait_for=("127.0.0.1", s.port))
+        deadline = time.monotonic() + 10
+        while len(tree := {proc.pid} | children(proc.pid)) < 2:  # the master forks its workers after listening
+            assert time.monotonic() < deadline, "nginx started no worker"
+            time.sleep(0.05)
+        assert {os.sched_getscheduler(p) for p in tree} == {os.SCHED_BATCH if batch else os.SCHED_OTHER}
+    finally:
+        ngx.stop()

@@ -94,6 +94,15 @@ def test_bid_through_nginx_is_the_workers_answer_and_admin_is_not_public(node):
     assert request(node.admin_url, path="/metrics")[0] == 200
 
 
+def test_nginx_runs_as_a_batch_task_and_the_workers_do_not(node):
+    """A woken Nginx worker must not preempt a TAFE worker mid-bid (tafe.nginx.Nginx.start)."""
+    nginx = {node.nginx_pid} | children(node.nginx_pid)
+    assert len(nginx) >= 2  # the master and at least one worker
+    assert {os.sched_getscheduler(p) for p in nginx} == {os.SCHED_BATCH}
+    assert len(node.workers()) == 2
+    assert {os.sched_getscheduler(p) for p in node.workers() | {node.proc.pid}} == {os.SCHED_OTHER}
+
+
 def test_request_id_reaches_tafe_and_both_logs(node):
     mark = len(node.proc.lines)
     assert request(node.url, "POST", "/openrtb2/bid", BID, {"Content-Type": "application/json"})[0] == 200
