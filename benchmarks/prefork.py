@@ -21,6 +21,7 @@ import http.client
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 BID = common.ROOT / "tafe" / "data" / "demo-request.json"
-UP_RE = re.compile(r"up: public (http://[\d.]+:\d+) via nginx .*workers on http://([\d.]+):(\d+) .*admin http://([\d.]+):(\d+)")
+UP_RE = re.compile(r"up: public (http://[\d.]+:\d+) via nginx .*workers on unix:(\S+) .*admin http://([\d.]+):(\d+)")
 WRK_LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -81,8 +82,20 @@ def stamp(line: str) -> float:
     return time.mktime(time.strptime(f"{day} {hms}", "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000.0
 
 
-def get_latencies(host: str, port: int, path: str, seconds: float) -> list[float]:
-    conn = http.client.HTTPConnection(host, port, timeout=10)
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the workers' unix socket (their listener behind Nginx)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("tafe-workers", timeout=10)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+def get_latencies(conn: http.client.HTTPConnection, path: str, seconds: float) -> list[float]:
     out = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -117,7 +130,7 @@ def main() -> int:
     rows = []
     try:
         _, m = wait_line(log, UP_RE.pattern, 0, 60)
-        url, whost, wport, ahost, aport = m.group(1), m.group(2), int(m.group(3)), m.group(4), int(m.group(5))
+        url, workers, ahost, aport = m.group(1), m.group(2), m.group(3), int(m.group(4))
         base = wrk(url, args.duration, script)
         rows.append(["steady", base["requests"], f"{base['rate']:.0f}", base["p99"], base["non2xx"], base["socket_errors"], ""])
 
@@ -148,17 +161,17 @@ def main() -> int:
         rows.append(["kill -9 one worker", k["requests"], f"{k['rate']:.0f}", k["p99"], k["non2xx"], k["socket_errors"],
                      f"replacement started {kill.after * 1000:.0f} ms after the kill"])  # fmt: skip
 
-        scrape = get_latencies(ahost, aport, "/metrics", 5.0)
-        quiet = get_latencies(whost, wport, "/ping", 5.0)
+        scrape = get_latencies(http.client.HTTPConnection(ahost, aport, timeout=10), "/metrics", 5.0)
+        quiet = get_latencies(UnixHTTPConnection(workers), "/ping", 5.0)
         stop = threading.Event()
 
         def scraper() -> None:
             while not stop.is_set():
-                get_latencies(ahost, aport, "/metrics", 0.5)
+                get_latencies(http.client.HTTPConnection(ahost, aport, timeout=10), "/metrics", 0.5)
 
         t = threading.Thread(target=scraper)
         t.start()
-        busy = get_latencies(whost, wport, "/ping", 5.0)
+        busy = get_latencies(UnixHTTPConnection(workers), "/ping", 5.0)
         stop.set()
         t.join()
     finally:

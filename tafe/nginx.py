@@ -211,10 +211,11 @@ class Nginx:
         TAFE worker waits for the network, or at the next scheduler tick if that worker
         is busy longer than its slice, and then handles everything that came in
         meanwhile in one wake-up; on an idle core it runs at once. The cost: a bid and
-        its answer may wait in Nginx while the worker finishes the bids in hand (about
-        1 ms more at the median on a half-busy shared core, no worse at p99), bounded
-        by the tick (4 ms at HZ=250), well inside the ``network_margin_ms`` that TAFE
-        keeps back from ``tmax``. Measured in ``benchmarks/RESULTS.md`` (the Nginx hop).
+        its answer may wait in Nginx while the worker finishes the bids in hand (a few
+        tenths of a millisecond more at the median on a busy shared core, no worse at
+        p99), bounded by the tick (4 ms at HZ=250), well inside the ``network_margin_ms``
+        that TAFE keeps back from ``tmax``. Measured in ``benchmarks/RESULTS.md`` (the
+        Nginx hop).
         """
         from tafe.master import child_preexec
 

@@ -189,9 +189,8 @@ def _announce(servers: list[Server], apps: object, curl: bool = True) -> None:
     # The curl comes first: whoever waits for "listening on" then has both lines.
     (log.info if curl else log.debug)("try: %s", demo_curl(host, port))
     log.info(
-        "listening on http://%s:%d%s",
-        host,
-        port,
-        "".join(f" ({s.name} http://{s.address[0]}:{s.address[1]})" for s in servers[1:]),
+        "listening on %s%s",
+        servers[0].url,
+        "".join(f" ({s.name} {s.url})" for s in servers[1:]),
         extra={"fields": dict(getattr(versions, "versions", {}))},  # model=..., store=... as their own keys
     )

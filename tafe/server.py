@@ -146,7 +146,13 @@ class Server:
         self.direct_base = {k: self.base_environ[k] for k in ("SERVER_NAME", "SERVER_PORT", "wsgi.url_scheme")}
 
     def __repr__(self) -> str:
-        return f"<Server {self.name} {self.address[0]}:{self.address[1]}>"
+        return f"<Server {self.name} {self.url}>"
+
+    @property
+    def url(self) -> str:
+        """Where it listens, for logs: http://host:port, or unix:path (behind Nginx)."""
+        host, port = self.address
+        return f"http://{host}:{port}" if self._tcp else f"unix:{host}"
 
     def start(self) -> None:
         """Begin accepting in the background."""

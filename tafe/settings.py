@@ -146,7 +146,7 @@ class Settings:
     nginx_batch: bool = _opt(
         True,
         "run Nginx as a SCHED_BATCH task, so that its wake-ups never preempt a worker mid-bid: less CPU per proxied"
-        " request where both share a core, for about 1 ms more median latency (benchmarks/RESULTS.md, the Nginx hop);"
+        " request where both share a core, for a few tenths of a ms more median latency (benchmarks/RESULTS.md, the Nginx hop);"
         " read when Nginx starts",
         commands=("up", "nginx"),
     )

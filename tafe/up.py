@@ -2,8 +2,9 @@
 
 Nginx (the Debian package's binary, run as a child with its own prefix under the run
 directory) listens on the public ``--port`` and proxies to the workers, which share a
-loopback listener held by the master; the admin listener (``/metrics``, ``/debug/*``)
-is the workers' own, on ``--admin-port``, never behind Nginx.
+unix socket held by the master (``workers.sock`` in the run directory: no TCP/IP stack
+on the hop); the admin listener (``/metrics``, ``/debug/*``) is the workers' own, on
+``--admin-port``, never behind Nginx.
 
 Signals, in an order that drops nothing:
 
@@ -28,13 +29,15 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from tafe import logs, nginx
 from tafe.core import load_campaigns
 from tafe.exchanges import load as load_exchanges
-from tafe.master import Master, bind, describe_exit, run_directory
+from tafe.master import UNIX_PATH_MAX, Master, bind, describe_exit, run_directory
 from tafe.settings import Settings, demo_curl
 
 log = logging.getLogger("tafe.up")
@@ -44,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     from tafe.cli import add_settings_options
 
     parser.epilog = (
-        "Nginx serves --host/--port and proxies to the workers on a loopback port; the admin listener is "
+        "Nginx serves --host/--port and proxies to the workers on a unix socket in the run directory; the admin listener is "
         "--admin-host/--admin-port. SIGTERM or Ctrl-C drains and stops everything; SIGHUP re-reads the "
         "settings, rolls the workers one by one and reloads Nginx."
     )
@@ -111,10 +114,12 @@ class Node:
         self.run_dir = run_directory(settings.run_dir, prefix="tafe-up-")
         if os.geteuid() == 0:
             os.chmod(self.run_dir, 0o755)  # Nginx's workers run as "nobody" under root
+        self._tcp_why = ""
         try:
             self.master = Master(
-                settings, reload=reload, listen=("127.0.0.1", 0), worker_overrides=self._overrides(settings), run_dir=self.run_dir
-            )
+                settings, reload=reload, listen=self._workers_listen(), worker_overrides=self._overrides(settings),
+                run_dir=self.run_dir,
+            )  # fmt: skip
         except BaseException:  # a start-up mistake leaves no run directory behind
             self._remove_run_dir()
             raise
@@ -125,14 +130,28 @@ class Node:
         self._deadline = 0.0
         self.exit_code = 0
 
+    def _workers_listen(self) -> Path | tuple[str, int]:
+        """Where the workers listen for Nginx: a unix socket in the run directory
+        (``master.bind_unix``), else loopback TCP, when the path is too long for a unix
+        socket or Nginx's workers could not reach it: under root they run as "nobody",
+        which every directory above must let through."""
+        path = self.run_dir / "workers.sock"
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            why = f"is longer than a unix socket's path may be ({UNIX_PATH_MAX} bytes)"
+        elif os.geteuid() == 0 and not all(parent.stat().st_mode & stat.S_IXOTH for parent in path.parents):
+            why = "is out of reach of nginx's workers (user nobody)"
+        else:
+            return path
+        self._tcp_why = f"{path} {why}: the workers listen on loopback TCP instead"  # logged once up
+        return ("127.0.0.1", 0)
+
     @staticmethod
     def _overrides(settings: Settings) -> dict[str, float]:
         # The workers keep accepting until a quitting Nginx no longer needs them.
         return {"drain_grace_s": settings.drain_grace_s + nginx_budget_s(settings)}
 
     def _config(self, settings: Settings) -> str:
-        host, port = self.master.address
-        return nginx.render(settings, upstream=nginx.address(host, port), prefix=self.nginx.prefix)
+        return nginx.render(settings, upstream=self.master.url.removeprefix("http://"), prefix=self.nginx.prefix)
 
     def run(self) -> int:
         try:
@@ -167,10 +186,12 @@ class Node:
             return
         admin = self.master.admin_address
         log.info(
-            "up: public http://%s via nginx (pid %d); workers on http://%s (pids %s)%s",
-            nginx.address(s.host, s.port), proc.pid, nginx.address(*self.master.address),
+            "up: public http://%s via nginx (pid %d); workers on %s (pids %s)%s",
+            nginx.address(s.host, s.port), proc.pid, self.master.url,
             " ".join(map(str, self.master.serving_pids())), f"; admin http://{nginx.address(*admin)}" if admin else "",
         )  # fmt: skip
+        if self._tcp_why:
+            log.info("%s", self._tcp_why)
         log.info("try: %s", demo_curl(s.host, s.port))
 
     def _handle(self, signums: list[int]) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -101,9 +102,29 @@ def alive(pid: int) -> bool:
         return False
 
 
+UNIX_HOST = "tafe-workers"  # the Host sent over a unix socket, where there is no host:port
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket: the workers' listener behind Nginx in ``tafe up``."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__(UNIX_HOST, timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
 def request(url: str, method: str = "GET", path: str = "/ping", body: bytes | None = None, headers: dict | None = None):
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    """One request to ``url``: http://host:port, or unix:PATH."""
+    if url.startswith("unix:"):
+        conn: http.client.HTTPConnection = UnixHTTPConnection(url.removeprefix("unix:"), timeout=10)
+    else:
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()

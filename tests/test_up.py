@@ -11,17 +11,21 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from conftest import stop_process
-from test_master import BID, ROOT, Load, Proc, alive, bid, children, request, scrape, scrape_until
+from test_master import BID, ROOT, UNIX_HOST, Load, Proc, alive, bid, children, request, scrape, scrape_until
 
 from tafe import nginx as nginx_mod
 from tafe.settings import Settings
@@ -32,7 +36,7 @@ pytestmark = [
 ]
 
 UP_RE = (
-    r"up: public (http://[\d.]+:\d+) via nginx \(pid (\d+)\); workers on (http://[\d.]+:\d+) \(pids ([\d ]+)\)"
+    r"up: public (http://[\d.]+:\d+) via nginx \(pid (\d+)\); workers on (unix:/\S+|http://[\d.]+:\d+) \(pids ([\d ]+)\)"
     r"; admin (http://[\d.]+:\d+)"
 )
 
@@ -84,7 +88,8 @@ def test_bid_through_nginx_is_the_workers_answer_and_admin_is_not_public(node):
     direct = _answer(*bid(node.worker_url)[::2])
     proxied = _answer(*bid(node.url)[::2])
     # The notice URLs point at the address each was asked on: the public one through Nginx.
-    public, internal = node.url.removeprefix("http://"), node.worker_url.removeprefix("http://")
+    assert node.worker_url.startswith("unix:")  # a temporary run directory: Nginx reaches the workers' socket
+    public, internal = node.url.removeprefix("http://"), UNIX_HOST
     assert public in json.dumps(proxied) and internal not in json.dumps(proxied)
     proxied = tuple(json.loads(json.dumps(proxied).replace(public, internal)))
     assert proxied == direct and direct[0] == 200 and direct[1]["seatbid"]
@@ -161,6 +166,14 @@ def test_port_0_and_a_new_run_dir(tmp_path):
     try:
         assert not node.url.endswith(":0") and bid(node.url)[0] == 200
         assert (run_dir / "nginx").is_dir()
+        # Under root Nginx's workers run as nobody, which pytest's private tmp_path keeps out:
+        # the workers then listen on loopback TCP; otherwise on a socket in the run directory.
+        if os.geteuid() == 0:
+            assert node.worker_url.startswith("http://127.0.0.1:") and not (run_dir / "workers.sock").exists()
+            assert node.proc.wait_for("is out of reach of nginx's workers \\(user nobody\\): the workers listen on loopback TCP")
+        else:
+            assert node.worker_url == f"unix:{run_dir / 'workers.sock'}"
+        assert request(node.worker_url)[0] == 200
         mark = len(node.proc.lines)
         os.kill(node.proc.pid, signal.SIGHUP)
         node.proc.wait_for("rolling restart done", start=mark, timeout=60)
@@ -169,6 +182,7 @@ def test_port_0_and_a_new_run_dir(tmp_path):
     finally:
         node.proc.stop()
     assert run_dir.is_dir()  # the user's: left in place
+    assert not (run_dir / "workers.sock").exists()
 
 
 @pytest.mark.parametrize("command", [["up"], ["serve", "--workers", "2"]], ids=["up", "serve-prefork"])
@@ -374,3 +388,36 @@ def test_access_logs_to_a_file_opened_without_append_keep_every_line(tmp_path):
     from_tafe = re.findall(r'tafe\.access.*"POST /openrtb2/bid" 200', text)
     assert (len(from_nginx), len(from_tafe)) == (sent, sent)
     assert "\x00" not in text and re.search(r"worker \d \(pid \d+\) exited with code 0 after draining", text)
+
+
+def test_a_run_dir_nginx_can_reach_gets_the_workers_socket_and_a_stale_one_is_replaced():
+    run_dir = Path(tempfile.mkdtemp(prefix="tafe-up-test-"))  # /tmp and this: searchable by nobody too
+    os.chmod(run_dir, 0o755)
+    try:
+        (run_dir / "workers.sock").write_text("left by a run that was killed")
+        node = Node("--run-dir", str(run_dir))
+        try:
+            assert node.worker_url == f"unix:{run_dir / 'workers.sock'}"
+            assert stat.S_ISSOCK((run_dir / "workers.sock").stat().st_mode)
+            assert bid(node.url)[0] == 200 and request(node.worker_url)[0] == 200
+        finally:
+            node.proc.stop()
+        assert not (run_dir / "workers.sock").exists()
+    finally:
+        shutil.rmtree(run_dir)
+
+
+def test_a_run_dir_too_long_for_a_unix_socket_gets_the_workers_on_loopback_tcp():
+    top = Path(tempfile.mkdtemp(prefix="tafe-up-test-"))
+    os.chmod(top, 0o755)
+    run_dir = top / ("d" * (110 - len(str(top))))  # reachable, but workers.sock would be too long
+    try:
+        node = Node("--run-dir", str(run_dir))
+        try:
+            assert node.worker_url.startswith("http://127.0.0.1:")
+            assert node.proc.wait_for(r"workers\.sock is longer than a unix socket's path may be \(107 bytes\)")
+            assert bid(node.url)[0] == 200 and request(node.worker_url)[0] == 200
+        finally:
+            node.proc.stop()
+    finally:
+        shutil.rmtree(top)
