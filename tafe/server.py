@@ -130,9 +130,12 @@ class Server:
             self._stream.max_accept = 1  # share new connections fairly between workers
         self._ids = itertools.count(1)
         self._id_prefix = ""
+        # A unix socket (behind Nginx) has no host or port, which CGI still wants: this
+        # machine, and the scheme's default port.
+        server_name, server_port = self.address if self._tcp else ("localhost", 80)
         self.base_environ = {
-            "SERVER_NAME": self.address[0],
-            "SERVER_PORT": str(self.address[1]),
+            "SERVER_NAME": server_name,
+            "SERVER_PORT": str(server_port),
             "SCRIPT_NAME": "",
             "SERVER_SOFTWARE": "tafe",
             "wsgi.version": (1, 0),

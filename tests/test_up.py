@@ -99,6 +99,14 @@ def test_bid_through_nginx_is_the_workers_answer_and_admin_is_not_public(node):
     assert request(node.admin_url, path="/metrics")[0] == 200
 
 
+def test_a_host_tafe_cannot_use_gets_notice_urls_on_this_machine_not_the_workers_socket(node):
+    # Nginx passes "bad_host" on; TAFE's notice URLs fall back to SERVER_NAME and SERVER_PORT,
+    # which on the workers' unix socket name this machine, never the socket's path.
+    status, _, body = bid(node.url, Host="bad_host")
+    nurl = json.loads(body)["seatbid"][0]["bid"][0]["nurl"]
+    assert status == 200 and nurl.startswith("http://localhost:80/"), nurl
+
+
 def test_nginx_runs_as_a_batch_task_and_the_workers_do_not(node):
     """A woken Nginx worker must not preempt a TAFE worker mid-bid (tafe.nginx.Nginx.start)."""
     nginx = {node.nginx_pid} | children(node.nginx_pid)
