@@ -9,6 +9,8 @@ Layout (one obvious place per concern):
 - ``tafe.server``    the gevent shell: listeners, draining.
 - ``tafe.connection`` one connection's read loops (Python, and C for the usual request) and answers.
 - ``tafe.master``    pre-fork master: spawns, restarts and rolls workers.
+- ``tafe.listeners`` listening sockets (TCP, and the unix socket behind Nginx); no gevent.
+- ``tafe.children``  child processes and signals for the supervisors (master, tafe up, nginx).
 - ``tafe.profiler``  greenlet blocking profiler; imports nothing else from tafe.
 - ``tafe.settings``  the one frozen Settings object.
 - ``tafe.lifecycle`` draining flag and in-flight count shared by server and handlers.

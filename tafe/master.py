@@ -41,7 +41,6 @@ import dataclasses
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import socket
@@ -49,11 +48,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tafe.children import SignalQueue, cause_label, child_preexec, describe_exit
+from tafe.listeners import bind, bind_unix
 from tafe.money import node_settings, warn_if_random_key
 from tafe.settings import Settings, SettingsError, demo_curl
 
@@ -62,80 +63,6 @@ log = logging.getLogger("tafe.master")
 READY_TIMEOUT_S = 120.0  # loading a large CQS store can take a while
 STABLE_S = 10.0  # a worker that served this long before dying restarts without backoff
 MAX_BACKOFF_S = 10.0
-_PR_SET_PDEATHSIG = 1
-
-
-def child_preexec(sig: int, *, batch: bool = False) -> Callable[[], None]:
-    """A ``preexec_fn`` asking the kernel to send ``sig`` to the child if we die, and
-    with ``batch`` to schedule it (and what it forks) as ``SCHED_BATCH``: woken, it
-    waits for the running task to wait or use up its slice instead of preempting it."""
-
-    def preexec() -> None:
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        except (OSError, AttributeError):  # not Linux: no such safety net, nothing else changes
-            pass
-        if batch:
-            try:
-                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-            except (OSError, AttributeError):  # not Linux: the default policy, nothing else changes
-                pass
-
-    return preexec
-
-
-def _signame(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal_{signum}"
-
-
-def describe_exit(code: int) -> str:
-    return f"killed by signal {-code} ({_signame(-code)})" if code < 0 else f"exited with code {code}"
-
-
-def _cause_label(code: int) -> str:
-    return _signame(-code) if code < 0 else f"exit_{code}"
-
-
-class SignalQueue:
-    """Signals as events for a ``select`` loop (self-pipe), never work inside a handler."""
-
-    def __init__(self, signums: Iterable[int]) -> None:
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._r, False)
-        os.set_blocking(self._w, False)
-        self._old_fd = signal.set_wakeup_fd(self._w)
-        # A Python handler must exist for the C handler to write the signal number
-        # to the pipe; the bytes read back are the record of what arrived.
-        self._old = {sig: signal.signal(sig, lambda *_: None) for sig in signums}
-
-    def wait(self, timeout: float, fds: Iterable[int] = ()) -> tuple[list[int], list[int]]:
-        """Wait up to ``timeout`` for a signal or a readable fd: (signals, readable fds)."""
-        readable, _, _ = select.select([self._r, *fds], [], [], max(0.0, timeout))
-        signums: list[int] = []
-        if self._r in readable:
-            readable.remove(self._r)
-            try:
-                while data := os.read(self._r, 512):
-                    signums.extend(data)
-            except BlockingIOError:
-                pass
-        return signums, readable
-
-    def close(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        signal.set_wakeup_fd(self._old_fd)
-        os.close(self._r)
-        os.close(self._w)
-
-
-class ListenError(SettingsError):
-    """A listener could not be opened; the message names the address."""
 
 
 def run_directory(given: str | os.PathLike[str] | None, prefix: str) -> Path:
@@ -148,39 +75,6 @@ def run_directory(given: str | os.PathLike[str] | None, prefix: str) -> Path:
     except OSError as exc:
         raise SettingsError(f"run_dir {str(path)!r}: {exc.strerror or exc}") from None
     return path
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """The shared listening socket (what ``tafe.server.bind`` does, without importing gevent)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(socket.SOMAXCONN)
-    except OSError as exc:
-        sock.close()
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
-
-
-# sun_path holds 108 bytes, the last one a NUL.
-UNIX_PATH_MAX = 107
-
-
-def bind_unix(path: Path) -> socket.socket:
-    """A listening unix socket at ``path``, for Nginx in front (``tafe up``): no TCP/IP
-    stack on the hop, so each bid and answer costs the kernel less than on loopback TCP.
-    A socket file left by a run that was killed is replaced."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        path.unlink(missing_ok=True)
-        sock.bind(str(path))
-        os.chmod(path, 0o666)  # Nginx's workers run as "nobody" under root
-        sock.listen(socket.SOMAXCONN)
-    except OSError as exc:
-        sock.close()
-        raise ListenError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
-    return sock
 
 
 @dataclass(eq=False)
@@ -531,7 +425,7 @@ class Master:
         delay = 0.0 if failures == 1 else min(MAX_BACKOFF_S, 0.1 * 2 ** (failures - 2))
         if delay:
             log.warning("worker %d failed %d times in a row: next start in %.1fs", w.slot, failures, delay)
-        self._respawn[w.slot] = (now + delay, _cause_label(code))
+        self._respawn[w.slot] = (now + delay, cause_label(code))
 
     def _tick(self) -> None:
         now = time.monotonic()

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tafe.children import SignalQueue, child_preexec
 from tafe.settings import Settings, SettingsError
 
 log = logging.getLogger("tafe.nginx")
@@ -217,8 +218,6 @@ class Nginx:
         that TAFE keeps back from ``tmax``. Measured in ``benchmarks/RESULTS.md`` (the
         Nginx hop).
         """
-        from tafe.master import child_preexec
-
         self.write(config)
         self.drain_flag.unlink(missing_ok=True)  # left by a run that was killed
         preexec = child_preexec(signal.SIGQUIT, batch=self.batch)
@@ -338,8 +337,6 @@ def run(args: argparse.Namespace) -> int:
     binary = ensure_binary(settings)
     if binary is None:
         return 1
-    from tafe.master import SignalQueue
-
     nginx = Nginx(binary, prefix, batch=settings.nginx_batch)
     signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD))
     try:

@@ -21,6 +21,7 @@ from tafe.cli import add_settings_options, settings_from_args
 from tafe.core import load_campaigns
 from tafe.exchanges import load as load_exchanges
 from tafe.lifecycle import Lifecycle
+from tafe.listeners import bind
 from tafe.metrics import Deferred, Immediate
 from tafe.settings import Settings, SettingsError, demo_curl
 
@@ -63,10 +64,10 @@ def serve_in_process(
     from tafe.handlers import build, make_admin_app
 
     # Listen first: a taken port is reported before a large store is loaded.
-    public_sock = listener or _bind(settings.host, settings.port)
+    public_sock = listener or bind(settings.host, settings.port)
     admin_sock = admin_listener
     if admin_sock is None and settings.admin_port >= 0:
-        admin_sock = _bind(settings.admin_host, settings.admin_port)
+        admin_sock = bind(settings.admin_host, settings.admin_port)
     lifecycle = Lifecycle()
     try:
         apps = build(settings, lifecycle=lifecycle, registry=CollectorRegistry())
@@ -118,15 +119,6 @@ def serve_in_process(
         apps.metrics.updates.fold()
         if prof is not None:
             prof.fold_metrics()
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    from tafe import server
-
-    try:
-        return server.bind(host, port)
-    except OSError as exc:
-        raise SettingsError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _fold_while_idle(updates: Immediate | Deferred) -> None:

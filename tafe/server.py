@@ -38,6 +38,7 @@ from gevent.server import StreamServer
 
 from tafe.connection import Connection
 from tafe.lifecycle import Lifecycle
+from tafe.listeners import bind as bind  # servers listen on tafe.server.bind(host, port)
 from tafe.settings import Settings
 
 if TYPE_CHECKING:
@@ -58,20 +59,6 @@ _monotonic = time.monotonic
 
 # tafe_bad_requests_total{reason} of the requests refused before any app saw them.
 _REFUSAL_REASONS = {400: "malformed_http", 408: "slow_client", 413: "too_large", 431: "head_too_large", 501: "unknown_transfer_coding"}
-
-def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """A listening TCP socket (SO_REUSEADDR); port 0 picks a free port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
 
 class Server:
     """Serves one WSGI app on one already-listening socket (bound here or inherited)."""

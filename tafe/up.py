@@ -35,9 +35,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tafe import logs, nginx
+from tafe.children import describe_exit
 from tafe.core import load_campaigns
 from tafe.exchanges import load as load_exchanges
-from tafe.master import UNIX_PATH_MAX, Master, bind, describe_exit, run_directory
+from tafe.listeners import UNIX_PATH_MAX, bind
+from tafe.master import Master, run_directory
 from tafe.settings import Settings, demo_curl
 
 log = logging.getLogger("tafe.up")
@@ -132,7 +134,7 @@ class Node:
 
     def _workers_listen(self) -> Path | tuple[str, int]:
         """Where the workers listen for Nginx: a unix socket in the run directory
-        (``master.bind_unix``), else loopback TCP, when the path is too long for a unix
+        (``tafe.listeners.bind_unix``), else loopback TCP, when the path is too long for a unix
         socket or Nginx's workers could not reach it: under root they run as "nobody",
         which every directory above must let through."""
         path = self.run_dir / "workers.sock"
@@ -151,6 +153,7 @@ class Node:
         return {"drain_grace_s": settings.drain_grace_s + nginx_budget_s(settings)}
 
     def _config(self, settings: Settings) -> str:
+        # unix:PATH is already Nginx's form; http://host:port drops its scheme.
         return nginx.render(settings, upstream=self.master.url.removeprefix("http://"), prefix=self.nginx.prefix)
 
     def run(self) -> int:
