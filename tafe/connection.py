@@ -99,7 +99,11 @@ class Connection:
 
     def sendall(self, data: bytes) -> None:
         """``socket.sendall`` without gevent's per-call SO_SNDBUF lookup and chunking:
-        one ``send`` nearly always takes a whole response."""
+        one ``send`` nearly always takes a whole response. The fast path's held answers
+        go first: a turn of the Python path must not stretch their wait."""
+        outbox = self.server.outbox
+        if outbox is not None and outbox.held:
+            outbox.flush()
         sent = self.sock.send(data)
         if sent < len(data):
             self.sock.sendall(memoryview(data)[sent:])
@@ -198,11 +202,23 @@ class Connection:
         """
         server = self.server
         settings = server.settings
-        sock = self.sock
-        fd = sock.fileno()
         handle = server.handle
         assert handle is not None  # server.fast says so
-        fast = _fastpath.Conn(fd, handle, server.direct_base, server, settings.max_header_bytes, settings.max_body_bytes)
+        fast = _fastpath.Conn(
+            self.sock.fileno(), handle, server.direct_base, server, settings.max_header_bytes, settings.max_body_bytes, server.outbox
+        )
+        try:
+            return self._fast_loop(fast)
+        finally:
+            # Each step sends a held answer before anything else, so only a greenlet
+            # killed while its answer waited in the outbox gets here with one: it goes
+            # now, while the descriptor is still this connection's.
+            fast.send_held()
+
+    def _fast_loop(self, fast: _fastpath.Conn) -> tuple[bytes, float] | None:
+        server = self.server
+        settings = server.settings
+        fd = self.sock.fileno()
         step = fast.step
         keepalive_timeout = settings.keepalive_timeout_s
         read_timeout = settings.read_timeout_s

@@ -36,6 +36,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from tafe import _fastpath
 from tafe.connection import Connection
 from tafe.lifecycle import Lifecycle
 from tafe.listeners import bind as bind  # servers listen on tafe.server.bind(host, port)
@@ -97,6 +98,10 @@ class Server:
         # until one needs tafe.http; not with the access log or the profiler, which read
         # each request's Python frames and fields.
         self.fast = self.handle is not None and not settings.access_log and profiler is None
+        # Its answers on busy connections leave together, about send_batch_us late at
+        # most: a wake-up of the client (or Nginx) per batch, not per answer (the rules
+        # are in tafe/_fastpath.c).
+        self.outbox = _fastpath.Outbox(settings.send_batch_us / 1e6) if self.fast and settings.send_batch_us else None
         self.closing = False
         self.retiring = False  # replaced (SIGUSR2): answers close their connections, /ping stays 200
         self.connections: set[Connection] = set()

@@ -64,6 +64,11 @@ class Settings:
     max_connections: int = _opt(10_000, "greenlet pool size: concurrent connections served per worker", low=1)
     keepalive_timeout_s: float = _opt(75.0, "idle keep-alive connection timeout; longer than Nginx's upstream keepalive_timeout", low=0)
     read_timeout_s: float = _opt(10.0, "time allowed to receive one whole request once it has started (slow-client guard)", low=0)
+    send_batch_us: int = _opt(
+        500, "longest a worker holds an answer (microseconds) so that answers made close together leave together: the"
+        " client or Nginx is woken once for several instead of once for each; 0 sends every answer at once",
+        low=0, high=5000, commands=("serve", "up"),
+    )  # fmt: skip
     gzip_min_bytes: int = _opt(1024, "gzip responses at least this large when the client accepts gzip", low=0)
 
     # --- draining ------------------------------------------------------------------

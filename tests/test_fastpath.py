@@ -164,13 +164,13 @@ class Served:
         return self.answer(method, path, env) if callable(self.answer) else self.answer
 
 
-def pair(handle, closing=False, base=None):
+def pair(handle, closing=False, base=None, outbox=None):
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.settimeout(5)
     server = SimpleNamespace(says_close=closing)  # tafe.server.Server.says_close
     base = base if base is not None else {"SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
-    conn = _fastpath.Conn(ours.fileno(), handle, base, server, MAX_HEAD, MAX_BODY)
+    conn = _fastpath.Conn(ours.fileno(), handle, base, server, MAX_HEAD, MAX_BODY, outbox)
     return conn, ours, theirs, server
 
 
@@ -344,3 +344,101 @@ def test_an_idle_connection_holds_no_buffer():
         assert conn.step() == _fastpath.WAIT and conn.capacity == 0 and conn.buffered == 0
         theirs.sendall(b"GET /z HTTP/1.1\r\nHost: a\r\n\r\n")  # and reads again after
         assert conn.step() == _fastpath.DONE and read_all(theirs).count(b"200 OK") == 3
+
+
+# --- the outbox: answers of many connections sent together ---------------------------
+
+
+def echo(method, path, env):
+    return "200 OK", [("Content-Type", "text/plain")], path.encode()
+
+
+def test_held_answers_leave_together_when_flushed():
+    box = _fastpath.Outbox(10.0)
+    (a, a_ours, a_theirs, _), (b, b_ours, b_theirs, _) = pair(echo, outbox=box), pair(echo, outbox=box)
+    with a_ours, a_theirs, b_ours, b_theirs:
+        a_theirs.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        b_theirs.sendall(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert a.step() == _fastpath.DONE and b.step() == _fastpath.DONE
+        assert read_all(a_theirs) == b"" and read_all(b_theirs) == b""  # held, both
+        assert a.held and b.held and box.held == 2 and box.answers == 2 and box.batches == 0
+        box.flush()
+        assert read_all(a_theirs).endswith(b"\r\n\r\n/a") and read_all(b_theirs).endswith(b"\r\n\r\n/b")
+        assert not a.held and not b.held and box.held == 0 and box.batches == 1
+
+
+def test_once_the_oldest_is_due_the_next_step_or_answer_sends_all_held():
+    def handle(method, path, env):
+        if path == "/slow":
+            time.sleep(0.06)  # the held answer falls due while this one is made
+        return echo(method, path, env)
+
+    box = _fastpath.Outbox(0.05)
+    (a, a_ours, a_theirs, _), (b, b_ours, b_theirs, _) = pair(handle, outbox=box), pair(handle, outbox=box)
+    with a_ours, a_theirs, b_ours, b_theirs:
+        a_theirs.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert a.step() == _fastpath.DONE and read_all(a_theirs) == b""
+        assert b.step() == _fastpath.WAIT and box.held == 1  # not due yet: still held
+        time.sleep(0.06)
+        assert b.step() == _fastpath.WAIT  # a connection with nothing to answer sends the due ones
+        assert read_all(a_theirs).endswith(b"/a") and box.held == 0 and box.batches == 1
+        a_theirs.sendall(b"GET /a2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        b_theirs.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert a.step() == _fastpath.DONE and box.held == 1
+        assert b.step() == _fastpath.DONE  # /a2 fell due meanwhile: both go now
+        assert read_all(a_theirs).endswith(b"/a2") and read_all(b_theirs).endswith(b"/slow")
+        assert box.held == 0 and box.answers == 2 and box.batches == 2
+
+
+def test_a_connections_next_step_sends_its_held_answer_first_so_order_is_kept():
+    box = _fastpath.Outbox(10.0)
+    conn, ours, theirs, _ = pair(echo, outbox=box)
+    with ours, theirs:
+        theirs.sendall(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.step() == _fastpath.DONE and read_all(theirs) == b""
+        assert conn.step() == _fastpath.DONE  # /1 went before /2 was read; /2 is held
+        first = read_all(theirs)
+        assert first.endswith(b"\r\n\r\n/1") and first.count(b"HTTP/1.1 200") == 1 and conn.held
+        assert conn.send_held() is True and read_all(theirs).endswith(b"\r\n\r\n/2") and box.held == 0
+
+
+def test_an_answer_that_closes_its_connection_is_never_held():
+    box = _fastpath.Outbox(10.0)
+    conn, ours, theirs, _ = pair(echo, outbox=box)
+    with ours, theirs:
+        theirs.sendall(b"GET /bye HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert conn.step() == _fastpath.CLOSE and box.held == 0
+        assert read_all(theirs).endswith(b"\r\n\r\n/bye")
+
+
+def test_a_held_answer_whose_client_left_makes_the_next_step_gone():
+    box = _fastpath.Outbox(10.0)
+    conn, ours, theirs, _ = pair(echo, outbox=box)
+    with ours:
+        theirs.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.step() == _fastpath.DONE
+        theirs.close()
+        box.flush()  # its send fails: the client is gone
+        assert box.held == 0 and conn.step() == _fastpath.GONE
+        assert conn.send_held() is False
+
+
+def test_a_held_answer_the_socket_cannot_take_whole_comes_back_unsent():
+    big = b"z" * (8 << 20)
+    box = _fastpath.Outbox(10.0)
+    conn, ours, theirs, _ = pair(lambda m, p, e: ("200 OK", [], big), outbox=box)
+    with ours, theirs:
+        theirs.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert conn.step() == _fastpath.DONE and conn.held
+        box.flush()
+        got = read_all(theirs)
+        assert conn.step() == _fastpath.UNSENT
+        rest = conn.take_unsent()
+        assert 0 < len(rest) and got[got.index(b"\r\n\r\n") + 4 :] + rest == big
+
+
+def test_outbox_and_conn_refuse_bad_arguments():
+    with pytest.raises(ValueError, match="hold"):
+        _fastpath.Outbox(0.0)
+    with pytest.raises(TypeError, match="Outbox"):
+        pair(echo, outbox=object())

@@ -4,6 +4,7 @@ TAFE's public app has (``tests/http/serve_app.py`` with ``TEST_DIRECT=1``)."""
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import pytest
@@ -145,5 +146,45 @@ def test_drain_closes_idle_fast_connections_and_still_reads_a_fresh_ones_first_r
             idle.settimeout(5)
             assert Reader(idle).closed()
         assert proc.proc.wait(10) == 0
+    finally:
+        proc.stop()
+
+
+# --- answers held for a batch (send_batch_us, tafe._fastpath.Outbox) -------------------
+
+
+@pytest.mark.parametrize("hold_us", ["5000", "0"])
+def test_busy_connections_each_get_their_own_answers_in_order_whether_held_or_not(hold_us):
+    proc = ServerProcess(TEST_DIRECT="1", TAFE_SEND_BATCH_US=hold_us)
+    errors: list[str] = []
+
+    def client(n: int) -> None:
+        try:
+            with proc.connect(timeout=10) as sock:
+                reader = Reader(sock)
+                for i in range(0, 40, 2):  # pairs: pipelined, so a held answer has one behind it
+                    raw = b"".join(
+                        b"POST /direct/echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                        for body in (b"%d-%d" % (n, i), b"%d-%d" % (n, i + 1))
+                    )
+                    sock.sendall(raw)
+                    got = [reader.response().json()["body"] for _ in range(2)]
+                    if got != [f"{n}-{i}", f"{n}-{i + 1}"]:
+                        errors.append(f"connection {n} sent {i}, {i + 1} and got {got}")
+                        return
+        except Exception as exc:  # reported below, with the others
+            errors.append(f"connection {n}: {type(exc).__name__}: {exc}")
+
+    try:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        # A lone request on a quiet server is not held for company: it leaves once its
+        # greenlet has yielded (held for good, Reader would time out here).
+        responses, closed = exchange(proc, b"GET /direct/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert responses[0].json()["by"] == "handle" and not closed
     finally:
         proc.stop()

@@ -47,6 +47,7 @@ import traffic  # noqa: E402
 
 SECTION = "throughput"
 BID_PATH = "/openrtb2/bid"
+UNBATCHED = "TAFE, 1 worker direct, --send-batch-us 0"
 LUA = """\
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -159,6 +160,8 @@ def configs(args: argparse.Namespace, port: int, tmp: Path, have: dict[str, bool
         granian = [str(common.VENV_BIN / "granian"), "--interface", "wsgi", "--workers", "1", "--host", "127.0.0.1"]
         granian += ["--port", str(port), "--backlog", "2048", "--no-ws", "--log-level", "warning", app]
         rows.append({"name": "granian (Rust), 1 worker", "cmd": granian, "pin": True})
+    # The same TAFE sending every answer at once: what holding answers for a batch (send_batch_us) gains.
+    rows.append({"name": UNBATCHED, "cmd": [*rows[0]["cmd"], "--send-batch-us", "0"], "pin": True})
     rows += [
         {"name": "gunicorn -k gevent, 1 worker", "cmd": gunicorn, "pin": True, "baseline": True},
         {"name": "gevent.pywsgi, 1 worker", "cmd": [*serve, "pywsgi", app, "--port", str(port)], "pin": True},
@@ -344,7 +347,7 @@ def _against_c_and_rust(tafe: dict, results: list[dict], per_round: dict[str, li
     """Issue 16's goals: TAFE >= 1.0x bjoern and >= 1.15x granian in every round; p99 <= 3x p50."""
     out = []
     tail = tafe["p99_us"] / max(tafe["p50_us"], 1)
-    for prefix, goal in (("bjoern", 1.0), ("granian", 1.15), ("meinheld", None)):
+    for prefix, goal in (("bjoern", 1.0), ("granian", 1.15), ("meinheld", None), (UNBATCHED, None)):
         other = next((r for r in results if r["name"].startswith(prefix)), None)
         if other is None:
             out.append(f"{prefix}: no row (not chosen, or not installed here).")
