@@ -1,5 +1,6 @@
 /* The server's hot loop for the usual request, in C: read, parse, build the fast
- * path's environ, call the app's ``handle``, frame the answer, send. ``tafe.connection``
+ * path's environ, call the app's ``handle``, frame the answer, send it (or hold it to
+ * leave with others: the outbox, below). ``tafe.connection``
  * runs it per connection and keeps everything else in Python: waiting (gevent),
  * timeouts, draining decisions, refusals, the WSGI path, logs.
  *

@@ -5,7 +5,8 @@
 ``wrk`` (64 keep-alive connections, a Lua script POSTing a ~1.5 KB OpenRTB request)
 measures, one after the other on the same machine:
 
-- one worker, direct: TAFE (``tafe serve``), ``gunicorn -k gevent``, stock
+- one worker, direct: TAFE (``tafe serve``), the same TAFE sending every answer at once
+  (``--send-batch-us 0``: what holding answers for a batch gains), ``gunicorn -k gevent``, stock
   ``gevent.pywsgi`` (with TCP_NODELAY), ``bjoern`` (C), ``meinheld`` (C, greenlets) and
   ``granian`` (Rust) where they install, all serving the same ``tafe.wsgi:application``;
 - TAFE behind Nginx (``tafe up``): one worker, then one worker per core;
@@ -47,7 +48,7 @@ import traffic  # noqa: E402
 
 SECTION = "throughput"
 BID_PATH = "/openrtb2/bid"
-UNBATCHED = "TAFE, 1 worker direct, --send-batch-us 0"
+UNBATCHED = "TAFE, unbatched answers (--send-batch-us 0), 1 worker direct"
 LUA = """\
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
