@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -84,6 +84,13 @@ class Metrics:
         self.campaign_left = money("tafe_campaign_budget_left", "Budget neither spent, reserved nor floated to a worker")
         self.campaign_pacing = money("tafe_campaign_pacing_rate", "Even pacing: spend allowed per second now")
         self.money_errors = Counter("tafe_money_state_errors_total", "Failed calls to the money state, by call", ["call"], registry=registry)
+        self.answers_held = Counter(
+            "tafe_answers_held_total", "Answers held to leave together with others (send_batch_us)", registry=registry
+        )
+        self.answer_batches = Counter(
+            "tafe_answer_batches_total", "Sends of held answers together; answers held over batches is the mean batch size",
+            registry=registry,
+        )
         self.worker_restarts = worker_restarts(registry)
 
 
@@ -97,15 +104,23 @@ def cooperative() -> bool:
 class Immediate:
     """The request path updates the Prometheus metrics themselves: right for any host."""
 
-    due = math.inf  # never needs a fold
+    due = math.inf  # the request path never folds; scrapes and exits fold running totals
+
+    def __init__(self) -> None:
+        self._totals: list[_Total] = []
 
     def counter(self, child: Any) -> Any:
         return child
 
     histogram = gauge = counter
 
+    def total(self, child: Any, read: Callable[[], int]) -> None:
+        """Count in ``child`` what ``read()``, a running total kept elsewhere, grows by."""
+        self._totals.append(_Total(child, read))
+
     def fold(self) -> None:
-        pass
+        for total in self._totals:
+            total.fold()
 
 
 class Deferred:
@@ -124,7 +139,7 @@ class Deferred:
     def __init__(self, period_s: float = 1.0) -> None:
         self.period_s = period_s
         self.due = time.monotonic() + period_s
-        self._pending: list[_Count | _Observations | _Level] = []
+        self._pending: list[_Count | _Observations | _Level | _Total] = []
 
     def counter(self, child: Any) -> _Count:
         return self._add(_Count(child))
@@ -134,6 +149,11 @@ class Deferred:
 
     def gauge(self, child: Any) -> _Level:
         return self._add(_Level(child))
+
+    def total(self, child: Any, read: Callable[[], int]) -> None:
+        """Count in ``child`` what ``read()``, a running total kept elsewhere (such as a C
+        object's), grows by: read at each fold, not on the request path."""
+        self._add(_Total(child, read))
 
     def _add(self, pending: _Pending) -> _Pending:
         self._pending.append(pending)
@@ -145,7 +165,7 @@ class Deferred:
             pending.fold()
 
 
-_Pending = TypeVar("_Pending", "_Count", "_Observations", "_Level")
+_Pending = TypeVar("_Pending", "_Count", "_Observations", "_Level", "_Total")
 
 
 class _Count:
@@ -181,6 +201,23 @@ class _Level:
 
     def fold(self) -> None:
         self.child.set(self.value)
+
+
+class _Total:
+    """A counter kept as a running total elsewhere: the fold adds what it grew by."""
+
+    __slots__ = ("child", "read", "seen")
+
+    def __init__(self, child: Any, read: Callable[[], int]) -> None:
+        self.child = child
+        self.read = read
+        self.seen = 0
+
+    def fold(self) -> None:
+        now = self.read()
+        if now > self.seen:
+            self.child.inc(now - self.seen)
+            self.seen = now
 
 
 class _Observations:

@@ -102,6 +102,10 @@ class Server:
         # most: a wake-up of the client (or Nginx) per batch, not per answer (the rules
         # are in tafe/_fastpath.c).
         self.outbox = _fastpath.Outbox(settings.send_batch_us / 1e6) if self.fast and settings.send_batch_us else None
+        if self.outbox is not None and metrics is not None:
+            outbox = self.outbox
+            metrics.updates.total(metrics.answers_held, lambda: outbox.answers)
+            metrics.updates.total(metrics.answer_batches, lambda: outbox.batches)
         self.closing = False
         self.retiring = False  # replaced (SIGUSR2): answers close their connections, /ping stays 200
         self.connections: set[Connection] = set()

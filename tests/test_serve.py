@@ -87,6 +87,36 @@ def test_a_stopping_worker_writes_its_last_counts_to_the_multiprocess_files(tmp_
     assert re.search(r'tafe_eventloop_span_seconds_count\{[^}]*\} [1-9]', text), text
 
 
+@pytest.mark.parametrize("batch_us", ["500", "0"])
+def test_metrics_count_the_answers_held_for_a_batch_and_the_batches_sent(batch_us):
+    """Keep-alive bids on one connection: each answer is held (the outbox is empty when it
+    is made) and leaves alone at the connection's next step; the last answer closes its
+    connection and is sent at once, uncounted. With --send-batch-us 0 nothing is held."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    server = start_tafe("--send-batch-us", batch_us)
+    try:
+        where = urlsplit(server.url)
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+        kept = 6
+        for i in range(kept + 1):
+            headers = {"Content-Type": "application/json"}
+            if i == kept:
+                headers["Connection"] = "close"
+            conn.request("POST", "/openrtb2/bid", body=DEMO, headers=headers)
+            answer = conn.getresponse()
+            answer.read()
+            assert answer.status in (200, 204)
+        conn.close()
+        text = urllib.request.urlopen(server.admin_url + "/metrics", timeout=30).read().decode()
+        values = {name: float(v) for name, v in re.findall(r"^(tafe_answers_held_total|tafe_answer_batches_total) (\S+)$", text, re.M)}
+        want = kept if batch_us != "0" else 0
+        assert values == {"tafe_answers_held_total": want, "tafe_answer_batches_total": want}, text
+    finally:
+        assert server.stop() == 0, server.output()
+
+
 # --- start-up mistakes: one line naming what is wrong, a non-zero exit, no traceback ------
 
 MODES = {
