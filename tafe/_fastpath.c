@@ -307,12 +307,16 @@ monotonic(void)
  * - the next ``step()`` of a connection holding one: tafe.connection steps again right
  *   after its yield, so an answer leaves before the loop waits, and at low load as soon
  *   as its greenlet has yielded;
- * - ``Conn.send_held()`` (its socket is about to close) and ``flush()`` (tafe.connection
- *   calls it before an answer of the Python path).
- * An answer that closes its connection is sent at once. A held answer's send failing
- * makes its connection's next step GONE; one sent in part, UNSENT. Answers on one
- * connection keep their order; the most one waits is ``hold`` plus the request served
- * when it falls due, well inside the ``network_margin_ms`` kept back from ``tmax``.
+ * - an answer that closes its connection (it is never held, and goes after them);
+ * - ``Conn.send_held()``, which must be called before the connection's socket closes (a
+ *   held answer goes to its descriptor's number), and ``flush()``, which tafe.connection
+ *   calls before an answer of the Python path and tafe.server before it shuts
+ *   connections at the end of a drain.
+ * A held answer's send failing makes its connection's next step GONE; one sent in part,
+ * UNSENT. Answers on one connection keep their order. The most one waits is ``hold``
+ * plus what runs until the next step or answer: the request being served when it falls
+ * due (greenlets that serve none, such as the metrics fold, are brief), well inside the
+ * ``network_margin_ms`` kept back from ``tmax``.
  */
 
 typedef struct {
@@ -339,9 +343,11 @@ send_held(Conn *c)
     } while (sent < 0 && errno == EINTR);
     if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
         c->held_failed = 1;
+    } else if (sent <= 0) {
+        Py_XSETREF(c->unsent, data); /* none of it went: all of it is the rest */
+        return;
     } else if (sent < len) {
-        Py_ssize_t done = sent < 0 ? 0 : sent;
-        PyObject *rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + done, len - done);
+        PyObject *rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + sent, len - sent);
         if (rest == NULL) {
             PyErr_Clear(); /* cannot keep the rest: the connection cannot go on */
             c->held_failed = 1;
@@ -356,20 +362,22 @@ static void
 outbox_flush_all(Outbox *box)
 {
     Py_ssize_t n = box->len, k;
-    if (n == 0)
+    if (n == 0 || box->flushing)
         return;
-    box->flushing = 1; /* an answer made while the references drop is sent at once */
+    /* While flushing, the array does not change: a flush called from a connection freed
+     * below returns here at once, and an answer made meanwhile is sent, not held. */
+    box->flushing = 1;
     for (k = 0; k < n; k++)
         if (box->conns[k]->held != NULL)
             send_held(box->conns[k]);
     box->batches++;
+    box->len = 0;
     for (k = 0; k < n; k++)
         Py_DECREF(box->conns[k]);
-    box->len = 0;
     box->flushing = 0;
 }
 
-/* Hold c's answer (len bytes at p): 1 held, 0 not held (send it now), -1 error. */
+/* Hold c's answer (len bytes at p): 1 held, 0 not held (send it now). */
 static int
 outbox_hold(Outbox *box, Conn *c, const char *p, Py_ssize_t len)
 {
@@ -390,8 +398,10 @@ outbox_hold(Outbox *box, Conn *c, const char *p, Py_ssize_t len)
         box->cap = cap;
     }
     c->held = PyBytes_FromStringAndSize(p, len);
-    if (c->held == NULL)
-        return -1;
+    if (c->held == NULL) {
+        PyErr_Clear(); /* no memory to hold it: it is sent at once */
+        return 0;
+    }
     if (box->len == 0)
         box->first_at = now;
     box->conns[box->len++] = (Conn *)Py_NewRef(c);
@@ -467,8 +477,11 @@ conn_init(Conn *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fd", "handle", "base", "server", "max_head", "max_body", "outbox", NULL};
     PyObject *handle, *base, *server, *outbox = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOO!Onn|O", kwlist, &self->fd, &handle, &PyDict_Type, &base, &server,
-                                     &self->max_head, &self->max_body, &outbox))
+    Py_ssize_t max_head, max_body;
+    int fd;
+    /* Into locals: a refused call leaves the connection as it was (its held answer's fd too). */
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOO!Onn|O", kwlist, &fd, &handle, &PyDict_Type, &base, &server, &max_head,
+                                     &max_body, &outbox))
         return -1;
     if (outbox != Py_None && !PyObject_TypeCheck(outbox, &OutboxType)) {
         PyErr_SetString(PyExc_TypeError, "outbox must be an Outbox or None");
@@ -478,6 +491,11 @@ conn_init(Conn *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "Conn holds an answer: it cannot be initialised again");
         return -1;
     }
+    self->fd = fd;
+    self->max_head = max_head;
+    self->max_body = max_body;
+    self->held_failed = 0;
+    Py_CLEAR(self->unsent);
     Py_XSETREF(self->outbox, outbox == Py_None ? NULL : Py_NewRef(outbox));
     Py_XSETREF(self->handle, Py_NewRef(handle));
     Py_XSETREF(self->base, Py_NewRef(base));
@@ -822,14 +840,12 @@ answer(Conn *self, simple_t *r, PyObject *result)
      * work on a second iovec. */
     if (body_len && put(&o, PyBytes_AS_STRING(body), body_len) < 0)
         goto done;
-    if (self->outbox != NULL && self->keep_alive) {
-        int held = outbox_hold((Outbox *)self->outbox, self, o.p, o.len);
-        if (held < 0)
-            goto done;
-        if (held) {
+    if (self->outbox != NULL) {
+        if (self->keep_alive && outbox_hold((Outbox *)self->outbox, self, o.p, o.len)) {
             rc = DONE;
             goto done;
         }
+        outbox_flush_all((Outbox *)self->outbox); /* the held ones are older: they go first */
     }
     do {
         sent = send(self->fd, o.p, o.len, MSG_NOSIGNAL);

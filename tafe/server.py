@@ -193,6 +193,8 @@ class Server:
         return True
 
     def close_connections(self, idle_only: bool = False) -> None:
+        if self.outbox is not None:
+            self.outbox.flush()  # answers already made reach their clients before the shutdown
         for conn in list(self.connections):
             if conn.idle or not idle_only:
                 conn.shutdown()

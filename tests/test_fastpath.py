@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import socket
+import sys
 import time
 from email.utils import formatdate
 from types import SimpleNamespace
@@ -442,3 +443,43 @@ def test_outbox_and_conn_refuse_bad_arguments():
         _fastpath.Outbox(0.0)
     with pytest.raises(TypeError, match="Outbox"):
         pair(echo, outbox=object())
+
+
+def test_a_refused_reinit_leaves_a_held_answer_going_to_its_own_client():
+    box = _fastpath.Outbox(10.0)
+    conn, ours, theirs, server = pair(echo, outbox=box)
+    other_ours, other_theirs = socket.socketpair()
+    with ours, theirs, other_ours, other_theirs:
+        theirs.sendall(b"GET /mine HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.step() == _fastpath.DONE and conn.held
+        with pytest.raises(RuntimeError, match="holds an answer"):
+            conn.__init__(other_ours.fileno(), echo, {}, server, MAX_HEAD, MAX_BODY, box)
+        with pytest.raises(TypeError, match="Outbox"):
+            conn.__init__(other_ours.fileno(), echo, {}, server, MAX_HEAD, MAX_BODY, object())
+        box.flush()
+        assert read_all(theirs).endswith(b"/mine") and read_all(other_theirs) == b""
+
+
+def test_a_flush_from_a_connection_freed_by_a_flush_leaves_the_others_intact():
+    box = _fastpath.Outbox(10.0)
+
+    class Handle:  # freed with its connection, inside the outbox's flush
+        def __call__(self, method, path, env):
+            return echo(method, path, env)
+
+        def __del__(self):
+            box.flush()
+
+    a, a_ours, a_theirs, _ = pair(Handle(), outbox=box)
+    b, b_ours, b_theirs, _ = pair(echo, outbox=box)
+    with a_ours, a_theirs, b_ours, b_theirs:
+        a_theirs.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        b_theirs.sendall(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert a.step() == _fastpath.DONE and b.step() == _fastpath.DONE
+        before = sys.getrefcount(b)
+        del a  # the outbox holds its last reference
+        box.flush()
+        assert sys.getrefcount(b) == before - 1  # the outbox's one reference, dropped once
+        assert read_all(a_theirs).endswith(b"/a") and read_all(b_theirs).endswith(b"/b")
+        b_theirs.sendall(b"GET /b2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b.step() == _fastpath.DONE and b.send_held() and read_all(b_theirs).endswith(b"/b2")
