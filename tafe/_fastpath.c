@@ -330,30 +330,42 @@ typedef struct {
 
 static PyTypeObject OutboxType;
 
-/* Send c's held answer (its send is its own: failures mark the connection). */
+/* One send of an answer (len bytes at p, or all of ``whole`` when given) on c's socket.
+ * What the socket's full buffer would not take becomes c->unsent, for Python to send
+ * waiting as it must. 0: sent or kept; -1: the client is gone; -2: no memory for the
+ * rest (exception set). */
+static int
+send_answer(Conn *c, const char *p, Py_ssize_t len, PyObject *whole)
+{
+    ssize_t sent;
+    PyObject *rest;
+    do {
+        sent = send(c->fd, p, len, MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+        return -1;
+    if (sent >= len)
+        return 0;
+    if (sent <= 0 && whole != NULL) {
+        rest = Py_NewRef(whole); /* none of it went: all of it is the rest */
+    } else {
+        rest = PyBytes_FromStringAndSize(p + (sent < 0 ? 0 : sent), len - (sent < 0 ? 0 : sent));
+        if (rest == NULL)
+            return -2;
+    }
+    Py_XSETREF(c->unsent, rest);
+    return 0;
+}
+
+/* Send c's held answer: a failure shows at the connection's next step (GONE, UNSENT). */
 static void
 send_held(Conn *c)
 {
     PyObject *data = c->held;
-    Py_ssize_t len = PyBytes_GET_SIZE(data);
-    ssize_t sent;
     c->held = NULL;
-    do {
-        sent = send(c->fd, PyBytes_AS_STRING(data), len, MSG_NOSIGNAL);
-    } while (sent < 0 && errno == EINTR);
-    if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+    if (send_answer(c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), data) < 0) {
+        PyErr_Clear(); /* no memory for the rest: the connection cannot go on either */
         c->held_failed = 1;
-    } else if (sent <= 0) {
-        Py_XSETREF(c->unsent, data); /* none of it went: all of it is the rest */
-        return;
-    } else if (sent < len) {
-        PyObject *rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + sent, len - sent);
-        if (rest == NULL) {
-            PyErr_Clear(); /* cannot keep the rest: the connection cannot go on */
-            c->held_failed = 1;
-        } else {
-            Py_XSETREF(c->unsent, rest);
-        }
     }
     Py_DECREF(data);
 }
@@ -446,14 +458,11 @@ static PyObject *
 outbox_get_answers(Outbox *self, void *c) { return PyLong_FromUnsignedLongLong(self->answers); }
 static PyObject *
 outbox_get_batches(Outbox *self, void *c) { return PyLong_FromUnsignedLongLong(self->batches); }
-static PyObject *
-outbox_get_hold(Outbox *self, void *c) { return PyFloat_FromDouble(self->hold); }
 
 static PyGetSetDef outbox_getset[] = {
     {"held", (getter)outbox_get_held, NULL, "Answers held now.", NULL},
     {"answers", (getter)outbox_get_answers, NULL, "Answers ever held.", NULL},
     {"batches", (getter)outbox_get_batches, NULL, "Flushes that sent held answers.", NULL},
-    {"hold", (getter)outbox_get_hold, NULL, "Seconds an answer may wait for others.", NULL},
     {NULL}};
 
 static PyMethodDef outbox_methods[] = {
@@ -751,7 +760,6 @@ answer(Conn *self, simple_t *r, PyObject *result)
     Py_ssize_t k, n, body_len;
     int code, has_body, closing, rc = -1;
     out_t o;
-    ssize_t sent;
 
     o.p = o.small;
     o.len = 0;
@@ -847,22 +855,14 @@ answer(Conn *self, simple_t *r, PyObject *result)
         }
         outbox_flush_all((Outbox *)self->outbox); /* the held ones are older: they go first */
     }
-    do {
-        sent = send(self->fd, o.p, o.len, MSG_NOSIGNAL);
-    } while (sent < 0 && errno == EINTR);
-    if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+    switch (send_answer(self, o.p, o.len, NULL)) {
+    case -1:
         rc = GONE; /* the client went away */
-    } else if (sent < o.len) {
-        /* The socket's buffer is full: Python sends the rest, waiting as it must. */
-        Py_ssize_t done_ = sent < 0 ? 0 : sent;
-        PyObject *rest = PyBytes_FromStringAndSize(o.p + done_, o.len - done_);
-        if (rest == NULL)
-            goto done;
-        Py_XSETREF(self->unsent, rest);
-        rc = UNSENT;
-    } else {
-        rc = self->keep_alive ? DONE : CLOSE;
-    }
+        break;
+    case 0:
+        rc = self->unsent != NULL ? UNSENT : self->keep_alive ? DONE : CLOSE;
+        break;
+    } /* -2: rc stays -1, MemoryError set */
 done:
     Py_XDECREF(seq);
     Py_DECREF(line);
