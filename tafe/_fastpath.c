@@ -297,8 +297,9 @@ monotonic(void)
  *
  * Why. A send wakes the peer reading the socket (a client, Nginx) if it sleeps, and on
  * a busy worker each answer would wake it again: measured at saturation, the worker's
- * kernel time per request was 17-23 us sending each answer at once against 9-13 us
- * holding them for up to 0.5-2 ms, about bjoern's (which writes on its loop's next turn).
+ * kernel time per request was 17-20 us sending each answer at once against 9-14 us
+ * holding them for up to 0.5-2 ms, about bjoern's (which writes on its loop's next turn;
+ * benchmarks/RESULTS.md, "Server fast path").
  *
  * Rules. An answer on a connection that stays open is held here, unless the oldest
  * answer held is ``hold`` seconds old: then all leave at once, this one with them. Held
